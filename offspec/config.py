@@ -1,0 +1,55 @@
+"""Frozen run configurations and the parsing of user-given values; validation raises ConfigError."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from offspec.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2GiB', '1.5G', '1000000' -> bytes; ConfigError on anything else."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"bad size '{text}': use a number with a unit such as 512MiB, 2GiB or 1.5GB")
+    value = float(m.group(1)) * _UNITS[unit]
+    if value <= 0:
+        raise ConfigError(f"bad size '{text}': must be positive")
+    return int(value)
+
+
+def parse_budget(text: str) -> int | None:
+    """'auto' -> None, else a positive int tree budget (1..4096)."""
+    if str(text).strip().lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"bad --budget '{text}': use auto or a number of tree tokens (1 to 4096)") from None
+    if not 1 <= n <= 4096:
+        raise ConfigError(f"bad --budget {n}: must be between 1 and 4096")
+    return n
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How to open a model: device, budgets, page-cache policy, store options."""
+
+    device: str = "cpu"
+    device_memory_bytes: int | None = None
+    host_memory_bytes: int | None = None
+    warm: bool = False
+    bits: int = 16
+    dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 16):
+            raise ConfigError(f"bad --bits {self.bits}: use 16 or 4")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"bad --dtype '{self.dtype}': use one of {', '.join(DTYPE_CHOICES)}")

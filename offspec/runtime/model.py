@@ -1,0 +1,245 @@
+"""The offloaded model: resident parts + per-layer tiers, one forward over explicit positions and a float mask."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from offspec.errors import ConfigError, ModelError, StoreError
+from offspec.models.nf4 import assign_layer_tensors, swap_nf4_linears
+from offspec.models.registry import build_skeleton, check_supported
+from offspec.runtime.kv_cache import StaticKVCache
+from offspec.runtime.masks import causal_mask
+from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan, plan_residency
+from offspec.runtime.streamer import LayerStreamer, alloc_staging, drop_page_cache, read_into
+from offspec.store.manifest import BlobEntry, Manifest, read_manifest, tensor_views
+
+
+@dataclass
+class PassStats:
+    """Figures of the most recent forward pass."""
+
+    tokens: int = 0
+    pass_s: float = 0.0
+    streamed_bytes: int = 0
+    wait_s: float = 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'cuda' or 'auto' -> a torch device; cuda without CUDA is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but CUDA is not available on this machine")
+        return torch.device(device)
+    if device != "cpu":
+        raise ConfigError(f"unknown device '{device}' (use cpu, cuda or auto)")
+    return torch.device("cpu")
+
+
+def load_blob(store_dir: Path, entry: BlobEntry, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """Read one whole blob into a new buffer (resident tiers) and drop it from the page cache."""
+    path = store_dir / entry.file
+    buf = alloc_staging(entry.size, pin=pin)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = read_into(fd, buf, entry.size)
+    finally:
+        os.close(fd)
+    if n != entry.size:
+        raise StoreError(f"{path}: short read ({n} of {entry.size} bytes); the store is truncated")
+    drop_page_cache(path)
+    return buf.to(device) if device.type != "cpu" else buf
+
+
+class OffloadedModel:
+    """A decoder-only model whose layers are device-resident, host-resident or streamed from disk."""
+
+    def __init__(self, store_dir: str | Path, plan: ResidencyPlan, device: torch.device | str = "cpu",
+                 warm: bool = False, cache_tokens: int = 2048, manifest: Manifest | None = None) -> None:
+        from transformers import AutoConfig
+
+        self.store_dir = Path(store_dir)
+        self.manifest = manifest or read_manifest(self.store_dir)
+        self.device = torch.device(device)
+        self.plan = plan
+        check_supported(self.manifest.model_type)
+        try:
+            self.config = AutoConfig.from_pretrained(self.store_dir)
+        except Exception as exc:  # noqa: BLE001 - any config failure is a model error for the user
+            raise ModelError(f"{self.store_dir}: cannot read config.json ({exc})") from None
+        self.dtype = self.manifest.torch_dtype
+        sk = build_skeleton(self.config, self.dtype, self.device)
+        self.embed, self.layers, self.norm, self.lm_head, self.rotary = sk.embed, sk.layers, sk.norm, sk.lm_head, sk.rotary
+        self.num_layers = len(self.layers)
+        if self.num_layers != self.manifest.num_layers:
+            raise StoreError(f"{self.store_dir}: config has {self.num_layers} layers, manifest {self.manifest.num_layers}")
+        for i, entry in enumerate(self.manifest.layers):
+            quant = {n: e.quant for n, e in entry.tensors.items() if e.quant is not None}
+            if quant:
+                swap_nf4_linears(self.layers[i], quant)
+        self._load_resident()
+        self._resident_bufs: dict[int, torch.Tensor] = {}
+        for i, tier in enumerate(plan.tiers):
+            if tier in (DEVICE, HOST) and not (tier == HOST and self.device.type == "cuda"):
+                buf = load_blob(self.store_dir, self.manifest.layers[i], self.device)
+                self._resident_bufs[i] = buf
+                assign_layer_tensors(self.layers[i], tensor_views(self.manifest.layers[i].tensors, buf))
+        self._host_bufs: dict[int, torch.Tensor] = {}  # CUDA: pinned host copies of host-tier layers
+        if self.device.type == "cuda":
+            for i in plan.layers(HOST):
+                self._host_bufs[i] = load_blob(self.store_dir, self.manifest.layers[i], torch.device("cpu"), pin=True)
+        self.streamer: LayerStreamer | None = None
+        streamed = plan.layers(DISK)
+        if streamed:
+            files = {i: self.store_dir / self.manifest.layers[i].file for i in streamed}
+            sizes = {i: self.manifest.layers[i].size for i in streamed}
+            self.streamer = LayerStreamer(files, sizes, streamed, max(plan.ring_slots, 1), warm=warm,
+                                          pin=self.device.type == "cuda")
+        self._copier = None
+        if self.device.type == "cuda" and (streamed or plan.layers(HOST)):
+            from offspec.runtime.cuda import DeviceRing
+
+            self._copier = DeviceRing(max(plan.ring_slots, 2), max(plan.layer_bytes), self.device)
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        self.cache = StaticKVCache(self.num_layers, self.config.num_key_value_heads, head_dim, cache_tokens,
+                                   self.dtype, self.device)
+        self.stats = PassStats()
+        self.total_streamed_bytes = 0
+        self.passes = 0
+
+    # ------------------------------------------------------------------ loading
+    def _load_resident(self) -> None:
+        entry = self.manifest.resident
+        self._resident_buf = load_blob(self.store_dir, entry, self.device)
+        views = tensor_views(entry.tensors, self._resident_buf)
+        parts = {"model.embed_tokens.": self.embed, "model.norm.": self.norm, "lm_head.": self.lm_head}
+        for name, t in views.items():
+            for prefix, mod in parts.items():
+                if name.startswith(prefix):
+                    assign_layer_tensors(mod, {name[len(prefix):]: t})
+                    break
+        if "lm_head.weight" not in views:
+            if "model.embed_tokens.weight" not in views:
+                raise StoreError(f"{self.store_dir}: resident blob has no embeddings")
+            assign_layer_tensors(self.lm_head, {"weight": views["model.embed_tokens.weight"]})
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.embed.weight.shape[0])
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 1 << 20))
+
+    # ------------------------------------------------------------------ forward
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits [1, T, V] (float32) for input_ids [1, T]; appends the T positions to the KV cache."""
+        t0 = time.perf_counter()
+        cache = self.cache
+        t = input_ids.shape[1]
+        cache.ensure(t)
+        start = cache.length
+        input_ids = input_ids.to(self.device)
+        if position_ids is None:
+            position_ids = torch.arange(start, start + t, device=self.device)[None]
+        position_ids = position_ids.to(self.device)
+        if attn_mask is None:
+            attn_mask = causal_mask(start, t, self.dtype, self.device)
+        attn_mask = attn_mask.to(self.device, self.dtype)
+        h = self.embed(input_ids)  # [1, T, hidden]
+        pos_emb = self.rotary(h, position_ids)
+        streamed = 0
+        wait0 = self.streamer.stats.wait_s if self.streamer else 0.0
+        for i, layer in enumerate(self.layers):
+            tier = self.plan.tiers[i]
+            slot = None
+            if tier == DISK or (tier == HOST and self.device.type == "cuda"):
+                slot, buf = self._fetch(i)
+                assign_layer_tensors(layer, tensor_views(self.manifest.layers[i].tensors, buf))
+                streamed += self.manifest.layers[i].size if tier == DISK else 0
+            h = layer(h, attention_mask=attn_mask, position_ids=position_ids, past_key_values=cache,
+                      use_cache=True, position_embeddings=pos_emb)
+            if slot is not None:
+                self._done(i, slot)
+        cache.advance(t)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(self.norm(h)).float()
+        self.stats = PassStats(t, time.perf_counter() - t0, streamed,
+                               (self.streamer.stats.wait_s - wait0) if self.streamer else 0.0)
+        self.total_streamed_bytes += streamed
+        self.passes += 1
+        return logits
+
+    __call__ = forward
+
+    def _fetch(self, i: int) -> tuple[object, torch.Tensor]:
+        if self.device.type != "cuda":
+            return self.streamer.acquire(i)
+        if self.plan.tiers[i] == HOST:
+            return self._copier.upload(self._host_bufs[i], None, None)
+        slot, buf = self.streamer.acquire(i)
+        return self._copier.upload(buf, self.streamer, slot)
+
+    def _done(self, i: int, slot: object) -> None:
+        if self.device.type != "cuda":
+            self.streamer.release(slot)
+        else:
+            self._copier.done(slot)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+
+    def weight_bytes(self) -> int:
+        return self.manifest.resident.size + sum(self.manifest.layer_bytes)
+
+
+def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,
+               host_memory_bytes: int | None = None, reserved_bytes: int = 0, cache_tokens: int = 2048,
+               warm: bool = False, verify: bool = True, ring_slots: int = 3) -> OffloadedModel:
+    """Open a store with a residency plan fitted to the budgets (defaults from the machine)."""
+    from offspec.runtime.budget import default_budgets
+
+    store_dir = Path(store_dir)
+    if verify:
+        from offspec.store.integrity import ensure_verified
+
+        manifest = ensure_verified(store_dir)
+    else:
+        manifest = read_manifest(store_dir)
+    check_supported(manifest.model_type)
+    dev = resolve_device(device)
+    dev_default, host_default = default_budgets(dev)
+    kv_bytes = kv_bytes_per_token(store_dir, manifest) * cache_tokens
+    plan = plan_residency(
+        manifest.layer_bytes, manifest.resident.size,
+        device_memory_bytes if device_memory_bytes is not None else dev_default,
+        host_memory_bytes if host_memory_bytes is not None else host_default,
+        kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=dev.type, ring_slots=ring_slots,
+    )
+    return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest)
+
+
+def kv_bytes_per_token(store_dir: Path, manifest: Manifest) -> int:
+    """KV cache bytes per token for the store's architecture (from config.json)."""
+    import json
+
+    cfg = json.loads((Path(store_dir) / "config.json").read_text())
+    heads = cfg.get("num_attention_heads", 1)
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    elem = manifest.torch_dtype.itemsize if manifest.dtype != "uint8" else 2
+    return 2 * manifest.num_layers * kv_heads * head_dim * elem

@@ -1,0 +1,122 @@
+"""Residency planning: which decoder layers stay on the device, in host RAM, or stream from disk (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from offspec.errors import BudgetError
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size, e.g. 1.50 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+@dataclass(frozen=True)
+class ResidencyPlan:
+    """Per-layer tier plus the staging ring and the byte totals that follow from it."""
+
+    tiers: tuple[str, ...]
+    layer_bytes: tuple[int, ...]
+    resident_bytes: int  # embeddings, final norm, lm_head
+    kv_bytes: int
+    reserved_bytes: int  # e.g. a resident draft model
+    ring_slots: int
+    slot_bytes: int
+    device_kind: str = "cpu"
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def layers(self, tier: str) -> list[int]:
+        return [i for i, t in enumerate(self.tiers) if t == tier]
+
+    @property
+    def streamed_bytes_per_pass(self) -> int:
+        """Bytes read from disk by one forward pass."""
+        return sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == DISK)
+
+    @property
+    def copied_bytes_per_pass(self) -> int:
+        """Bytes moved host->device per pass (disk layers, and host layers on CUDA)."""
+        if self.device_kind == "cpu":
+            return self.streamed_bytes_per_pass
+        return sum(b for b, t in zip(self.layer_bytes, self.tiers) if t in (DISK, HOST))
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.ring_slots * self.slot_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Bytes the plan holds in device memory (all RAM on the CPU)."""
+        layers = sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == DEVICE)
+        total = self.resident_bytes + self.kv_bytes + self.reserved_bytes + layers + self.ring_bytes
+        if self.device_kind == "cpu":
+            total += sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == HOST)
+        return total
+
+    @property
+    def host_bytes(self) -> int:
+        """Pinned host RAM (CUDA only): host-resident layers plus the staging ring."""
+        if self.device_kind == "cpu":
+            return 0
+        return sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == HOST) + self.ring_bytes
+
+
+def minimum_budget_bytes(layer_bytes: list[int], resident_bytes: int, kv_bytes: int, reserved_bytes: int,
+                         ring_slots: int = 2) -> int:
+    """The smallest device budget that runs: resident parts, KV cache, reserve and `ring_slots` streamed layers."""
+    return resident_bytes + kv_bytes + reserved_bytes + ring_slots * max(layer_bytes, default=0)
+
+
+def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_bytes: int,
+                   host_budget_bytes: int = 0, kv_bytes: int = 0, reserved_bytes: int = 0,
+                   device_kind: str = "cpu", ring_slots: int = 3) -> ResidencyPlan:
+    """Fill the device budget with whole layers (the last layers first), then host RAM (CUDA), stream the rest.
+
+    Resident layers sit at the end of the pass so that, while they compute, the reader already
+    prefetches the next pass's first streamed layers into the ring.
+    """
+    n = len(layer_bytes)
+    slot = max(layer_bytes, default=0)
+    fixed = resident_bytes + kv_bytes + reserved_bytes
+    minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2)
+    if device_budget_bytes < minimum:
+        raise BudgetError(
+            f"device memory budget {format_bytes(device_budget_bytes)} is too small: it must hold the resident "
+            f"parts ({format_bytes(resident_bytes)}), the KV cache ({format_bytes(kv_bytes)})"
+            + (f", the draft ({format_bytes(reserved_bytes)})" if reserved_bytes else "")
+            + f" and two streamed layers ({format_bytes(2 * slot)}); minimum {format_bytes(minimum)}"
+        )
+    tiers = [DISK] * n
+    # Everything fits: no ring needed.
+    if fixed + sum(layer_bytes) <= device_budget_bytes:
+        return ResidencyPlan(tuple([DEVICE] * n), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
+                             0, 0, device_kind)
+    # Largest ring that still leaves the minimum; 2 slots at the least.
+    slots = max(2, min(ring_slots, (device_budget_bytes - fixed) // slot if slot else 2))
+    free = device_budget_bytes - fixed - slots * slot
+    for i in reversed(range(n)):
+        if layer_bytes[i] <= free:
+            tiers[i] = DEVICE
+            free -= layer_bytes[i]
+    notes: list[str] = []
+    if device_kind != "cpu":
+        host_free = host_budget_bytes - slots * slot
+        for i in reversed(range(n)):
+            if tiers[i] == DISK and layer_bytes[i] <= host_free:
+                tiers[i] = HOST
+                host_free -= layer_bytes[i]
+        if host_free < 0:
+            notes.append("host budget smaller than the pinned staging ring")
+    if DISK not in tiers and HOST not in tiers:
+        slots = 0
+    elif DISK not in tiers and device_kind == "cpu":
+        slots = 0
+    return ResidencyPlan(tuple(tiers), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
+                         slots, slot if slots else 0, device_kind, tuple(notes))
