@@ -1,0 +1,314 @@
+"""Generation in layers: a step generator (prefill, then draft tree -> verify -> commit), text streaming, generate().
+
+Plain decoding and speculative decoding yield the same `StepEvent`, so callers (CLI, chat, bench)
+treat them alike. Both models keep a record of the token ids their KV caches hold, so a later call
+whose prompt extends the previous sequence (a chat turn) only prefills the new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+
+from offspec.errors import ContextError, ModelError
+from offspec.runtime.masks import tree_mask
+from offspec.spec.sampling import SamplingParams, sample
+from offspec.spec.stats import AcceptanceStats
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    budget: int | None = None  # None = auto (hardware-aware)
+    spec: bool = True
+    verify: str = "auto"  # auto | greedy | match | without-replacement
+    expand: int = 32  # draft nodes expanded per growth round
+    branch: int = 8  # children per expanded node
+    max_depth: int = 32
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class StepEvent:
+    """What one target pass (or the prefill) produced."""
+
+    tokens: list[int]
+    tree_size: int = 0
+    accepted: int = 0
+    target_pass_s: float = 0.0
+    draft_s: float = 0.0
+    streamed_bytes: int = 0
+    budget: int = 0
+    prefill: bool = False
+    finish: str | None = None  # "stop" | "length" | None
+
+
+@dataclass
+class TextEvent:
+    text: str
+    step: StepEvent
+
+
+@dataclass
+class GenerationStats:
+    tokens: int = 0
+    passes: int = 0
+    tokens_per_pass: float = 0.0
+    tok_per_s: float = 0.0
+    target_pass_s: float = 0.0  # mean seconds of one decode pass of the target
+    draft_s: float = 0.0  # total seconds spent drafting
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0
+    streamed_bytes: int = 0  # bytes read from disk by decode passes
+    streamed_gbps: float = 0.0
+    budget: float = 0.0  # mean tree budget per pass (0 = plain decoding)
+    mean_tree_size: float = 0.0
+    finish: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Drives a target OffloadedModel and an optional resident draft over their preallocated caches."""
+
+    def __init__(self, target, draft=None, tokenizer=None, budget_planner=None) -> None:
+        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        self.target_ids: list[int] = []  # token ids held by the target's KV cache, in order
+        self.draft_ids: list[int] = []
+        self.stats = AcceptanceStats()
+        self.planner = budget_planner
+        if draft is not None and draft.vocab_size != target.vocab_size:
+            # embeddings may be padded differently; ids must still agree (checked on tokenizers upstream)
+            pass
+
+    # ------------------------------------------------------------------ cache bookkeeping
+    def _sync(self, model, held: list[int], ids: list[int], keep_last: int = 1) -> list[int]:
+        """Crop model's cache to its common prefix with ids (leaving >= keep_last tokens pending); return pending."""
+        c = min(_common_prefix(held, ids), len(ids) - keep_last)
+        model.cache.crop(c)
+        del held[c:]
+        return ids[c:]
+
+    def _prefill(self, model, held: list[int], tokens: list[int]) -> None:
+        """Run tokens (all but none left pending) through the model causally, in chunks."""
+        chunk = 512
+        for s in range(0, len(tokens), chunk):
+            part = tokens[s : s + chunk]
+            model.forward(torch.tensor([part]), last_only=True)
+            held.extend(part)
+
+    def check_context(self, n_prompt: int, max_new: int) -> None:
+        limit = self.target.max_context
+        if n_prompt >= limit:
+            raise ContextError(f"prompt is {n_prompt} tokens but the model's context is {limit} tokens")
+
+    # ------------------------------------------------------------------ steps
+    def steps(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[StepEvent]:
+        """Yield one StepEvent for the prefill, then one per target pass, until stop or max_new_tokens."""
+        if not prompt_ids:
+            raise ModelError("empty prompt")
+        self.check_context(len(prompt_ids), cfg.max_new_tokens)
+        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+        if gen is None and cfg.temperature > 0:
+            gen = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
+        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
+        use_spec = cfg.spec and self.draft is not None
+        budget_cap = self.target.max_context - 1
+        # Prefill: everything but the last prompt token (the first root) enters the caches.
+        t0 = time.perf_counter()
+        pending = self._sync(self.target, self.target_ids, prompt_ids)
+        self._prefill(self.target, self.target_ids, pending[:-1])
+        root = pending[-1]
+        if use_spec:
+            d_pending = self._sync(self.draft, self.draft_ids, prompt_ids)
+            self._prefill(self.draft, self.draft_ids, d_pending[:-1])
+            d_pending = d_pending[-1:]
+        yield StepEvent([], prefill=True, target_pass_s=time.perf_counter() - t0, tree_size=len(pending) - 1)
+        produced = 0
+        stop = set(cfg.stop_ids)
+        while produced < cfg.max_new_tokens:
+            room = budget_cap - len(self.target_ids) - 1
+            if room <= 0:
+                yield StepEvent([], finish="length")
+                return
+            if use_spec:
+                event, root, d_pending = self._spec_step(root, d_pending, cfg, params, gen, min(room, 4096))
+            else:
+                event, root = self._plain_step(root, params, gen)
+            # Cut at a stop token or at max_new_tokens.
+            toks = event.tokens
+            for j, tok in enumerate(toks):
+                if tok in stop:
+                    event.tokens, event.finish = toks[:j], "stop"
+                    break
+            if produced + len(event.tokens) >= cfg.max_new_tokens and event.finish is None:
+                event.tokens = event.tokens[: cfg.max_new_tokens - produced]
+                event.finish = "length"
+            produced += len(event.tokens)
+            yield event
+            if event.finish:
+                return
+
+    def _plain_step(self, root: int, params: SamplingParams, gen) -> tuple[StepEvent, int]:
+        t0 = time.perf_counter()
+        logits = self.target.forward(torch.tensor([[root]]), last_only=True)[0, -1]
+        self.target_ids.append(root)
+        tok = int(sample(logits, params, gen)) if params.temperature > 0 else int(logits.argmax())
+        st = self.target.stats
+        ev = StepEvent([tok], tree_size=1, target_pass_s=time.perf_counter() - t0, streamed_bytes=st.streamed_bytes)
+        self.stats.record_pass(0, 1)
+        return ev, tok
+
+    def _spec_step(self, root: int, d_pending: list[int], cfg: GenerationConfig, params: SamplingParams, gen,
+                   room: int) -> tuple[StepEvent, int, list[int]]:
+        from offspec.spec.specexec import grow_tree
+        from offspec.spec.verify import verify_greedy, verify_sample_match
+
+        budget = cfg.budget if cfg.budget is not None else (self.planner.next_budget() if self.planner else 64)
+        budget = max(1, min(budget, room))
+        d_start = self.draft.cache.length
+        grown = grow_tree(self.draft, d_pending, budget=budget, expand=cfg.expand, branch=cfg.branch,
+                          max_depth=cfg.max_depth)
+        tree = grown.tree
+        # One streamed target pass over the whole tree.
+        t0 = time.perf_counter()
+        start = self.target.cache.length
+        n = tree.size
+        positions = (start + tree.depths[:n])[None]
+        mask = tree_mask(start, tree.ancestors[:n, :n], self.target.dtype)
+        logits = self.target.forward(tree.tokens[:n][None], positions, mask)[0]  # [N, V]
+        pass_s = time.perf_counter() - t0
+        if params.temperature > 0:
+            res = verify_sample_match(tree, logits, params, gen)
+        else:
+            res = verify_greedy(tree, logits)
+        accepted = list(res.accepted)
+        # Commit: the target keeps root + accepted nodes; the bonus token is the next root.
+        self.target.cache.keep(start, torch.tensor([0] + accepted))
+        acc_tokens = [int(tree.tokens[a]) for a in accepted]
+        self.target_ids.extend([root] + acc_tokens)
+        # The draft keeps its pending tokens plus the accepted nodes it already computed.
+        slot_of = {node: k for k, node in enumerate(grown.cached_nodes)}
+        keep = list(range(len(d_pending)))
+        held = 0
+        for a in accepted:
+            if a not in slot_of:
+                break
+            keep.append(len(d_pending) + slot_of[a])
+            held += 1
+        self.draft.cache.keep(d_start, torch.tensor(keep))
+        self.draft_ids.extend(d_pending + acc_tokens[:held])
+        next_pending = acc_tokens[held:] + [res.next_token]
+        self.stats.record_pass(len(accepted), n, accepted_ranks=getattr(res, "ranks", None))
+        if self.planner is not None:
+            self.planner.observe(tree, n, pass_s, grown.draft_s, len(accepted))
+        ev = StepEvent(acc_tokens + [res.next_token], tree_size=n, accepted=len(accepted), target_pass_s=pass_s,
+                       draft_s=grown.draft_s, streamed_bytes=self.target.stats.streamed_bytes, budget=budget)
+        return ev, res.next_token, next_pending
+
+    def reset(self) -> None:
+        self.target.cache.reset()
+        self.target_ids.clear()
+        if self.draft is not None:
+            self.draft.cache.reset()
+            self.draft_ids.clear()
+
+
+# ---------------------------------------------------------------------- text layer
+class TextStreamer:
+    """Incremental detokenization: emits only text that is final (no half UTF-8 characters)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        self.ids.extend(ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final and text.endswith("\ufffd"):
+            return ""
+        out = text[self.emitted :]
+        self.emitted = len(text)
+        return out
+
+
+def stream_text(engine: Engine, prompt_ids: list[int], cfg: GenerationConfig,
+                stats: GenerationStats | None = None) -> Iterator[TextEvent]:
+    """Yield TextEvents as tokens are committed; fills `stats` as it goes (also when interrupted)."""
+    stats = stats if stats is not None else GenerationStats()
+    ts = TextStreamer(engine.tokenizer)
+    t_start = time.perf_counter()
+    budgets: list[int] = []
+    for ev in engine.steps(prompt_ids, cfg):
+        if ev.prefill:
+            stats.prefill_s, stats.prefill_tokens = ev.target_pass_s, ev.tree_size
+            t_start = time.perf_counter()
+            continue
+        if ev.tree_size:
+            stats.passes += 1
+            stats.target_pass_s += ev.target_pass_s
+            stats.draft_s += ev.draft_s
+            stats.streamed_bytes += ev.streamed_bytes
+            stats.mean_tree_size += ev.tree_size
+            budgets.append(ev.budget)
+        stats.tokens += len(ev.tokens)
+        stats.decode_s = time.perf_counter() - t_start
+        if ev.finish:
+            stats.finish = ev.finish
+        _finish_stats(stats, budgets)
+        text = ts.push(ev.tokens, final=ev.finish is not None)
+        yield TextEvent(text, ev)
+
+
+def _finish_stats(stats: GenerationStats, budgets: list[int]) -> None:
+    p = max(stats.passes, 1)
+    stats.tokens_per_pass = stats.tokens / p
+    stats.tok_per_s = stats.tokens / stats.decode_s if stats.decode_s > 0 else 0.0
+    stats.budget = sum(budgets) / len(budgets) if budgets else 0.0
+    stats.streamed_gbps = stats.streamed_bytes / stats.target_pass_s / 1e9 if stats.target_pass_s > 0 else 0.0
+
+
+def finalize_stats(stats: GenerationStats) -> GenerationStats:
+    """Turn running sums into the reported means (target_pass_s and mean_tree_size per pass)."""
+    p = max(stats.passes, 1)
+    out = GenerationStats(**stats.to_dict())
+    out.target_pass_s = stats.target_pass_s / p
+    out.mean_tree_size = stats.mean_tree_size / p
+    return out
+
+
+def generate(engine: Engine, prompt_ids: list[int], cfg: GenerationConfig) -> GenerationResult:
+    """Run to completion; return the text, the token ids and the stats."""
+    stats = GenerationStats()
+    ids: list[int] = []
+    parts: list[str] = []
+    for ev in stream_text(engine, prompt_ids, cfg, stats):
+        ids.extend(ev.step.tokens)
+        parts.append(ev.text)
+    return GenerationResult("".join(parts), list(prompt_ids), ids, finalize_stats(stats))

@@ -1,0 +1,116 @@
+"""From user-level options to a ready Engine: resolve models into stores, plan, open, check tokenizers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from offspec.config import RuntimeConfig
+from offspec.errors import ModelError
+from offspec.generate import Engine
+
+PROBE_TEXT = "def main():\n    print('Hello, world!')  # Über 100 tokens? 日本語 ✓\n"
+
+
+@dataclass
+class Loaded:
+    engine: Engine
+    target_store: Path
+    draft_store: Path | None
+    tokenizer: object
+
+
+def load_tokenizer(store: Path):
+    """The tokenizer saved beside a store's config (offline only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(store, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{store}: no usable tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def check_same_tokenizer(target_tok, draft_tok, target_name: str, draft_name: str) -> None:
+    """The draft must map the same text to the same ids as the target; otherwise speculation is meaningless."""
+    same_vocab = target_tok.get_vocab() == draft_tok.get_vocab()
+    same_ids = target_tok.encode(PROBE_TEXT) == draft_tok.encode(PROBE_TEXT)
+    if not (same_vocab and same_ids):
+        raise ModelError(
+            f"draft {draft_name} does not share the target's tokenizer ({target_name}): "
+            "speculative decoding needs the same vocabulary and token ids"
+        )
+
+
+def stop_ids(tokenizer, config=None) -> tuple[int, ...]:
+    """EOS ids from the tokenizer and the generation config."""
+    ids: set[int] = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    if tokenizer is not None:
+        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            tid = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
+            if tid is not None and name == "<|im_end|>":
+                ids.add(int(tid))
+    return tuple(sorted(ids))
+
+
+def generation_eos(store: Path) -> tuple[int, ...]:
+    """eos ids from generation_config.json, if any."""
+    import json
+
+    path = store / "generation_config.json"
+    if not path.is_file():
+        return ()
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
+                rc: RuntimeConfig = RuntimeConfig(), cache_tokens: int = 4096, progress: bool = True,
+                budget_auto: bool = True) -> Loaded:
+    """Resolve target (and draft), open them under the budgets, and wire an Engine."""
+    from offspec.runtime.model import open_model
+    from offspec.store.resolve import resolve_model
+
+    if model is None:
+        from offspec.store.demo import demo_models
+
+        target_store, demo_draft = demo_models(rc.bits, rc.dtype)
+        if draft is None and spec:
+            draft_store: Path | None = demo_draft
+        else:
+            draft_store = resolve_model(draft, 16, rc.dtype, progress=progress) if (draft and spec) else None
+    else:
+        target_store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
+        draft_store = resolve_model(draft, 16, rc.dtype, progress=progress) if (draft and spec) else None
+    tokenizer = load_tokenizer(target_store)
+    draft_model = None
+    reserved = 0
+    if draft_store is not None:
+        draft_tok = load_tokenizer(draft_store)
+        check_same_tokenizer(tokenizer, draft_tok, str(target_store.name), str(draft_store.name))
+        from offspec.runtime.model import kv_bytes_per_token
+        from offspec.store.manifest import read_manifest
+
+        dman = read_manifest(draft_store)
+        d_total = dman.resident.size + sum(dman.layer_bytes) + kv_bytes_per_token(draft_store, dman) * cache_tokens
+        draft_model = open_model(draft_store, rc.device, device_memory_bytes=d_total + 1, cache_tokens=cache_tokens,
+                                 warm=True)
+        reserved = d_total
+    target = open_model(target_store, rc.device, rc.device_memory_bytes, rc.host_memory_bytes,
+                        reserved_bytes=reserved, cache_tokens=cache_tokens, warm=rc.warm)
+    planner = None
+    if draft_model is not None and budget_auto:
+        from offspec.runtime.calibrate import make_planner
+
+        planner = make_planner(target, draft_model)
+    engine = Engine(target, draft_model, tokenizer, planner)
+    engine.eos_ids = tuple(sorted(set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))))
+    return Loaded(engine, target_store, draft_store, tokenizer)
