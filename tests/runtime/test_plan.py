@@ -1,0 +1,49 @@
+import pytest
+
+from offspec.errors import BudgetError
+from offspec.runtime.plan import DEVICE, DISK, HOST, minimum_budget_bytes, plan_residency
+
+MB = 1 << 20
+LAYERS = [100 * MB] * 10
+
+
+def test_everything_fits_keeps_all_layers_resident_without_a_ring():
+    plan = plan_residency(LAYERS, 50 * MB, 10_000 * MB)
+    assert plan.tiers == (DEVICE,) * 10
+    assert plan.ring_slots == 0 and plan.streamed_bytes_per_pass == 0
+
+
+def test_tight_budget_streams_the_first_layers_and_keeps_the_last():
+    budget = 50 * MB + 3 * 100 * MB + 4 * 100 * MB  # resident + ring of 3 + 4 layers
+    plan = plan_residency(LAYERS, 50 * MB, budget)
+    assert plan.ring_slots == 3
+    assert plan.layers(DEVICE) == [6, 7, 8, 9]
+    assert plan.layers(DISK) == list(range(6))
+    assert plan.streamed_bytes_per_pass == 600 * MB
+    assert plan.device_bytes <= budget
+
+
+def test_minimum_budget_streams_everything_with_two_slots():
+    minimum = minimum_budget_bytes(LAYERS, 50 * MB, 10 * MB, 0)
+    plan = plan_residency(LAYERS, 50 * MB, minimum, kv_bytes=10 * MB)
+    assert plan.tiers == (DISK,) * 10 and plan.ring_slots == 2
+
+
+def test_too_small_budget_says_the_minimum():
+    with pytest.raises(BudgetError, match=r"minimum 350\.00 MiB"):
+        plan_residency(LAYERS, 50 * MB, 200 * MB, kv_bytes=100 * MB)
+
+
+def test_reserved_draft_counts_against_the_device_budget():
+    free = plan_residency(LAYERS, 0, 900 * MB)
+    with_draft = plan_residency(LAYERS, 0, 900 * MB, reserved_bytes=300 * MB)
+    assert len(with_draft.layers(DEVICE)) == len(free.layers(DEVICE)) - 3
+
+
+def test_cuda_plan_uses_the_host_tier_before_disk():
+    plan = plan_residency(LAYERS, 0, 500 * MB, host_budget_bytes=700 * MB, device_kind="cuda")
+    assert plan.layers(DEVICE) == [8, 9]
+    assert plan.layers(HOST) == [4, 5, 6, 7]
+    assert plan.layers(DISK) == [0, 1, 2, 3]
+    assert plan.copied_bytes_per_pass == 800 * MB
+    assert plan.host_bytes == 700 * MB
