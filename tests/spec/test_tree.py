@@ -1,0 +1,86 @@
+"""DraftTree bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offspec.spec.tree import DraftTree
+
+
+def build() -> DraftTree:
+    #        0(t=9)
+    #      /   \
+    #    1(5)  2(6)
+    #    / \     \
+    #  3(1) 4(2)  5(3)
+    #   |
+    #  6(4)
+    tree = DraftTree(9, capacity=2)
+    assert tree.add(0, [5, 6], [-0.1, -0.5]).tolist() == [1, 2]
+    assert tree.add(1, [1, 2], [-0.2, -0.9]).tolist() == [3, 4]
+    assert tree.add(2, torch.tensor([3]), torch.tensor([-0.7])).tolist() == [5]
+    assert tree.add(3, [4], [-0.4]).tolist() == [6]
+    return tree
+
+
+def test_structure_and_growth() -> None:
+    tree = build()
+    assert tree.size == 7 and tree.budget == 6
+    assert tree.tokens.tolist() == [9, 5, 6, 1, 2, 3, 4]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2, 3]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert tree.logprobs.tolist() == pytest.approx([0.0, -0.1, -0.5, -0.2, -0.9, -0.7, -0.4])
+    assert tree.children(0) == [1, 2] and tree.children(1) == [3, 4] and tree.children(6) == []
+    assert tree.path(6) == [0, 1, 3, 6] and tree.path(0) == [0]
+    assert tree.path_tokens(5) == [9, 6, 3]
+    assert [tree.rank(i) for i in range(7)] == [0, 0, 1, 0, 1, 0, 0]
+
+
+def test_ancestor_rows() -> None:
+    tree = build()
+    anc = tree.ancestors
+    assert anc.shape == (7, 7)
+    for i in range(tree.size):
+        assert set(torch.nonzero(anc[i]).flatten().tolist()) == set(tree.path(i))
+        p = tree.parent(i)
+        if p >= 0:
+            expect = anc[p].clone()
+            expect[i] = True
+            assert torch.equal(anc[i], expect)
+
+
+def test_mask_rows_and_batch_add() -> None:
+    tree = build()
+    rows = torch.tensor([6, 5])
+    cols = torch.tensor([1, -1, 3, 2])
+    assert tree.mask_rows(rows, cols).tolist() == [[True, False, True, False], [False, False, False, True]]
+    idx = tree.add(torch.tensor([6, 5, 6]), [7, 8, 0], [-1.0, -2.0, -3.0])
+    assert idx.tolist() == [7, 8, 9]
+    assert tree.children(6) == [7, 9] and tree.depths[7:].tolist() == [4, 3, 4]
+
+
+def test_growth_beyond_capacity() -> None:
+    tree = DraftTree(0, capacity=2)
+    node = 0
+    for d in range(1, 200):
+        node = int(tree.add(node, [d % 11], [-float(d)])[0])
+    assert tree.size == 200
+    assert tree.depths[-1] == 199
+    assert bool(tree.ancestors[199].all())
+    assert tree.ancestors.sum() == 200 * 201 // 2
+    with pytest.raises(IndexError):
+        tree.add(500, [1], [0.0])
+
+
+def test_select_keeps_ancestor_closed_sets() -> None:
+    tree = build()
+    tree.draft_probs[3] = torch.ones(4)
+    small, remap = tree.select(torch.tensor([0, 1, 3, 6]))
+    assert remap.tolist() == [0, 1, -1, 2, -1, -1, 3]
+    assert small.tokens.tolist() == [9, 5, 1, 4]
+    assert small.parents.tolist() == [-1, 0, 1, 2]
+    assert small.ancestors.tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()
+    assert list(small.draft_probs) == [2]
+    with pytest.raises(ValueError):
+        tree.select(torch.tensor([0, 3]))
