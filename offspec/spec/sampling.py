@@ -84,5 +84,6 @@ def gumbel_topk(logq: torch.Tensor, k: int, generator: torch.Generator | None = 
     """Long[..., k]: k tokens per row sampled without replacement from exp(logq) [..., V], in draw order."""
     device = generator.device if generator is not None else logq.device
     u = torch.rand(logq.shape, generator=generator, device=device).to(logq.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+    exp1 = (-torch.log(u.clamp_min(1e-30))).clamp_min(1e-30)  # Exp(1) draws, > 0
+    gumbel = -torch.log(exp1)
     return (logq.float() + gumbel).topk(k, dim=-1).indices

@@ -1,0 +1,266 @@
+"""Sequoia: the optimal tree shape for positional acceptance rates (dynamic program), filling it, and calibration."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from offspec.errors import ConfigError
+from offspec.spec.sampling import SamplingParams, gumbel_topk, process_logits
+from offspec.spec.specexec import CausalLM, GrowResult, forward_nodes, forward_pending
+from offspec.spec.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """A tree in BFS order (root 0, parents[0] = -1); each node's children are consecutive, ranks 0..c-1."""
+
+    parents: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        ps = self.parents
+        bfs = all(0 <= ps[i] < i for i in range(1, len(ps))) and all(ps[i - 1] <= ps[i] for i in range(2, len(ps)))
+        if not ps or ps[0] != -1 or not bfs:
+            raise ValueError("TreeShape parents must be in BFS order: [-1, 0, ...], non-decreasing, parent < node")
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+    @property
+    def budget(self) -> int:
+        """Drafted nodes (root excluded)."""
+        return len(self.parents) - 1
+
+    @property
+    def ranks(self) -> list[int]:
+        out, seen = [0], [0] * len(self.parents)
+        for p in self.parents[1:]:
+            out.append(seen[p])
+            seen[p] += 1
+        return out
+
+    @property
+    def depths(self) -> list[int]:
+        out = [0]
+        for p in self.parents[1:]:
+            out.append(out[p] + 1)
+        return out
+
+    @property
+    def num_children(self) -> list[int]:
+        out = [0] * len(self.parents)
+        for p in self.parents[1:]:
+            out[p] += 1
+        return out
+
+
+def expected_accepted(shape: TreeShape, p: Sequence[float]) -> float:
+    """Expected accepted drafted nodes (root excluded, bonus token excluded): sum over nodes of prod p[rank] on the path."""
+    reach = [1.0] * shape.size
+    total = 0.0
+    for i, (parent, rank) in enumerate(zip(shape.parents, shape.ranks)):
+        if i == 0:
+            continue
+        reach[i] = reach[parent] * (p[rank] if rank < len(p) else 0.0)
+        total += reach[i]
+    return total
+
+
+_SHAPES: dict[tuple[tuple[float, ...], int, int], tuple[float, tuple[int, ...]]] = {}
+
+
+def _key(p: Sequence[float], budget: int, max_depth: int) -> tuple[tuple[float, ...], int, int]:
+    return tuple(round(max(0.0, float(x)), 4) for x in p), int(budget), int(max_depth)
+
+
+def optimal_tree_shape(p: Sequence[float], budget: int, max_depth: int) -> TreeShape:
+    """The shape with min(budget, capacity) drafted nodes, depth <= max_depth, width <= len(p), maximising expected_accepted.
+
+    p[k] = probability that the rank-k child is the accepted one (rounded to 4 decimals; results cached in memory).
+    """
+    if budget < 0 or max_depth < 0:
+        raise ConfigError("budget and max_depth must be >= 0")
+    key = _key(p, budget, max_depth)
+    if key not in _SHAPES:
+        _SHAPES[key] = _solve(*key)
+    return TreeShape(_SHAPES[key][1])
+
+
+def _solve(p: tuple[float, ...], budget: int, max_depth: int) -> tuple[float, tuple[int, ...]]:
+    """O(depth * width * budget^2) dynamic program over (depth left, child rank, nodes left); numpy max-plus steps."""
+    n, width, depth = budget, min(len(p), budget), min(max_depth, budget)
+    if n == 0 or width == 0 or depth == 0:
+        return 0.0, (-1,)
+    neg = -np.inf
+    m = np.arange(n + 1)
+    rest = m[:, None] - np.arange(1, n + 1)[None, :]  # [n+1, n]: nodes left for ranks > k if child k takes j
+    valid, rest_c = rest >= 0, rest.clip(min=0)
+    # best[d][m]: best value of a subtree whose root has exactly m descendants within depth d; -inf if impossible
+    best = [np.where(m == 0, 0.0, neg)]
+    picks: list[list[np.ndarray]] = [[]]  # picks[d][k][m]: nodes given to the rank-k child's subtree (0 = none)
+    for d in range(1, depth + 1):
+        sub = best[d - 1][:n]  # [n]: sub[j - 1] = subtree value with j - 1 descendants
+        finite = np.isfinite(sub)
+        g = np.where(m == 0, 0.0, neg)  # no children ranked >= width
+        level: list[np.ndarray] = [np.zeros(0)] * width
+        for k in range(width - 1, -1, -1):
+            gain = np.full(n, neg)  # [n]: value of a rank-k child whose subtree has j nodes, at j - 1
+            gain[finite] = p[k] * (1.0 + sub[finite])
+            cand = np.where(valid, gain[None, :] + g[rest_c], neg)  # [n+1, n]
+            arg = cand.argmax(axis=1)
+            val = cand[m, arg]
+            pick = np.where(np.isfinite(val), arg + 1, 0)
+            val[0], pick[0] = 0.0, 0
+            level[k], g = pick, val
+        best.append(g)
+        picks.append(level)
+    top = best[depth]
+    total = int(np.flatnonzero(np.isfinite(top)).max())
+    parents = [-1]
+    queue = [(0, total, depth)]
+    for node, left, d in queue:
+        k = 0
+        while left > 0:
+            j = int(picks[d][k][left])
+            parents.append(node)
+            queue.append((len(parents) - 1, j - 1, d - 1))
+            left -= j
+            k += 1
+    return float(top[total]), tuple(parents)
+
+
+def save_shapes(path: str | Path) -> int:
+    """Write the in-memory shape cache as JSON; returns the number of shapes."""
+    rows = [
+        {"p": list(k[0]), "budget": k[1], "max_depth": k[2], "value": v, "parents": list(s)}
+        for k, (v, s) in _SHAPES.items()
+    ]
+    Path(path).write_text(json.dumps({"version": 1, "shapes": rows}))
+    return len(rows)
+
+
+def load_shapes(path: str | Path) -> int:
+    """Merge a JSON shape cache written by save_shapes into memory; returns the number of shapes read."""
+    data = json.loads(Path(path).read_text())
+    for row in data["shapes"]:
+        _SHAPES[_key(row["p"], row["budget"], row["max_depth"])] = (float(row["value"]), tuple(row["parents"]))
+    return len(data["shapes"])
+
+
+def fill_tree(
+    draft: CausalLM,
+    pending: list[int],
+    shape: TreeShape,
+    sample: bool = False,
+    sampling: SamplingParams | None = None,
+    generator: torch.Generator | None = None,
+) -> GrowResult:
+    """Grow a tree of the given shape level by level (one batched draft forward per level).
+
+    The draft distribution q is softmax(process_logits(logits, sampling)) (temperature 1 when sampling is None or greedy).
+    sample=False: each node's rank-k child is q's k-th most likely token. sample=True: children are drawn without
+    replacement from q (in draw order) and tree.draft_probs[node] = q for verify_without_replacement; a node gets
+    fewer children than the shape says only when q has fewer nonzero tokens (their subtrees are dropped).
+    """
+    t0 = time.perf_counter()
+    root_logits = forward_pending(draft, pending)
+    cache_start = draft.cache.length
+    tree = DraftTree(pending[-1], capacity=shape.size)
+    counts = shape.num_children
+    depths = shape.depths
+    to_tree = [-1] * shape.size  # shape node -> tree node
+    to_tree[0] = 0
+    first_child = [0] * shape.size
+    for i in range(shape.size - 1, 0, -1):
+        first_child[shape.parents[i]] = i
+    slots: list[int] = []
+    rounds = 1
+    max_depth = max(depths)
+    for d in range(max_depth):
+        level = [s for s in range(shape.size) if depths[s] == d and counts[s] > 0 and to_tree[s] >= 0]
+        if not level:
+            break
+        nodes = [to_tree[s] for s in level]
+        if d == 0:
+            logits = root_logits[None]  # [1, V]
+        else:
+            logits = forward_nodes(draft, tree, nodes, slots, cache_start)  # [E, V]
+            slots.extend(nodes)
+            rounds += 1
+        use = sampling if sampling is not None and not sampling.greedy else SamplingParams(temperature=1.0)
+        logq = torch.log_softmax(process_logits(logits, use), dim=-1)  # [E, V]
+        c_max = min(max(counts[s] for s in level), logq.shape[-1])
+        if sample:
+            toks = gumbel_topk(logq, c_max, generator)  # [E, c_max]
+            support = (logq > float("-inf")).sum(dim=-1).tolist()
+        else:
+            toks = logq.topk(c_max, dim=-1).indices
+            support = [logq.shape[-1]] * len(level)
+        vals = logq.gather(-1, toks).clamp_max(0.0).cpu()  # [E, c_max]
+        toks = toks.cpu()
+        par, tok, cum, shape_kids = [], [], [], []
+        for row, s in enumerate(level):
+            c = min(counts[s], c_max, support[row])
+            base = float(tree.logprobs[to_tree[s]])
+            par += [to_tree[s]] * c
+            tok += toks[row, :c].tolist()
+            cum += (base + vals[row, :c]).tolist()
+            shape_kids += range(first_child[s], first_child[s] + c)
+            if sample:
+                tree.draft_probs[to_tree[s]] = logq[row].exp()
+        idx = tree.add(torch.tensor(par, dtype=torch.long), tok, cum).tolist()
+        for s, t in zip(shape_kids, idx):
+            to_tree[s] = t
+    return GrowResult(tree, slots, cache_start, rounds, time.perf_counter() - t0)
+
+
+def estimate_acceptance(
+    target_logits: torch.Tensor,
+    draft_logits: torch.Tensor,
+    width: int,
+    temperature: float,
+    samples: int = 32,
+    generator: torch.Generator | None = None,
+) -> list[float]:
+    """Positional acceptance p[k] (k < width) from teacher-forced target/draft logits [T, V] over one calibration text.
+
+    temperature 0: fraction of positions where the target argmax is the draft's rank-k token. temperature > 0: Monte
+    Carlo over `samples` without-replacement draws of the draft's children per position (seeded, default seed 0), with
+    the exact accept/reject probabilities of verify_without_replacement along each draw.
+    """
+    t, vocab = target_logits.shape
+    width = min(width, vocab)
+    if t == 0:
+        return [0.0] * width
+    if temperature <= 0:
+        ranked = draft_logits.float().topk(width, dim=-1).indices  # [T, W]
+        hits = ranked == target_logits.float().argmax(dim=-1, keepdim=True)  # [T, W]
+        return hits.float().mean(dim=0).tolist()
+    gen = generator if generator is not None else torch.Generator(device=target_logits.device).manual_seed(0)
+    p_all = (target_logits.float() / temperature).softmax(dim=-1)  # [T, V]
+    q_all = (draft_logits.float() / temperature).softmax(dim=-1)  # [T, V]
+    total = torch.zeros(width, dtype=torch.float64, device=target_logits.device)
+    chunk = max(1, (1 << 22) // (vocab * samples))
+    for start in range(0, t, chunk):
+        r = p_all[start : start + chunk].repeat_interleave(samples, dim=0)  # [C * S, V]
+        q = q_all[start : start + chunk].repeat_interleave(samples, dim=0)  # [C * S, V]
+        order = gumbel_topk(q.log(), width, gen)  # [C * S, W]
+        alive = torch.ones(r.shape[0], device=r.device)  # prob. every earlier child was rejected
+        for k in range(width):
+            x = order[:, k : k + 1]  # [C * S, 1]
+            qx, rx = q.gather(-1, x)[:, 0], r.gather(-1, x)[:, 0]
+            accept = torch.where(qx > 0, (rx / qx.clamp_min(1e-30)).clamp_max(1.0), torch.zeros_like(qx))
+            total[k] += (alive * accept).sum().double()
+            alive = alive * (1.0 - accept)
+            r = (r - q).clamp_min(0.0)
+            r = r / r.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+            q = q.scatter(-1, x, 0.0)
+            q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return (total / (t * samples)).tolist()
