@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -213,7 +213,7 @@ def _done(partial: Path, entry: dict | None) -> BlobEntry | None:
     return blob if path.is_file() and path.stat().st_size == blob.size else None
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool, unit: str = "layers"):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -221,7 +221,7 @@ def _progress(enabled: bool):
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("layers"),
+        TextColumn(unit),
         TimeElapsedColumn(),
         console=Console(stderr=True),
         transient=True,
@@ -385,17 +385,42 @@ class FolderSource(ModelSource):
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' warnings and tqdm bars while it loads a GGUF file."""
+def _quiet_transformers(on_tensor: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Silence transformers' warnings and progress bars while it loads a GGUF file.
+
+    Its GGUF reader iterates tensors through a bare tqdm; on_tensor(total) is called per tensor instead.
+    """
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        real_tqdm = gguf_utils.tqdm
+    except (ImportError, AttributeError):
+        gguf_utils, real_tqdm = None, None
+
+    def counting_tqdm(iterable=None, *args, **kwargs):
+        if iterable is None or on_tensor is None:
+            return real_tqdm(iterable, *args, **{**kwargs, "disable": True})
+        total = len(iterable) if hasattr(iterable, "__len__") else 0
+
+        def counted():
+            for item in iterable:
+                on_tensor(total)
+                yield item
+
+        return counted()
+
+    if gguf_utils is not None:
+        gguf_utils.tqdm = counting_tqdm
+    try:
         yield
     finally:
+        if gguf_utils is not None:
+            gguf_utils.tqdm = real_tqdm
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
@@ -405,12 +430,15 @@ class GgufSource(ModelSource):
     """A .gguf file, loaded and dequantized to torch_dtype by transformers (whole model in memory)."""
 
     def __init__(self, src: Path, torch_dtype: torch.dtype, progress: bool = True) -> None:
-        from rich.console import Console
-
         self.src = src
-        status = Console(stderr=True).status(f"loading {src.name} (dequantizing GGUF)") if progress else contextlib.nullcontext()
-        with status, _quiet_transformers():
-            self.model, self.tokenizer = self._load(src, torch_dtype)
+        with _progress(progress, unit="tensors") as bar:
+            task = bar.add_task(f"loading {src.name}", total=None)
+
+            def on_tensor(total: int) -> None:
+                bar.update(task, total=total or None, advance=1)
+
+            with _quiet_transformers(on_tensor):
+                self.model, self.tokenizer = self._load(src, torch_dtype)
         self.config = self.model.config
         self.model_type = str(self.config.model_type)
         self.num_layers = _num_layers(self.config.to_dict(), str(src))
