@@ -1,0 +1,668 @@
+"""The offload throughput benchmark: raw cold read bandwidth, plain and speculative streamed decoding, a peer.
+
+One run measures, on the same model, plan and prompts: the store's cold read bandwidth (preadv into
+one reused buffer), the target's pass time against tree size, plain streamed decoding, speculative
+decoding at each tree budget, and optionally transformers + accelerate offload as the baseline.
+Every decode figure excludes the prefill. `run_bench` returns every figure; `bench_command` prints,
+writes JSON and draws the plot.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from offspec.errors import ConfigError, ModelError
+
+DEFAULT_BUDGETS = "auto,16,64,256,1024"
+CURVE_SIZES = (1, 16, 64, 256, 1024)
+PEER_MAX_NEW_TOKENS = 8  # the peer reads every offloaded weight per token: keep it short
+_BUILTIN = Path(__file__).parent / "data" / "bench_prompts.json"
+_CODE_HINTS = ("```", "def ", "class ", "import ", "return ", "function ", "#include", "=>", "();", "{\n", "self.")
+
+
+# ---------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class BenchPrompt:
+    kind: str  # "code" or "prose" for the built-in set; whatever a prompts file says otherwise
+    prompt: str
+
+
+def guess_kind(text: str) -> str:
+    """'code' if the text looks like it asks about code, else 'prose'."""
+    low = text.lower()
+    return "code" if any(h in low for h in _CODE_HINTS) or "python" in low else "prose"
+
+
+def builtin_prompts() -> list[BenchPrompt]:
+    """The built-in set: 4 code prompts, 4 prose/chat prompts."""
+    return load_prompts(_BUILTIN)
+
+
+def load_prompts(path: str | Path | None) -> list[BenchPrompt]:
+    """Prompts from a JSON list (strings or {"kind", "prompt"} objects) or a text file (one per line)."""
+    if path is None:
+        return builtin_prompts()
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--prompts {path}: no such file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if data is None:
+        if p.suffix.lower() == ".json":
+            raise ConfigError(f"--prompts {path}: not valid JSON")
+        out = [BenchPrompt(guess_kind(line), line) for line in (s.strip() for s in text.splitlines()) if line]
+    else:
+        if not isinstance(data, list):
+            raise ConfigError(f"--prompts {path}: expected a JSON list of strings or {{\"kind\", \"prompt\"}} objects")
+        out = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                out.append(BenchPrompt(guess_kind(item), item))
+            elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+                kind = str(item.get("kind") or guess_kind(item["prompt"])).strip().lower()
+                out.append(BenchPrompt(kind, item["prompt"]))
+            else:
+                raise ConfigError(f"--prompts {path}: item {i} is neither a string nor an object with a \"prompt\"")
+        out = [b for b in out if b.prompt.strip()]
+    if not out:
+        raise ConfigError(f"--prompts {path}: no prompts in it")
+    return out
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a user turn under the tokenizer's chat template (with the generation prompt) if it has one."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(prompt))
+
+
+def parse_budgets(text: str) -> list[int | None]:
+    """'auto,16,64' -> [None, 16, 64] (duplicates dropped, order kept)."""
+    from offspec.config import parse_budget
+
+    out: list[int | None] = []
+    for part in str(text).split(","):
+        if part.strip():
+            b = parse_budget(part.strip())
+            if b not in out:
+                out.append(b)
+    if not out:
+        raise ConfigError("--budgets is empty: give e.g. auto,16,64,256")
+    return out
+
+
+# ---------------------------------------------------------------------- raw read bandwidth
+def store_blobs(store: Path, manifest, tiers: tuple[str, ...] | None = None) -> list[tuple[Path, int]]:
+    """(path, size) of every blob of the store; with tiers, only the layers the plan streams from disk."""
+    from offspec.runtime.plan import DISK
+
+    store = Path(store)
+    layers = [(store / e.file, e.size) for e in manifest.layers]
+    if tiers is not None:
+        return [blob for blob, tier in zip(layers, tiers) if tier == DISK]
+    return layers + [(store / manifest.resident.file, manifest.resident.size)]
+
+
+def evict(paths) -> None:
+    """Drop every given file from the page cache."""
+    from offspec.runtime.streamer import drop_page_cache
+
+    for p in paths:
+        drop_page_cache(p)
+
+
+def measure_read_gbps(blobs: list[tuple[Path, int]], repeats: int = 3, evict_paths=None, buffer=None) -> dict:
+    """Evict, then preadv each blob into one reused buffer, `repeats` times; GB/s per run, median and best."""
+    from offspec.runtime.streamer import alloc_staging, read_into
+
+    total = sum(size for _, size in blobs)
+    rec = {"files": len(blobs), "bytes": total, "runs_s": [], "gbps_runs": [], "gbps_median": None, "gbps_best": None}
+    if not blobs:
+        return rec
+    need = max(size for _, size in blobs)
+    buf = buffer if buffer is not None and buffer.numel() >= need else alloc_staging(need)
+    evict_paths = list(evict_paths) if evict_paths is not None else [p for p, _ in blobs]
+    for _ in range(max(1, repeats)):
+        evict(evict_paths)
+        done = 0
+        t0 = time.perf_counter()
+        for path, size in blobs:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                done += read_into(fd, buf, size)
+            finally:
+                os.close(fd)
+        dt = time.perf_counter() - t0
+        if done != total:
+            raise ModelError(f"short read while measuring bandwidth ({done} of {total} bytes): the store is truncated")
+        rec["runs_s"].append(dt)
+        rec["gbps_runs"].append(total / dt / 1e9)
+    evict(evict_paths)
+    rec["gbps_median"] = statistics.median(rec["gbps_runs"])
+    rec["gbps_best"] = max(rec["gbps_runs"])
+    return rec
+
+
+# ---------------------------------------------------------------------- pass-time curve
+def pass_time_curve(model, sizes: tuple[int, ...] = CURVE_SIZES, repeats: int = 3, prefix: int = 32) -> list[dict]:
+    """Seconds of one target forward of T tokens after a short prefill, per T: median and best over repeats."""
+    from offspec.runtime.calibrate import measure_pass_curve
+
+    runs: dict[int, list[float]] = {}
+    for r in range(max(1, repeats)):
+        for t, s in measure_pass_curve(model, sizes, prefix=prefix, seed=r).items():
+            runs.setdefault(t, []).append(s)
+    streamed = model.plan.streamed_bytes_per_pass
+    out = []
+    for t in sizes:
+        if t not in runs:
+            continue
+        med = statistics.median(runs[t])
+        out.append({"tokens": t, "pass_s_median": med, "pass_s_best": min(runs[t]), "runs_s": runs[t],
+                    "tokens_per_s": t / med, "streamed_gbps": streamed / med / 1e9 if streamed else 0.0})
+    return out
+
+
+# ---------------------------------------------------------------------- decoding sections
+def _aggregate(records: list[dict], raw_gbps: float | None) -> dict:
+    """Figures of one configuration from its per-prompt records (decode only, prefill excluded)."""
+    tokens = sum(r["tokens"] for r in records)
+    passes = sum(r["passes"] for r in records)
+    pass_total = sum(r["target_pass_s"] * r["passes"] for r in records)
+    draft_total = sum(r["draft_s"] for r in records)
+    streamed = sum(r["streamed_bytes"] for r in records)
+    decode_s = sum(r["decode_s"] for r in records)
+    tpp = tokens / passes if passes else 0.0
+    per_pass = streamed / passes if passes else 0.0
+    limit = tpp * raw_gbps * 1e9 / per_pass if (raw_gbps and per_pass) else None
+    tok_s = tokens / decode_s if decode_s > 0 else 0.0
+    return {
+        "prompts": len(records),
+        "tokens": tokens,
+        "passes": passes,
+        "decode_s": decode_s,
+        "tok_per_s": tok_s,
+        "tokens_per_pass": tpp,
+        "pass_s": pass_total / passes if passes else 0.0,
+        "draft_s_per_pass": draft_total / passes if passes else 0.0,
+        "streamed_bytes_per_pass": per_pass,
+        "streamed_gbps": streamed / pass_total / 1e9 if pass_total > 0 else 0.0,
+        "mean_tree_size": sum(r["mean_tree_size"] * r["passes"] for r in records) / passes if passes else 0.0,
+        "mean_budget": sum(r["budget"] * r["passes"] for r in records) / passes if passes else 0.0,
+        "limit_tok_per_s": limit,
+        "limit_fraction": tok_s / limit if limit else None,
+    }
+
+
+def run_config(engine, prompts: list[BenchPrompt], prompt_ids: list[list[int]], cfg, raw_gbps: float | None,
+               evict_paths: list[Path], cold: bool, on_prompt: Callable[[int], None] | None = None) -> dict:
+    """Generate every prompt under cfg (cache reset, store evicted when cold); figures overall and by kind."""
+    from offspec.generate import generate
+
+    records = []
+    for k, (bp, ids) in enumerate(zip(prompts, prompt_ids)):
+        if on_prompt is not None:
+            on_prompt(k)
+        engine.reset()
+        if cold:
+            evict(evict_paths)
+        res = generate(engine, ids, cfg)
+        s = res.stats
+        records.append({
+            "kind": bp.kind, "prompt": bp.prompt[:80], "prompt_tokens": len(ids), "tokens": s.tokens,
+            "passes": s.passes, "tokens_per_pass": s.tokens_per_pass, "tok_per_s": s.tok_per_s,
+            "target_pass_s": s.target_pass_s, "draft_s": s.draft_s, "decode_s": s.decode_s,
+            "prefill_s": s.prefill_s, "streamed_bytes": s.streamed_bytes, "budget": s.budget,
+            "mean_tree_size": s.mean_tree_size, "finish": s.finish, "text": res.text,
+        })
+    engine.reset()
+    row = _aggregate(records, raw_gbps)
+    kinds = sorted({r["kind"] for r in records})
+    row["by_kind"] = {kind: _aggregate([r for r in records if r["kind"] == kind], raw_gbps) for kind in kinds}
+    row["records"] = records
+    return row
+
+
+# ---------------------------------------------------------------------- machine facts
+def machine_info() -> dict:
+    """CPU model, cores, RAM, library versions, date."""
+    import psutil
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores_logical": os.cpu_count(),
+        "cores_physical": psutil.cpu_count(logical=False),
+        "torch_threads": torch.get_num_threads(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "ram_available_bytes": psutil.virtual_memory().available,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import accelerate
+
+        info["accelerate"] = accelerate.__version__
+    except ImportError:
+        info["accelerate"] = None
+    return info
+
+
+def _plan_info(plan, target_store: Path, draft_store: Path | None) -> dict:
+    from offspec.runtime.plan import DEVICE, DISK, HOST
+
+    return {
+        "target_store": str(target_store),
+        "draft_store": str(draft_store) if draft_store else None,
+        "tiers": list(plan.tiers),
+        "layers": {t: plan.layers(t) for t in (DEVICE, HOST, DISK)},
+        "layer_bytes": list(plan.layer_bytes),
+        "resident_bytes": plan.resident_bytes,
+        "kv_bytes": plan.kv_bytes,
+        "reserved_bytes": plan.reserved_bytes,
+        "ring_slots": plan.ring_slots,
+        "slot_bytes": plan.slot_bytes,
+        "streamed_bytes_per_pass": plan.streamed_bytes_per_pass,
+        "device_bytes": plan.device_bytes,
+        "device_kind": plan.device_kind,
+    }
+
+
+def peer_budget_bytes(plan) -> int:
+    """The RAM offspec's plan gives the target's weights (resident parts, in-memory layers, staging ring)."""
+    from offspec.runtime.plan import DEVICE, HOST
+
+    kept = sum(b for b, t in zip(plan.layer_bytes, plan.tiers) if t == DEVICE or (t == HOST and plan.device_kind == "cpu"))
+    return plan.resident_bytes + kept + plan.ring_bytes
+
+
+# ---------------------------------------------------------------------- the run
+def _progress(console, enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _open(model, draft, want_spec: bool, rc, progress: bool):
+    """load_engine with budget_auto; if the calibrating planner cannot be built, without it (noted)."""
+    from offspec.loader import load_engine
+
+    try:
+        return load_engine(model, draft, spec=want_spec, rc=rc, progress=progress,
+                           budget_auto=True), None
+    except (ImportError, AttributeError) as exc:
+        note = f"auto budget planner unavailable ({type(exc).__name__}: {exc}); auto = the engine's default"
+        return load_engine(model, draft, spec=want_spec, rc=rc, progress=progress,
+                           budget_auto=False), note
+
+
+def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16, dtype: str = "bfloat16",
+              device: str = "cpu", device_memory: str | None = None, host_memory: str | None = None,
+              warm: bool = False, budgets: str = DEFAULT_BUDGETS, prompts: str | Path | None = None,
+              max_new_tokens: int = 64, repeats: int = 3, peer: str | None = None, no_spec: bool = False,
+              temperature: float = 0.0, peer_max_new_tokens: int = PEER_MAX_NEW_TOKENS,
+              curve_sizes: tuple[int, ...] = CURVE_SIZES, console=None, progress: bool = True) -> dict:
+    """Run every section once on one engine and return all figures as a JSON-ready dict."""
+    from offspec.config import RuntimeConfig, parse_size
+    from offspec.generate import GenerationConfig
+    from offspec.peers import PEER_NAMES
+    from offspec.store.manifest import read_manifest
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"bad --max-new-tokens {max_new_tokens}: must be at least 1")
+    if repeats < 1:
+        raise ConfigError(f"bad --repeats {repeats}: must be at least 1")
+    if temperature < 0:
+        raise ConfigError(f"bad --temperature {temperature}: must be >= 0")
+    if peer is not None and peer not in PEER_NAMES:
+        raise ConfigError(f"unknown --peer '{peer}' (use {', '.join(PEER_NAMES)})")
+    budget_list = [] if no_spec else parse_budgets(budgets)
+    bench_prompts = load_prompts(prompts)
+    rc = RuntimeConfig(device=device,
+                       device_memory_bytes=parse_size(device_memory) if device_memory else None,
+                       host_memory_bytes=parse_size(host_memory) if host_memory else None,
+                       warm=warm, bits=bits, dtype=dtype)
+    if console is None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+    options = {"model": model, "draft": draft, "bits": bits, "dtype": dtype, "device": device,
+               "device_memory": device_memory, "host_memory": host_memory, "warm": warm, "budgets": budgets,
+               "prompts": str(prompts) if prompts else None, "max_new_tokens": max_new_tokens, "repeats": repeats,
+               "peer": peer, "no_spec": no_spec, "temperature": temperature,
+               "peer_max_new_tokens": peer_max_new_tokens}
+    notes: list[str] = []
+    loaded, note = _open(model, draft, not no_spec, rc, progress)
+    if note:
+        notes.append(note)
+    engine = loaded.engine
+    target = engine.target
+    if budget_list and engine.draft is None:
+        notes.append("no draft model: speculative sections skipped (pass --draft)")
+        budget_list = []
+    manifest = read_manifest(loaded.target_store)
+    plan = target.plan
+    streamed_blobs = store_blobs(loaded.target_store, manifest, plan.tiers)
+    all_blobs = store_blobs(loaded.target_store, manifest)
+    all_paths = [p for p, _ in all_blobs]
+    prompt_ids = [encode_prompt(loaded.tokenizer, bp.prompt) for bp in bench_prompts]
+    eos = tuple(getattr(engine, "eos_ids", ()) or ())
+    seed = 0 if temperature > 0 else None
+    configs: list[tuple[str, object]] = [("plain", GenerationConfig(max_new_tokens=max_new_tokens, spec=False,
+                                                                     temperature=temperature, seed=seed, stop_ids=eos))]
+    for b in budget_list:
+        configs.append(("auto" if b is None else str(b),
+                        GenerationConfig(max_new_tokens=max_new_tokens, budget=b, temperature=temperature,
+                                         seed=seed, stop_ids=eos)))
+    n_peer = len(bench_prompts) if peer else 0
+    total_steps = 2 + len(configs) * len(bench_prompts) + n_peer
+    result: dict = {"machine": machine_info(), "options": options,
+                    "plan": _plan_info(plan, loaded.target_store, loaded.draft_store), "notes": notes}
+    try:
+        with _progress(console, progress) as bar:
+            task = bar.add_task("read bandwidth", total=total_steps) if bar is not None else None
+
+            def step(desc: str, advance: int = 0) -> None:
+                if bar is not None:
+                    bar.update(task, description=desc, advance=advance)
+
+            # 1. raw cold read bandwidth: what one pass streams, and the whole store
+            buf = target.streamer.buffers[0] if target.streamer is not None else None
+            streamed_read = measure_read_gbps(streamed_blobs, repeats, all_paths, buf)
+            whole_read = measure_read_gbps(all_blobs, repeats, all_paths, buf)
+            raw_gbps = streamed_read["gbps_median"] or whole_read["gbps_median"]
+            result["read"] = {"streamed": streamed_read, "store": whole_read, "gbps_for_limit": raw_gbps}
+            step("pass-time curve", 1)
+            # 2. the target's pass time against tree size
+            engine.reset()
+            if not warm:
+                evict(all_paths)
+            result["curve"] = pass_time_curve(target, curve_sizes, repeats)
+            engine.reset()
+            step("decoding", 1)
+            # 3. plain decoding, then speculative decoding at each budget
+            rows = []
+            for name, cfg in configs:
+                label = "plain decoding" if name == "plain" else f"budget {name}"
+                row = run_config(engine, bench_prompts, prompt_ids, cfg, raw_gbps, all_paths, cold=not warm,
+                                 on_prompt=lambda k, label=label: step(f"{label}: prompt {k + 1}/{len(bench_prompts)}",
+                                                                       1 if k else 0))
+                step(label, 1)
+                row["config"] = name
+                row["spec"] = name != "plain"
+                row["budget"] = None if name in ("plain", "auto") else int(name)
+                rows.append(row)
+            result["configs"] = rows
+            # 4. the peer, with the engine closed so both do not hold memory at once
+            budget_bytes = peer_budget_bytes(plan)
+            source_store = loaded.target_store
+            _close(loaded)
+            del loaded, engine, target
+            gc.collect()
+            result["peer"] = None
+            if peer:
+                result["peer"] = _run_peer(source_store, bench_prompts, prompt_ids, dtype, device, rc, budget_bytes,
+                                           min(max(peer_max_new_tokens, 2), max(max_new_tokens, 2)), warm, eos,
+                                           lambda k: step(f"peer {peer}: prompt {k + 1}/{len(bench_prompts)}",
+                                                          1 if k else 0), notes, progress)
+                step(f"peer {peer}", 1)
+    finally:
+        _close(locals().get("loaded"))  # on errors; after the decode sections it is already closed
+    _add_speedups(result)
+    return result
+
+
+def _close(loaded) -> None:
+    if loaded is None:
+        return
+    for m in (loaded.engine.target, loaded.engine.draft):
+        if m is not None and hasattr(m, "close"):
+            m.close()
+
+
+def _run_peer(store: Path, bench_prompts, prompt_ids, dtype, device, rc, budget_bytes, max_new, warm, eos,
+              on_prompt, notes, progress) -> dict | None:
+    """The accelerate baseline on the same model, prompts and weight budget; None (noted) if it cannot run."""
+    from offspec.peers import peer_model_dir, run_accelerate_peer
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        notes.append("peer skipped: accelerate is not installed")
+        return None
+    model_dir = peer_model_dir(store, dtype, progress=progress)
+    with _quiet_transformers():
+        rec = run_accelerate_peer(model_dir, prompt_ids, max_new, budget_bytes, dtype, device,
+                                  host_budget_bytes=rc.host_memory_bytes, cold=not warm, eos_ids=eos,
+                                  on_prompt=on_prompt)
+    for r, bp in zip(rec["prompts"], bench_prompts):
+        r["kind"] = bp.kind
+    by_kind = {}
+    for kind in sorted({bp.kind for bp in bench_prompts}):
+        rs = [r for r in rec["prompts"] if r["kind"] == kind]
+        toks, secs = sum(r["decode_tokens"] for r in rs), sum(r["decode_s"] for r in rs)
+        by_kind[kind] = {"tokens": toks, "decode_s": secs, "tok_per_s": toks / secs if secs > 0 else 0.0}
+    rec["by_kind"] = by_kind
+    return rec
+
+
+class _quiet_transformers:
+    """Silence transformers' info logging and loading bars while the peer loads (restored afterwards)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._lvl = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._lvl)
+        if self._bars:
+            hf_logging.enable_progress_bar()
+
+
+def _add_speedups(result: dict) -> None:
+    rows = result.get("configs") or []
+    plain = next((r for r in rows if r["config"] == "plain"), None)
+    peer = result.get("peer")
+    for r in rows:
+        r["speedup_vs_plain"] = r["tok_per_s"] / plain["tok_per_s"] if plain and plain["tok_per_s"] > 0 else None
+        r["speedup_vs_peer"] = r["tok_per_s"] / peer["tok_per_s"] if peer and peer["tok_per_s"] > 0 else None
+        for kind, k in r["by_kind"].items():
+            p = plain["by_kind"].get(kind) if plain else None
+            k["speedup_vs_plain"] = k["tok_per_s"] / p["tok_per_s"] if p and p["tok_per_s"] > 0 else None
+            q = peer["by_kind"].get(kind) if peer else None
+            k["speedup_vs_peer"] = k["tok_per_s"] / q["tok_per_s"] if q and q["tok_per_s"] > 0 else None
+    best = max((r for r in rows if r["spec"]), key=lambda r: r["tok_per_s"], default=None)
+    result["best"] = {"config": best["config"], "tok_per_s": best["tok_per_s"],
+                      "speedup_vs_plain": best["speedup_vs_plain"],
+                      "speedup_vs_peer": best["speedup_vs_peer"]} if best else None
+
+
+# ---------------------------------------------------------------------- output
+def _fmt(x, spec: str = ".2f", suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:{spec}}{suffix}"
+
+
+def _config_name(r: dict) -> str:
+    if r["config"] == "plain":
+        return "plain"
+    return f"auto ~{r['mean_budget']:.0f}" if r["config"] == "auto" else f"budget {r['config']}"
+
+
+def results_table(result: dict):
+    """One row per configuration (and the peer): tok/s, tokens/pass, pass and draft time, GB/s, limit, speed-ups."""
+    from rich.table import Table
+
+    table = Table(title="decoding (prefill excluded)", title_justify="left", header_style="bold")
+    for col in ("config", "tok/s", "tok/pass", "pass s", "draft s", "GB/s", "limit", "%limit", "x plain", "x peer"):
+        table.add_column(col, justify="left" if col == "config" else "right", no_wrap=True)
+    for r in result.get("configs", []):
+        frac = r["limit_fraction"] * 100 if r["limit_fraction"] is not None else None
+        table.add_row(_config_name(r), _fmt(r["tok_per_s"]), _fmt(r["tokens_per_pass"]), _fmt(r["pass_s"], ".3f"),
+                      _fmt(r["draft_s_per_pass"], ".3f"), _fmt(r["streamed_gbps"]), _fmt(r["limit_tok_per_s"]),
+                      _fmt(frac, ".0f", "%"), _fmt(r["speedup_vs_plain"], ".2f", "x"),
+                      _fmt(r["speedup_vs_peer"], ".2f", "x"))
+    peer = result.get("peer")
+    if peer:
+        table.add_section()
+        table.add_row(f"peer {peer['name']}", _fmt(peer["tok_per_s"]), "1.00", _fmt(peer["s_per_token"], ".3f"),
+                      "-", "-", "-", "-", "-", "1.00x")
+    return table
+
+
+def kinds_table(result: dict):
+    """tok/s, tokens per pass and speed-up over plain decoding, split by prompt kind."""
+    from rich.table import Table
+
+    kinds = sorted({k for r in result.get("configs", []) for k in r["by_kind"]})
+    table = Table(title="by prompt kind (tok/s, tok/pass, x plain)", title_justify="left", header_style="bold")
+    table.add_column("config", no_wrap=True)
+    for k in kinds:
+        table.add_column(k, justify="right", no_wrap=True)
+    for r in result.get("configs", []):
+        cells = []
+        for k in kinds:
+            f = r["by_kind"].get(k)
+            cells.append(f"{_fmt(f['tok_per_s'])}  {_fmt(f['tokens_per_pass'])}  {_fmt(f['speedup_vs_plain'], '.2f', 'x')}"
+                         if f else "-")
+        table.add_row(_config_name(r), *cells)
+    peer = result.get("peer")
+    if peer:
+        table.add_section()
+        table.add_row(f"peer {peer['name']}", *[_fmt(peer["by_kind"].get(k, {}).get("tok_per_s")) for k in kinds])
+    return table
+
+
+def summary_lines(result: dict) -> list[str]:
+    """Plan, bandwidth and curve in a few lines."""
+    from offspec.runtime.plan import format_bytes
+
+    plan, read = result["plan"], result["read"]
+    lines = [
+        f"plan: {len(plan['layers']['device'])} layers in memory, {len(plan['layers']['host'])} pinned, "
+        f"{len(plan['layers']['disk'])} streamed; {format_bytes(plan['streamed_bytes_per_pass'])} streamed per pass",
+        f"cold read: streamed blobs {_fmt(read['streamed']['gbps_median'])} GB/s median, "
+        f"{_fmt(read['streamed']['gbps_best'])} best; whole store {_fmt(read['store']['gbps_median'])} GB/s median, "
+        f"{_fmt(read['store']['gbps_best'])} best ({format_bytes(read['store']['bytes'])})",
+    ]
+    if result.get("curve"):
+        lines.append("target pass: " + ", ".join(f"{c['tokens']} tok {c['pass_s_median']:.3f} s"
+                                                  for c in result["curve"]))
+    if result.get("peer"):
+        p = result["peer"]
+        lines.append(f"peer {p['name']}: {p['tok_per_s']:.3f} tok/s ({p['s_per_token']:.2f} s/token) "
+                     f"under {format_bytes(p['budget_bytes'])}, device map {p['device_map']}")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
+    return lines
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).expanduser().write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+def write_plot(result: dict, path: str | Path) -> None:
+    """Two panels against budget: tok/s and tokens per pass; plain decoding and the peer as horizontal lines."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install 'offspec[plot]'") from None
+    rows = result.get("configs", [])
+    spec = [r for r in rows if r["spec"]]
+    fixed = sorted((r for r in spec if r["budget"] is not None), key=lambda r: r["budget"])
+    auto = next((r for r in spec if r["config"] == "auto"), None)
+    plain = next((r for r in rows if r["config"] == "plain"), None)
+    peer = result.get("peer")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, ylabel in ((ax1, "tok_per_s", "tokens / s"), (ax2, "tokens_per_pass", "tokens per target pass")):
+        if fixed:
+            ax.plot([r["budget"] for r in fixed], [r[key] for r in fixed], "o-", label="speculative (fixed budget)")
+        if auto is not None:
+            ax.plot([max(auto["mean_budget"], 1)], [auto[key]], "r*", markersize=12,
+                    label=f"auto (mean budget {auto['mean_budget']:.0f})")
+        if plain is not None:
+            ax.axhline(plain[key], color="gray", linestyle="--", label="plain streamed decoding")
+        if peer and key == "tok_per_s":
+            ax.axhline(peer["tok_per_s"], color="black", linestyle=":", label=f"peer ({peer['name']})")
+        if fixed or auto:
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel("tree budget (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    ax1.legend(fontsize=8)
+    m = result.get("machine", {})
+    fig.suptitle(f"offspec bench: {Path(result['plan']['target_store']).name} on {m.get('cpu', '?')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_command(model: str | None = None, draft: str | None = None, bits: int = 16, dtype: str = "bfloat16",
+                  device: str = "cpu", device_memory: str | None = None, host_memory: str | None = None,
+                  warm: bool = False, budgets: str = DEFAULT_BUDGETS, prompts: str | None = None,
+                  max_new_tokens: int = 64, repeats: int = 3, peer: str | None = None, json_path: str | None = None,
+                  plot_path: str | None = None, no_spec: bool = False, temperature: float = 0.0) -> dict:
+    """`offspec bench`: run, print the table on stderr, write --json and --plot."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if plot_path:  # fail before the long run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'offspec[plot]'") from None
+    result = run_bench(model, draft, bits, dtype, device, device_memory, host_memory, warm, budgets, prompts,
+                       max_new_tokens, repeats, peer, no_spec, temperature, console=console)
+    for line in summary_lines(result):
+        console.print(line, markup=False, highlight=False)
+    console.print(results_table(result))
+    console.print(kinds_table(result))
+    if json_path:
+        write_json(result, json_path)
+        console.print(f"wrote {json_path}", markup=False)
+    if plot_path:
+        write_plot(result, plot_path)
+        console.print(f"wrote {plot_path}", markup=False)
+    return result
