@@ -1,0 +1,232 @@
+"""offspec bench on tiny random models: every figure present and sane, JSON, plot, prompt files, raw reads."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from offspec import bench
+from offspec.errors import ConfigError
+
+CONFIG_KEYS = ("tokens", "passes", "decode_s", "tok_per_s", "tokens_per_pass", "pass_s", "draft_s_per_pass",
+               "streamed_bytes_per_pass", "streamed_gbps", "limit_tok_per_s", "limit_fraction", "speedup_vs_plain",
+               "speedup_vs_peer", "by_kind", "records", "config", "spec", "budget", "mean_budget")
+POSITIVE = ("tokens", "passes", "decode_s", "tok_per_s", "tokens_per_pass", "pass_s", "streamed_bytes_per_pass",
+            "streamed_gbps", "limit_tok_per_s", "limit_fraction", "speedup_vs_plain", "speedup_vs_peer")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def result(bench_models, bench_home, streaming_budget, tmp_path_factory) -> dict:
+    """One full run: every target layer streamed, plain + auto + budget 4, two prompts, the accelerate peer."""
+    pytest.importorskip("accelerate", reason="the peer baseline needs accelerate")
+    import torch
+
+    prompts = tmp_path_factory.mktemp("prompts") / "p.json"
+    prompts.write_text(json.dumps([{"kind": "code", "prompt": "def main ( ) : return"},
+                                   {"kind": "prose", "prompt": "why is the sky blue ?"}]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        target, draft = bench_models
+        return bench.run_bench(str(target), str(draft), device_memory=streaming_budget, budgets="auto,4",
+                               prompts=str(prompts), max_new_tokens=5, repeats=2, peer="accelerate",
+                               peer_max_new_tokens=3, curve_sizes=(1, 8), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------- prompts and options
+def test_builtin_prompts_have_code_and_prose():
+    kinds = [p.kind for p in bench.builtin_prompts()]
+    assert kinds.count("code") >= 4 and kinds.count("prose") >= 4
+
+
+def test_prompts_file_json_strings_objects_and_text_lines(tmp_path: Path):
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(["def f(x): return x", {"kind": "Chat", "prompt": "hello there"},
+                                 {"prompt": "tell me a story"}]))
+    got = bench.load_prompts(mixed)
+    assert [(p.kind, p.prompt) for p in got] == [("code", "def f(x): return x"), ("chat", "hello there"),
+                                                  ("prose", "tell me a story")]
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("import os and list files\n\n  write a poem about rain  \n")
+    assert [(p.kind, p.prompt) for p in bench.load_prompts(lines)] == [
+        ("code", "import os and list files"), ("prose", "write a poem about rain")]
+
+
+@pytest.mark.parametrize("content", ['{"prompt": "x"}', "[1, 2]", "[]", "{not json"])
+def test_bad_prompts_files_raise_config_error(tmp_path: Path, content: str):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError):
+        bench.load_prompts(path)
+
+
+def test_missing_prompts_file_raises_config_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="no such file"):
+        bench.load_prompts(tmp_path / "nope.json")
+
+
+def test_parse_budgets():
+    assert bench.parse_budgets("auto, 16,64,16") == [None, 16, 64]
+    with pytest.raises(ConfigError):
+        bench.parse_budgets("auto,0")
+    with pytest.raises(ConfigError):
+        bench.parse_budgets(" , ")
+
+
+def test_encode_prompt_uses_the_chat_template(bench_tok):
+    tok = bench_tok
+    ids = bench.encode_prompt(tok, "why is the sky blue")
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|> user") and text.endswith("<|im_start|> assistant")
+
+
+# ---------------------------------------------------------------------- raw cold reads
+def test_read_bandwidth_evicts_then_reads_every_byte_into_one_buffer(tmp_path: Path, monkeypatch):
+    import offspec.runtime.streamer as streamer
+
+    sizes = [4096 * 3, 4096, 4096 * 5 + 100]
+    blobs = []
+    for i, n in enumerate(sizes):
+        p = tmp_path / f"layer_{i}.bin"
+        p.write_bytes(bytes([i + 1]) * n)
+        blobs.append((p, n))
+    other = tmp_path / "resident.bin"
+    other.write_bytes(b"\0" * 4096)
+    log: list[tuple] = []
+    real_read, real_drop = streamer.read_into, streamer.drop_page_cache
+
+    def read_into(fd, buf, size, offset=0):
+        n = real_read(fd, buf, size, offset)
+        log.append(("read", id(buf), n, int(buf[0]), int(buf[n - 1])))
+        return n
+
+    def drop(path):
+        log.append(("evict", Path(path)))
+        real_drop(path)
+
+    monkeypatch.setattr(streamer, "read_into", read_into)
+    monkeypatch.setattr(streamer, "drop_page_cache", drop)
+    rec = bench.measure_read_gbps(blobs, repeats=2, evict_paths=[p for p, _ in blobs] + [other])
+    assert rec["bytes"] == sum(sizes) and rec["files"] == 3
+    assert len(rec["gbps_runs"]) == 2 and all(_positive(g) for g in rec["gbps_runs"])
+    assert rec["gbps_best"] == max(rec["gbps_runs"]) and _positive(rec["gbps_median"])
+    read_at = [i for i, e in enumerate(log) if e[0] == "read"]
+    reads = [log[i] for i in read_at]
+    assert [e[2] for e in reads] == sizes * 2  # exact byte counts, every blob, every repeat
+    assert [(e[3], e[4]) for e in reads] == [(i + 1, i + 1) for i in range(3)] * 2
+    assert len({e[1] for e in reads}) == 1  # one reused buffer
+    # before each repeat every store file (not only the read ones) is evicted
+    every = {p for p, _ in blobs} | {other}
+    assert {e[1] for e in log[: read_at[0]]} == every
+    assert {e[1] for e in log[read_at[2] + 1 : read_at[3]]} == every
+
+
+def test_read_bandwidth_of_nothing_is_none():
+    rec = bench.measure_read_gbps([], repeats=3)
+    assert rec["bytes"] == 0 and rec["gbps_median"] is None
+
+
+# ---------------------------------------------------------------------- the full run
+def test_run_bench_reports_every_figure(result: dict):
+    plan = result["plan"]
+    assert plan["layers"]["disk"] == list(range(6)), "the budget should stream every target layer"
+    per_pass = plan["streamed_bytes_per_pass"]
+    assert per_pass == sum(plan["layer_bytes"])
+    for key in ("cpu", "cores_logical", "ram_bytes", "torch", "transformers", "date"):
+        assert result["machine"][key]
+    assert result["options"]["budgets"] == "auto,4" and result["options"]["max_new_tokens"] == 5
+    read = result["read"]
+    assert read["streamed"]["bytes"] == per_pass and read["streamed"]["files"] == 6
+    assert read["store"]["bytes"] > per_pass and read["store"]["files"] == 7
+    for part in ("streamed", "store"):
+        assert _positive(read[part]["gbps_median"]) and _positive(read[part]["gbps_best"])
+    assert read["gbps_for_limit"] == read["streamed"]["gbps_median"]
+    assert [c["tokens"] for c in result["curve"]] == [1, 8]
+    assert all(_positive(c["pass_s_median"]) and _positive(c["streamed_gbps"]) for c in result["curve"])
+
+    rows = {r["config"]: r for r in result["configs"]}
+    assert list(rows) == ["plain", "auto", "4"]
+    for name, r in rows.items():
+        for key in CONFIG_KEYS:
+            assert key in r, (name, key)
+        for key in POSITIVE:
+            assert _positive(r[key]), (name, key, r[key])
+        assert r["streamed_bytes_per_pass"] == per_pass  # every pass streams every disk layer
+        assert r["limit_tok_per_s"] == pytest.approx(r["tokens_per_pass"] * read["gbps_for_limit"] * 1e9 / per_pass)
+        assert set(r["by_kind"]) == {"code", "prose"}
+        assert all(_positive(k["tok_per_s"]) for k in r["by_kind"].values())
+        assert [rec["kind"] for rec in r["records"]] == ["code", "prose"]
+        for rec in r["records"]:
+            assert 1 <= rec["tokens"] <= 5 and rec["passes"] >= 1 and _positive(rec["prefill_s"])
+    assert rows["plain"]["tokens_per_pass"] == 1.0 and rows["plain"]["draft_s_per_pass"] == 0.0
+    assert rows["plain"]["speedup_vs_plain"] == pytest.approx(1.0)
+    assert rows["4"]["mean_budget"] == pytest.approx(4.0)
+    assert rows["auto"]["mean_budget"] >= 1 and rows["auto"]["budget"] is None
+    for name in ("auto", "4"):
+        assert _positive(rows[name]["draft_s_per_pass"]) and rows[name]["mean_tree_size"] >= 1
+    assert result["best"]["config"] in ("auto", "4")
+
+
+def test_peer_runs_on_the_tiny_model(result: dict):
+    peer = result["peer"]
+    assert peer is not None, result["notes"]
+    assert peer["name"] == "accelerate" and "disk" in peer["device_map"], peer["device_map"]
+    assert peer["tokens"] == 2 * (3 - 1)  # decode tokens exclude the first (prefill) token of each prompt
+    assert _positive(peer["tok_per_s"]) and peer["s_per_token"] == pytest.approx(1 / peer["tok_per_s"])
+    assert set(peer["by_kind"]) == {"code", "prose"}
+    plan = result["plan"]  # same RAM for target weights as offspec: resident parts + the staging ring here
+    assert peer["budget_bytes"] == plan["resident_bytes"] + plan["ring_slots"] * plan["slot_bytes"]
+
+
+def test_speculative_greedy_text_equals_plain_greedy(result: dict):
+    rows = {r["config"]: r for r in result["configs"]}
+    plain = [r["text"] for r in rows["plain"]["records"]]
+    for name in ("auto", "4"):
+        assert [r["text"] for r in rows[name]["records"]] == plain, name
+
+
+def test_json_and_plot_files(result: dict, tmp_path: Path):
+    path = tmp_path / "bench.json"
+    bench.write_json(result, path)
+    again = json.loads(path.read_text())
+    assert again["configs"][0]["config"] == "plain" and again["peer"]["name"] == "accelerate"
+    png = tmp_path / "bench.png"
+    bench.write_plot(result, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_command_prints_and_writes(result: dict, tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: result)
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    bench.bench_command(model="m", json_path=str(out_json), plot_path=str(out_png))
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the table and the summary go to stderr
+    assert "plain" in captured.err and "budget 4" in captured.err and "peer accelerate" in captured.err
+    assert json.loads(out_json.read_text())["read"]["streamed"]["files"] == 6
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_without_matplotlib_is_a_clear_error(result: dict, tmp_path: Path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ConfigError, match="matplotlib"):
+        bench.write_plot(result, tmp_path / "x.png")
+
+
+def test_bad_options_fail_before_loading():
+    with pytest.raises(ConfigError):
+        bench.run_bench("nowhere", max_new_tokens=0)
+    with pytest.raises(ConfigError):
+        bench.run_bench("nowhere", peer="vllm")
+    with pytest.raises(ConfigError):
+        bench.run_bench("nowhere", budgets="auto,99999")
