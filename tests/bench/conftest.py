@@ -75,6 +75,16 @@ def bench_home(tmp_path_factory: pytest.TempPathFactory):
 def streaming_budget(bench_models, bench_home) -> str:
     """A device budget (bytes, as a string) that holds resident parts, KV, the draft and a 2-slot ring only,
     so every target layer streams from disk."""
+    return str(_streaming_budget(bench_models, with_draft=True))
+
+
+@pytest.fixture(scope="session")
+def streaming_budget_no_draft(bench_models, bench_home) -> str:
+    """The same without room for a draft (for runs that load none)."""
+    return str(_streaming_budget(bench_models, with_draft=False))
+
+
+def _streaming_budget(bench_models, with_draft: bool) -> int:
     from offspec.runtime.model import kv_bytes_per_token
     from offspec.store.manifest import read_manifest
     from offspec.store.resolve import resolve_model
@@ -85,8 +95,8 @@ def streaming_budget(bench_models, bench_home) -> str:
     tm, dm = read_manifest(t_store), read_manifest(d_store)
     cache_tokens = 4096  # load_engine's default
     draft_total = dm.resident.size + sum(dm.layer_bytes) + kv_bytes_per_token(d_store, dm) * cache_tokens
-    fixed = tm.resident.size + kv_bytes_per_token(t_store, tm) * cache_tokens + draft_total
-    return str(fixed + 2 * max(tm.layer_bytes))
+    fixed = tm.resident.size + kv_bytes_per_token(t_store, tm) * cache_tokens + (draft_total if with_draft else 0)
+    return fixed + 2 * max(tm.layer_bytes)
 
 
 @pytest.fixture(autouse=True)

@@ -230,3 +230,28 @@ def test_bad_options_fail_before_loading():
         bench.run_bench("nowhere", peer="vllm")
     with pytest.raises(ConfigError):
         bench.run_bench("nowhere", budgets="auto,99999")
+
+
+def test_warm_read_does_not_evict(tmp_path: Path, monkeypatch):
+    import offspec.runtime.streamer as streamer
+
+    p = tmp_path / "blob.bin"
+    p.write_bytes(b"\1" * 8192)
+    evicted = []
+    monkeypatch.setattr(streamer, "drop_page_cache", lambda path: evicted.append(path))
+    rec = bench.measure_read_gbps([(p, 8192)], repeats=2, cold=False)
+    assert evicted == [] and rec["cold"] is False and len(rec["gbps_runs"]) == 2
+
+
+def test_warm_run_without_draft_is_plain_only(bench_models, bench_home, streaming_budget_no_draft, tmp_path: Path):
+    target, _ = bench_models
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def main ( ) : return\n")
+    r = bench.run_bench(str(target), None, device_memory=streaming_budget_no_draft, warm=True, budgets="4",
+                        prompts=str(prompts), max_new_tokens=3, repeats=1, curve_sizes=(1,), progress=False)
+    assert [c["config"] for c in r["configs"]] == ["plain"]
+    assert any("no draft" in n for n in r["notes"])
+    assert r["plan"]["layers"]["disk"] == list(range(6))
+    assert r["read"]["gbps_for_limit"] == r["read"]["streamed_warm"]["gbps_median"]
+    assert r["peer"] is None and r["best"] is None
+    assert r["configs"][0]["by_kind"].keys() == {"code"}
