@@ -163,25 +163,26 @@ SystemOpt = Annotated[Optional[str], typer.Option(
 
 def _runtime_config(device: str, device_memory: str | None, host_memory: str | None, warm: bool, bits: int,
                     dtype: str):
-    """A validated RuntimeConfig; checks the device before any model is touched."""
+    """A validated RuntimeConfig (pure parsing: no torch import, so flag typos fail fast)."""
     from offspec.config import RuntimeConfig
 
-    rc = RuntimeConfig(
+    return RuntimeConfig(
         device=device.strip().lower(),
         device_memory_bytes=parse_size(device_memory) if device_memory is not None else None,
         host_memory_bytes=parse_size(host_memory) if host_memory is not None else None,
         warm=warm, bits=bits, dtype=dtype,
     )
+
+
+def _check_device(device: str) -> None:
+    """ConfigError for --device cuda without CUDA, or an unknown device, before any model is touched."""
     from offspec.runtime.model import resolve_device
 
-    resolve_device(rc.device)  # ConfigError for --device cuda without CUDA, or an unknown device
-    return rc
+    resolve_device(device)
 
 
 def _generation_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
                        budget: str, spec: bool):
-    from offspec.generate import GenerationConfig
-
     if max_new_tokens < 1:
         raise ConfigError(f"bad --max-new-tokens {max_new_tokens}: must be at least 1")
     if temperature < 0:
@@ -190,8 +191,11 @@ def _generation_config(max_new_tokens: int, temperature: float, top_p: float, to
         raise ConfigError(f"bad --top-p {top_p}: must be in (0, 1]")
     if top_k < 0:
         raise ConfigError(f"bad --top-k {top_k}: must be 0 (off) or more")
+    parsed_budget = parse_budget(budget)
+    from offspec.generate import GenerationConfig
+
     return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, budget=parse_budget(budget), spec=spec)
+                            seed=seed, budget=parsed_budget, spec=spec)
 
 
 def _load(model: str | None, draft: str | None, spec: bool, rc, budget_auto: bool):
@@ -282,12 +286,13 @@ def generate(
         "--json", help="Print one JSON object (text, token ids, stats) on stdout instead of streaming.")] = False,
 ) -> None:
     """Complete one prompt, streaming the answer to stdout and the speed to stderr."""
+    rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
+    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec)
+    _check_device(rc.device)
+    text = _read_prompt(prompt)
     from offspec.chat import encode_prompt, render_prompt, uses_template
     from offspec.generate import GenerationStats, finalize_stats, stream_text
 
-    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec)
-    rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
-    text = _read_prompt(prompt)
     loaded = _load(model, draft, not no_spec, rc, cfg.budget is None)
     try:
         tok, engine = loaded.tokenizer, loaded.engine
@@ -346,10 +351,11 @@ def chat(
     system: SystemOpt = None,
 ) -> None:
     """Talk with a model over several turns (reads one message per line from a pipe)."""
+    rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
+    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec)
+    _check_device(rc.device)
     from offspec.chat import ChatSession, is_command
 
-    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec)
-    rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
     loaded = _load(model, draft, not no_spec, rc, cfg.budget is None)
     interactive = console.stdin_is_tty()
     session = ChatSession(loaded.engine, loaded.tokenizer, cfg, system)
@@ -448,15 +454,16 @@ def plan(
 ) -> None:
     """Show which layers stay in memory and which stream from disk, and the smallest budget that runs."""
     from offspec.config import RuntimeConfig
-    from offspec.runtime.model import kv_bytes_per_token
-    from offspec.runtime.plan import minimum_budget_bytes, plan_residency
-    from offspec.store.manifest import read_manifest
-    from offspec.store.resolve import resolve_model
 
     rc = RuntimeConfig(bits=bits, dtype=dtype)  # validates --bits / --dtype
     dev_budget = parse_size(device_memory) if device_memory is not None else None
     host_budget = parse_size(host_memory) if host_memory is not None else None
     kind = _plan_device_kind(device)
+    from offspec.runtime.model import kv_bytes_per_token
+    from offspec.runtime.plan import minimum_budget_bytes, plan_residency
+    from offspec.store.manifest import read_manifest
+    from offspec.store.resolve import resolve_model
+
     if dev_budget is None or host_budget is None:
         import torch
 
@@ -482,19 +489,22 @@ def plan(
                                reserved_bytes=reserved, device_kind=kind)
     title = (f"{store.name}: {man.num_layers} layers, {man.model_type}, "
              f"{'NF4' if man.bits == 4 else man.dtype}, on {kind} (KV cache for {CACHE_TOKENS} tokens)")
-    console.out.print(console.plan_table(residency, title, minimum, dev_budget, host_budget))
+    console.print_table(console.plan_table(residency, title, minimum, dev_budget, host_budget))
     for note in residency.notes:
         console.status_line(f"note: {note}")
 
 
 def _plan_device_kind(device: str) -> str:
+    """'cpu' or 'cuda' (auto picks CUDA when present); planning needs no device of that kind."""
     device = device.strip().lower()
     if device == "auto":
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" or device.startswith("cuda"):
-        return "cpu" if device == "cpu" else "cuda"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        return "cuda"
     raise ConfigError(f"unknown device '{device}' (use cpu, cuda or auto)")
 
 
@@ -538,7 +548,7 @@ def models(
         return
     table = console.models_table(rows)
     table.caption = str(stores_dir())
-    console.out.print(table)
+    console.print_table(table)
 
 
 @app.command(epilog="Examples:\n\n"

@@ -72,6 +72,17 @@ def phase(message: str, enabled: bool = True) -> Iterator[None]:
         yield
 
 
+def print_table(table: Table) -> None:
+    """A table on stdout; off a terminal it keeps its natural width instead of wrapping at 80 columns."""
+    if stdout_is_tty():
+        out.print(table)
+        return
+    from rich.measure import Measurement
+
+    width = Measurement.get(out, out.options.update_width(10_000), table).maximum
+    Console(file=sys.stdout, width=max(width, 40), highlight=False).print(table)
+
+
 # ---------------------------------------------------------------------- formatters
 def format_stats(stats: GenerationStats, interrupted: bool = False) -> str:
     """One line: tokens, tok/s, tokens per target pass, passes, mean pass seconds, draft seconds, GB/s, budget."""
@@ -133,7 +144,7 @@ def plan_table(plan: ResidencyPlan, title: str, minimum_bytes: int, device_budge
         table.add_row("copied to device per pass", "", "", format_bytes(plan.copied_bytes_per_pass))
         table.add_row("host RAM used / budget", "", "",
                       f"{format_bytes(plan.host_bytes)} / {format_bytes(host_budget_bytes or 0)}")
-    table.add_row("device memory used / budget", "", "",
+    table.add_row("RAM used / budget" if plan.device_kind == "cpu" else "device memory used / budget", "", "",
                   f"{format_bytes(plan.device_bytes)} / {format_bytes(device_budget_bytes)}")
     table.add_row("minimum budget", "", "", format_bytes(minimum_bytes))
     return table

@@ -1,0 +1,115 @@
+"""convert, plan, verify, models, bench pass-through, --help / --version, and one end-to-end run in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+COMMANDS = ["generate", "chat", "convert", "plan", "verify", "models", "bench"]
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_everywhere_with_examples(runner, cli_app, flag):
+    top = runner.invoke(cli_app, [flag])
+    assert top.exit_code == 0 and all(c in top.stdout for c in COMMANDS)
+    for cmd in COMMANDS:
+        res = runner.invoke(cli_app, [cmd, flag])
+        assert res.exit_code == 0, res.output
+        assert "Examples" in res.stdout and f"offspec {cmd}" in res.stdout
+
+
+def test_version(runner, cli_app):
+    from offspec import __version__
+
+    res = runner.invoke(cli_app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"offspec {__version__}"
+
+
+def test_convert_verify_and_models(runner, cli_app, tiny, tmp_path):
+    out = tmp_path / "store"
+    res = runner.invoke(cli_app, ["convert", str(tiny.draft), str(out), "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    assert Path(res.stdout.strip()) == out and (out / "manifest.json").is_file()
+    ok = runner.invoke(cli_app, ["verify", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.startswith("ok:") and ok.stderr == ""
+    # A flipped byte in layer 1: verify names the layer and fails.
+    blob = sorted((out / "layers").iterdir())[1]
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    bad = runner.invoke(cli_app, ["verify", str(out)])
+    assert bad.exit_code != 0 and bad.stdout == ""
+    assert len(bad.stderr.splitlines()) == 1 and "layer 1" in bad.stderr and "corrupt" in bad.stderr
+    # models lists what earlier tests converted into OFFSPEC_HOME (at least this target).
+    runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1GiB"])
+    listed = runner.invoke(cli_app, ["models", "--json"])
+    assert listed.exit_code == 0
+    rows = json.loads(listed.stdout)
+    assert any(r["source"] == str(tiny.target) and r["bits"] == 16 for r in rows)
+    table = runner.invoke(cli_app, ["models"])
+    assert table.exit_code == 0 and "target-16bit-bfloat16" in table.stdout.replace("\n", "")
+
+
+def test_models_on_an_empty_cache(runner, cli_app, tmp_path):
+    res = runner.invoke(cli_app, ["models"], env={"OFFSPEC_HOME": str(tmp_path / "empty")})
+    assert res.exit_code == 0 and res.stdout == "" and "no converted models" in res.stderr
+
+
+def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny):
+    from offspec.runtime.plan import format_bytes
+
+    roomy = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1GiB", "--device", "cpu"])
+    assert roomy.exit_code == 0, roomy.output
+    assert "0-3" in roomy.stdout and "minimum budget" in roomy.stdout
+    # Just above the minimum (KV for 4096 tokens + resident + 2 layer slots): layers stream from disk.
+    tight = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "2.3MiB", "--device", "cpu"])
+    assert tight.exit_code == 0, tight.output
+    assert "streamed from disk" in tight.stdout and "ring" in tight.stdout
+    assert format_bytes(0) not in tight.stdout.split("streamed per pass")[1].splitlines()[0]
+    with_draft = runner.invoke(cli_app, ["plan", str(tiny.target), "--draft", str(tiny.draft), "--device-memory",
+                                         "1GiB", "--device", "cpu"])
+    assert with_draft.exit_code == 0 and "draft model" in with_draft.stdout
+    too_small = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1KiB", "--device", "cpu"])
+    assert too_small.exit_code != 0 and "minimum" in too_small.stderr and too_small.stdout == ""
+
+
+def test_bench_passes_its_options_through(runner, cli_app, monkeypatch, tmp_path):
+    seen: dict = {}
+    fake = types.ModuleType("offspec.bench")
+    fake.bench_command = lambda **kw: seen.update(kw)
+    monkeypatch.setitem(sys.modules, "offspec.bench", fake)
+    import offspec
+
+    monkeypatch.setattr(offspec, "bench", fake, raising=False)
+    res = runner.invoke(cli_app, ["bench", "--budgets", "auto,8", "--repeats", "2", "--json", str(tmp_path / "b.json"),
+                                  "--plot", str(tmp_path / "b.png"), "--peer", "accelerate", "--device-memory", "1GiB",
+                                  "--no-spec", "--warm"])
+    assert res.exit_code == 0, res.output
+    assert seen == {
+        "model": None, "draft": None, "bits": 16, "dtype": "bfloat16", "device": "auto", "device_memory": "1GiB",
+        "host_memory": None, "warm": True, "budgets": "auto,8", "prompts": None, "max_new_tokens": 64, "repeats": 2,
+        "peer": "accelerate", "json_path": tmp_path / "b.json", "plot_path": tmp_path / "b.png", "no_spec": True,
+        "temperature": 0.0,
+    }
+
+
+def test_end_to_end_in_a_subprocess(tiny, offspec_home):
+    """The installed entry point: answer alone on stdout, one stats line on stderr (no import noise)."""
+    env = {**os.environ, "OFFSPEC_HOME": str(offspec_home)}
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # the CLI must quiet transformers by itself
+    cmd = [sys.executable, "-m", "offspec", "generate", "Hello", "--model", str(tiny.target), "--draft",
+           str(tiny.draft), "--budget", "4", "-n", "4", "--dtype", "float32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("\n") and len(proc.stdout) > 1
+    assert len(proc.stderr.splitlines()) == 1 and "tok/s" in proc.stderr, proc.stderr
+    err = subprocess.run([sys.executable, "-m", "offspec", "generate", "hi", "--device-memory", "x"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert err.returncode == 2 and err.stdout == "" and err.stderr.count("\n") == 1

@@ -1,0 +1,89 @@
+"""Every user error: non-zero exit, exactly one line on stderr, nothing on stdout, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 12)
+
+
+def one_line_error(res) -> str:
+    assert res.exit_code != 0, res.output
+    assert res.stdout == ""
+    assert "Traceback" not in res.output
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    return lines[0]
+
+
+CASES = {
+    # name: (args after "generate", words the message must hold)
+    "model path missing": (["hi", "--model", "{tmp}/no-such-model"], ["not found", "no-such-model"]),
+    "not a model": (["hi", "--model", "{not_a_model}"], ["config.json"]),
+    "truncated weights": (["hi", "--model", "{truncated}"], ["truncated"]),
+    "unsupported architecture": (["hi", "--model", "{gpt2}"], ["unsupported", "gpt2"]),
+    "tokenizer mismatch": (["hi", "--model", "{target}", "--draft", "{other_draft}"], ["tokenizer"]),
+    "budget too small": (["hi", "--model", "{target}", "--device-memory", "64KiB"], ["too small", "minimum"]),
+    "prompt longer than the context": (["--model", "{short}", "--raw", "--no-spec", LONG_PROMPT],
+                                       ["context", "64"]),
+    "bad size": (["hi", "--model", "{target}", "--device-memory", "lots"], ["lots"]),
+    "bad bits": (["hi", "--model", "{target}", "--bits", "8"], ["--bits", "8"]),
+    "bits not a number": (["hi", "--model", "{target}", "--bits", "four"], ["--bits"]),
+    "cuda without CUDA": (["hi", "--model", "{target}", "--device", "cuda"], ["cuda"]),
+    "budget zero": (["hi", "--model", "{target}", "--budget", "0"], ["--budget"]),
+    "bad dtype": (["hi", "--model", "{target}", "--dtype", "int3"], ["--dtype"]),
+    "unknown option": (["hi", "--modle", "x"], ["--modle"]),
+}
+
+
+# store/convert.py reads a GPT-2 folder as far as "no valid num_hidden_layers" instead of naming the architecture.
+KNOWN_LIBRARY_GAPS = {"unsupported architecture": "convert does not check model_type before reading layers"}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_LIBRARY_GAPS[n], strict=False)) if n in KNOWN_LIBRARY_GAPS
+    else n
+    for n in CASES
+])
+def test_generate_errors_are_one_line(name, runner, cli_app, tiny, tmp_path):
+    import torch
+
+    if name == "cuda without CUDA" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    args, words = CASES[name]
+    paths = {"tmp": tmp_path, "not_a_model": tiny.not_a_model, "truncated": tiny.truncated, "gpt2": tiny.gpt2,
+             "target": tiny.target, "other_draft": tiny.other_draft, "short": tiny.short}
+    args = [a.format(**paths) if "{" in a else a for a in args]
+    res = runner.invoke(cli_app, ["generate", *args, "-n", "2"])
+    line = one_line_error(res)
+    for word in words:
+        assert word in line, line
+
+
+def test_prompt_longer_than_context_names_both_numbers(runner, cli_app, tiny):
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(tiny.short).encode(LONG_PROMPT))
+    res = runner.invoke(cli_app, ["generate", "--model", str(tiny.short), "--raw", "--no-spec", LONG_PROMPT])
+    line = one_line_error(res)
+    assert str(n) in line and "64" in line
+
+
+def test_budget_error_says_the_minimum(runner, cli_app, tiny):
+    res = runner.invoke(cli_app, ["generate", "hi", "--model", str(tiny.target), "--device-memory", "64KiB"])
+    line = one_line_error(res)
+    assert "minimum" in line and any(u in line.split("minimum")[1] for u in ("KiB", "MiB", "GiB"))
+
+
+def test_exit_codes(runner, cli_app, tiny):
+    assert runner.invoke(cli_app, ["generate", "hi", "--budget", "0"]).exit_code == 2  # ConfigError
+    assert runner.invoke(cli_app, ["generate", "hi", "--model", str(tiny.not_a_model)]).exit_code == 1  # ModelError
+
+
+def test_debug_env_shows_the_traceback(runner, cli_app, tiny):
+    res = runner.invoke(cli_app, ["generate", "hi", "--model", str(tiny.not_a_model)], env={"OFFSPEC_DEBUG": "1"})
+    assert res.exit_code != 0
+    from offspec.errors import ModelError
+
+    assert isinstance(res.exception, ModelError)  # re-raised, so a real run prints the traceback
