@@ -14,7 +14,6 @@ from typing import Iterator
 import torch
 
 from offspec.errors import ContextError, ModelError
-from offspec.runtime.masks import tree_mask
 from offspec.spec.sampling import SamplingParams, sample
 from offspec.spec.stats import AcceptanceStats
 
@@ -179,55 +178,56 @@ class Engine:
         logits = self.target.forward(torch.tensor([[root]]), last_only=True)[0, -1]
         self.target_ids.append(root)
         tok = int(sample(logits, params, gen)) if params.temperature > 0 else int(logits.argmax())
-        st = self.target.stats
-        ev = StepEvent([tok], tree_size=1, target_pass_s=time.perf_counter() - t0, streamed_bytes=st.streamed_bytes)
-        self.stats.record_pass(0, 1)
+        ev = StepEvent([tok], tree_size=1, target_pass_s=time.perf_counter() - t0,
+                       streamed_bytes=self.target.stats.streamed_bytes)
         return ev, tok
+
+    def _grow(self, d_pending: list[int], budget: int, cfg: GenerationConfig, params: SamplingParams, gen):
+        """Draft a tree: SpecExec best-first growth, or a Sequoia shape filled by sampling w/o replacement."""
+        if cfg.verify == "without-replacement":
+            from offspec.spec.sequoia import fill_tree, optimal_tree_shape
+
+            width = max(1, cfg.branch)
+            p = self.stats.acceptance_p(width) if self.stats.passes >= 4 else [0.5 ** (k + 1) for k in range(width)]
+            shape = optimal_tree_shape(p, budget, cfg.max_depth)
+            return fill_tree(self.draft, d_pending, shape, sample=True, sampling=params, generator=gen)
+        from offspec.spec.specexec import grow_tree
+
+        return grow_tree(self.draft, d_pending, budget=budget, expand=cfg.expand, branch=cfg.branch,
+                         max_depth=cfg.max_depth)
+
+    def _verify(self, tree, logits: torch.Tensor, cfg: GenerationConfig, params: SamplingParams, gen):
+        from offspec.spec.verify import verify_greedy, verify_sample_match, verify_without_replacement
+
+        if params.temperature <= 0 or cfg.verify == "greedy":
+            return verify_greedy(tree, logits)
+        if cfg.verify == "without-replacement":
+            return verify_without_replacement(tree, logits, params, gen)
+        return verify_sample_match(tree, logits, params, gen)
 
     def _spec_step(self, root: int, d_pending: list[int], cfg: GenerationConfig, params: SamplingParams, gen,
                    room: int) -> tuple[StepEvent, int, list[int]]:
-        from offspec.spec.specexec import grow_tree
-        from offspec.spec.verify import verify_greedy, verify_sample_match
+        from offspec.spec.specexec import advance_draft
+        from offspec.spec.verify import commit_target, forward_tree
 
         budget = cfg.budget if cfg.budget is not None else (self.planner.next_budget() if self.planner else 64)
         budget = max(1, min(budget, room))
-        d_start = self.draft.cache.length
-        grown = grow_tree(self.draft, d_pending, budget=budget, expand=cfg.expand, branch=cfg.branch,
-                          max_depth=cfg.max_depth)
-        tree = grown.tree
-        # One streamed target pass over the whole tree.
+        grown = self._grow(d_pending, budget, cfg, params, gen)
+        self.draft_ids.extend(d_pending)
         t0 = time.perf_counter()
         start = self.target.cache.length
-        n = tree.size
-        positions = (start + tree.depths[:n])[None]
-        mask = tree_mask(start, tree.ancestors[:n, :n], self.target.dtype)
-        logits = self.target.forward(tree.tokens[:n][None], positions, mask)[0]  # [N, V]
+        logits = forward_tree(self.target, grown.tree)  # one streamed pass over the whole tree, [N, V]
         pass_s = time.perf_counter() - t0
-        if params.temperature > 0:
-            res = verify_sample_match(tree, logits, params, gen)
-        else:
-            res = verify_greedy(tree, logits)
-        accepted = list(res.accepted)
-        # Commit: the target keeps root + accepted nodes; the bonus token is the next root.
-        self.target.cache.keep(start, torch.tensor([0] + accepted))
-        acc_tokens = [int(tree.tokens[a]) for a in accepted]
-        self.target_ids.extend([root] + acc_tokens)
-        # The draft keeps its pending tokens plus the accepted nodes it already computed.
-        slot_of = {node: k for k, node in enumerate(grown.cached_nodes)}
-        keep = list(range(len(d_pending)))
-        held = 0
-        for a in accepted:
-            if a not in slot_of:
-                break
-            keep.append(len(d_pending) + slot_of[a])
-            held += 1
-        self.draft.cache.keep(d_start, torch.tensor(keep))
-        self.draft_ids.extend(d_pending + acc_tokens[:held])
-        next_pending = acc_tokens[held:] + [res.next_token]
-        self.stats.record_pass(len(accepted), n, accepted_ranks=getattr(res, "ranks", None))
+        res = self._verify(grown.tree, logits, cfg, params, gen)
+        commit_target(self.target, start, res)
+        self.target_ids.extend([root] + res.tokens[:-1])
+        next_pending = advance_draft(self.draft, grown, res.accepted, res.next_token)
+        self.draft_ids.extend(res.tokens[: len(res.tokens) - len(next_pending)])
+        n = grown.tree.size
+        self.stats.record(res, drafted=n - 1, draft_s=grown.draft_s, target_s=pass_s)
         if self.planner is not None:
-            self.planner.observe(tree, n, pass_s, grown.draft_s, len(accepted))
-        ev = StepEvent(acc_tokens + [res.next_token], tree_size=n, accepted=len(accepted), target_pass_s=pass_s,
+            self.planner.observe(grown, n, pass_s, len(res.accepted))
+        ev = StepEvent(list(res.tokens), tree_size=n, accepted=len(res.accepted), target_pass_s=pass_s,
                        draft_s=grown.draft_s, streamed_bytes=self.target.stats.streamed_bytes, budget=budget)
         return ev, res.next_token, next_pending
 
@@ -250,6 +250,8 @@ class TextStreamer:
 
     def push(self, ids: list[int], final: bool = False) -> str:
         self.ids.extend(ids)
+        if self.tokenizer is None:
+            return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if not final and text.endswith("\ufffd"):
             return ""

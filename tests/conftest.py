@@ -11,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Tiny models gain nothing from a second thread, and OpenMP barriers stall badly on a busy 2-core machine.
+torch.set_num_threads(1)
 
 TINY_VOCAB = 256
 TINY_HIDDEN = 64  # a multiple of 64 so NF4 blocks (64 elements) tile every weight

@@ -31,6 +31,7 @@ class StaticKVCache:
     def nbytes(self) -> int:
         return self.bytes_per_token * self.capacity
 
+    @torch.inference_mode(False)
     def _reserve(self, capacity: int) -> None:
         """Grow the buffers to hold `capacity` positions (copies only when growing)."""
         if capacity <= self.capacity:
@@ -69,6 +70,7 @@ class StaticKVCache:
         """Drop every position >= length."""
         self.length = max(0, min(length, self.length))
 
+    @torch.inference_mode()
     def keep(self, start: int, indices: torch.Tensor) -> None:
         """Keep positions start + indices (ascending) among those >= start, compacted to start..start+K-1."""
         indices = indices.to(device=self.device, dtype=torch.long)
