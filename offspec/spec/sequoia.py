@@ -183,6 +183,7 @@ def fill_tree(
     slots: list[int] = []
     rounds = 1
     max_depth = max(depths)
+    use = sampling if sampling is not None and not sampling.greedy else SamplingParams(temperature=1.0)
     for d in range(max_depth):
         level = [s for s in range(shape.size) if depths[s] == d and counts[s] > 0 and to_tree[s] >= 0]
         if not level:
@@ -194,7 +195,6 @@ def fill_tree(
             logits = forward_nodes(draft, tree, nodes, slots, cache_start)  # [E, V]
             slots.extend(nodes)
             rounds += 1
-        use = sampling if sampling is not None and not sampling.greedy else SamplingParams(temperature=1.0)
         logq = torch.log_softmax(process_logits(logits, use), dim=-1)  # [E, V]
         c_max = min(max(counts[s] for s in level), logq.shape[-1])
         if sample:

@@ -93,10 +93,10 @@ def _add_best_children(
 ) -> None:
     """Add each parent's top-branch children that would rank inside the current top-budget."""
     scaled = logits / temperature if temperature > 0 else logits
-    logq = torch.log_softmax(scaled.float(), dim=-1).clamp_max(0.0)  # [E, V]
+    logq = torch.log_softmax(scaled.float(), dim=-1)  # [E, V]
     k = min(branch, logq.shape[-1])
     vals, toks = logq.topk(k, dim=-1)  # [E, k], best first
-    vals, toks = vals.cpu(), toks.cpu()
+    vals, toks = vals.clamp_max(0.0).cpu(), toks.cpu()  # clamp: a child never outscores its parent
     par = torch.tensor(parents, dtype=torch.long)
     cum = (tree.logprobs[par][:, None] + vals).reshape(-1)  # [E * k], creation order
     scores = torch.cat([tree.logprobs[1:], cum])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from offspec.spec import specexec
-from offspec.spec.specexec import advance_draft, grow_tree
+from offspec.spec.specexec import GrowResult, advance_draft, grow_tree
 from offspec.spec.tree import DraftTree
 from offspec.spec.verify import verify_greedy
 
@@ -42,7 +42,7 @@ def tree_paths(tree: DraftTree) -> dict[tuple[int, ...], float]:
     return {tuple(tree.path_tokens(i)[1:]): float(tree.logprobs[i]) for i in range(1, tree.size)}
 
 
-def check_draft_cache(draft: FakeLM, ctx: list[int], grown) -> None:
+def check_draft_cache(draft: FakeLM, ctx: list[int], grown: GrowResult) -> None:
     tree = grown.tree
     root_pos = len(ctx) - 1
     assert grown.cache_start == len(ctx)
@@ -139,7 +139,7 @@ def test_speculative_greedy_equals_greedy(noise: float) -> None:
     prompt = [1, 2, 3]
     lengths: list[int] = []
 
-    def step(d, pending):
+    def step(d: FakeLM, pending: list[int]) -> GrowResult:
         return grow_tree(d, pending, budget=16, expand=4, branch=4, max_depth=6)
 
     out = speculative_generate(target, draft, prompt, 40, step, verify_greedy, lambda g, r: lengths.append(len(r.accepted)))

@@ -158,7 +158,9 @@ class PathTables:
         return self.rows[ctx]
 
 
-def sampled_tree(tables: PathTables, ctx: list[int], shape: TreeShape, params: SamplingParams, g: torch.Generator):
+def sampled_tree(
+    tables: PathTables, ctx: list[int], shape: TreeShape, params: SamplingParams, g: torch.Generator
+) -> tuple[DraftTree, torch.Tensor]:
     """What fill_tree(sample=True) builds, without models: (tree, target logits [N, V])."""
     tree = DraftTree(ctx[-1])
     to_tree = {0: 0}
