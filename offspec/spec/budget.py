@@ -83,9 +83,8 @@ def _node_probs(tree: DraftTree, rank_p: Sequence[float] | None) -> torch.Tensor
 
 def expected_tokens_by_budget(tree: DraftTree, rank_p: Sequence[float] | None = None) -> list[float]:
     """[b] = expected committed tokens (bonus included) of the tree's top-b nodes by cumulative logprob, b = 0..budget."""
-    reach = _node_probs(tree, rank_p)[1:]
-    order = torch.sort(tree.logprobs[1:], descending=True, stable=True).indices
-    return [1.0] + (1.0 + reach[order].cumsum(0)).tolist()
+    reach = _node_probs(tree, rank_p)
+    return [1.0] + (1.0 + reach[tree.best_nodes()].cumsum(0)).tolist()
 
 
 def expected_tokens_from_tree(tree: DraftTree, rank_p: Sequence[float] | None = None) -> float:

@@ -17,7 +17,8 @@ TRIM_FACTOR = 3  # drop nodes outside the top-budget once the tree holds more th
 
 
 class KVCache(Protocol):
-    length: int
+    @property
+    def length(self) -> int: ...
 
     def keep(self, start: int, indices: torch.Tensor) -> None: ...
 
@@ -28,7 +29,7 @@ class CausalLM(Protocol):
     """What spec/ needs from a model (the runtime's OffloadedModel, or a test fake)."""
 
     dtype: torch.dtype
-    cache: Any
+    cache: KVCache
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor | None
@@ -82,12 +83,6 @@ def forward_nodes(draft: CausalLM, tree: DraftTree, nodes: list[int], slots: lis
     return draft.forward(ids, pos, mask)[0].float()
 
 
-def _top_nodes(tree: DraftTree, budget: int) -> torch.Tensor:
-    """Long [<= budget]: the drafted nodes ranked best by (cumulative logprob desc, index asc)."""
-    order = torch.sort(tree.logprobs[1:], descending=True, stable=True).indices
-    return order[:budget] + 1
-
-
 def _add_best_children(
     tree: DraftTree, parents: list[int], logits: torch.Tensor, branch: int, budget: int, temperature: float
 ) -> None:
@@ -133,7 +128,7 @@ def grow_tree(
     if budget > 0 and max_depth > 0:
         _add_best_children(tree, [0], root_logits[None], branch, budget, temperature)
     while True:
-        top = _top_nodes(tree, budget).tolist()
+        top = tree.best_nodes(budget).tolist()
         depths = tree.depths.tolist()
         chosen = [i for i in top if i not in expanded and depths[i] < max_depth][:expand]
         if not chosen:
@@ -157,7 +152,7 @@ def _trim(
     tree: DraftTree, budget: int, slots: list[int], expanded: set[int]
 ) -> tuple[DraftTree, list[int], set[int]]:
     """Keep the root and the top-budget nodes (ancestor-closed: ties go to the older node); remap slots."""
-    keep = torch.cat([torch.zeros(1, dtype=torch.long), _top_nodes(tree, budget).sort().values])
+    keep = torch.cat([torch.zeros(1, dtype=torch.long), tree.best_nodes(budget).sort().values])
     if keep.shape[0] == tree.size:
         return tree, slots, expanded
     tree, remap = tree.select(keep)
@@ -166,7 +161,7 @@ def _trim(
     return tree, new_slots, {r[n] for n in expanded if r[n] >= 0}
 
 
-def _keep(cache: Any, start: int, slots: list[int]) -> None:
+def _keep(cache: KVCache, start: int, slots: list[int]) -> None:
     if slots:
         cache.keep(start, torch.tensor(slots, dtype=torch.long))
     else:

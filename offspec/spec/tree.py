@@ -134,6 +134,12 @@ class DraftTree:
             self._children[p].append(start + j)
         return idx
 
+    def best_nodes(self, k: int | None = None) -> torch.Tensor:
+        """Long [<= k]: drafted nodes by cumulative logprob, best first; ties go to the older node, so every prefix
+        is ancestor-closed (a child never outscores its parent)."""
+        order = torch.sort(self.logprobs[1:], descending=True, stable=True).indices + 1
+        return order if k is None else order[:k]
+
     def mask_rows(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Bool [R, C]: is node cols[c] an ancestor of (or equal to) node rows[r]; cols < 0 are never visible."""
         rows = torch.as_tensor(rows, dtype=torch.long)

@@ -84,3 +84,11 @@ def test_select_keeps_ancestor_closed_sets() -> None:
     assert list(small.draft_probs) == [2]
     with pytest.raises(ValueError):
         tree.select(torch.tensor([0, 3]))
+
+
+def test_best_nodes_rank_by_logprob_then_age() -> None:
+    tree = DraftTree(0)
+    tree.add(0, [1, 2], [-1.0, -0.5])  # 1, 2
+    tree.add(2, [3], [-0.5])  # 3 ties with its parent 2: the parent comes first
+    assert tree.best_nodes().tolist() == [2, 3, 1]
+    assert tree.best_nodes(2).tolist() == [2, 3]
