@@ -37,7 +37,7 @@ from typer.core import TyperGroup  # noqa: E402
 
 from offspec import __version__, console  # noqa: E402
 from offspec.config import parse_budget, parse_size  # noqa: E402
-from offspec.errors import ConfigError, OffspecError, format_error  # noqa: E402
+from offspec.errors import ConfigError, ContextError, OffspecError, format_error  # noqa: E402
 
 EXIT_INTERRUPTED = 130
 CACHE_TOKENS = 4096  # KV cache positions reserved up front (it grows if a conversation needs more)
@@ -308,6 +308,10 @@ def generate(
                     console.write_text(ev.text)
         except KeyboardInterrupt:
             interrupted = True
+        except BaseException:
+            if pieces and not json_out:
+                console.write_text("\n")  # end the partial answer before the error line
+            raise
         final = finalize_stats(stats)
         if json_out:
             import json
@@ -370,7 +374,7 @@ def chat(
             except KeyboardInterrupt:
                 if not interactive:
                     raise
-                console.status_line("(Ctrl-D or /exit to leave)")
+                console.status_line("\n(Ctrl-D or /exit to leave)")
                 continue
             if line is None:
                 break
@@ -381,6 +385,8 @@ def chat(
                 try:
                     res = session.command(line, console.format_stats)
                 except OffspecError as exc:
+                    if not interactive:
+                        raise
                     console.error_line(format_error(exc))
                     continue
                 if res.message:
@@ -388,12 +394,16 @@ def chat(
                 if res.leave:
                     break
                 continue
+            turns = len(session.turns)
             try:
                 result = session.ask(line, console.write_text)
             except OffspecError as exc:
+                if len(session.turns) > turns:
+                    console.write_text("\n")  # a partial answer was shown (and kept): end its line
                 if not interactive:
                     raise
-                console.error_line(format_error(exc) + " (/reset starts a new conversation)")
+                hint = " (/reset starts a new conversation)" if isinstance(exc, ContextError) else ""
+                console.error_line(format_error(exc) + hint)
                 continue
             console.write_text("\n")
             if result.interrupted:
@@ -512,7 +522,8 @@ def _plan_device_kind(device: str) -> str:
              "  offspec verify ~/.cache/offspec/stores/my-model-16bit-bfloat16-0123456789ab\n\n"
              "  offspec verify my-model-16bit-bfloat16-0123456789ab   (a name from `offspec models`)")
 def verify(
-    store: Annotated[str, typer.Argument(metavar="STORE", help="A store folder, or a store name from `offspec models`.")],
+    store: Annotated[str, typer.Argument(
+        metavar="STORE", help="A store folder, or a store name from `offspec models`.")],
 ) -> None:
     """Recompute the checksum of every blob of a store; name the first corrupt layer."""
     from offspec.runtime.plan import format_bytes
@@ -588,10 +599,14 @@ def bench(
     _quiet_transformers()
     offspec.bench.bench_command(
         model=model, draft=draft, bits=bits, dtype=dtype, device=device, device_memory=device_memory,
-        host_memory=host_memory, warm=warm, budgets=budgets, prompts=prompts, max_new_tokens=max_new_tokens,
-        repeats=repeats, peer=peer, json_path=json_path, plot_path=plot_path, no_spec=no_spec,
-        temperature=temperature,
+        host_memory=host_memory, warm=warm, budgets=budgets, prompts=_str_or_none(prompts),
+        max_new_tokens=max_new_tokens, repeats=repeats, peer=peer, json_path=_str_or_none(json_path),
+        plot_path=_str_or_none(plot_path), no_spec=no_spec, temperature=temperature,
     )
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 def main() -> None:

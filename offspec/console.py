@@ -157,6 +157,7 @@ def models_table(rows: list[dict]) -> Table:
         table.add_column(col, justify="right" if col in ("bits", "size") else "left", overflow="fold")
     for r in rows:
         size = r.get("size_bytes", r.get("size"))
+        shown = format_bytes(size) if isinstance(size, (int, float)) else str(size or "")
         table.add_row(str(r.get("name", "")), str(r.get("source", "")), str(r.get("bits", "")),
-                      str(r.get("dtype", "")), format_bytes(size) if isinstance(size, (int, float)) else str(size or ""))
+                      str(r.get("dtype", "")), shown)
     return table

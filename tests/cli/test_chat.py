@@ -156,3 +156,10 @@ def test_chat_ends_at_end_of_input(runner, cli_app, tiny):
                         input="Hello\n")
     assert res.exit_code == 0, res.output
     assert res.stdout.count("\n") == 1
+
+
+def test_piped_chat_stops_at_an_unknown_command(runner, cli_app, tiny):
+    res = runner.invoke(cli_app, ["chat", "--model", str(tiny.target), "--no-spec", "-n", "2", "--dtype", "float32"],
+                        input="/frobnicate\nHello\n")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines() == ["error: unknown command /frobnicate; try /help"]

@@ -95,7 +95,8 @@ def test_bench_passes_its_options_through(runner, cli_app, monkeypatch, tmp_path
     assert seen == {
         "model": None, "draft": None, "bits": 16, "dtype": "bfloat16", "device": "auto", "device_memory": "1GiB",
         "host_memory": None, "warm": True, "budgets": "auto,8", "prompts": None, "max_new_tokens": 64, "repeats": 2,
-        "peer": "accelerate", "json_path": tmp_path / "b.json", "plot_path": tmp_path / "b.png", "no_spec": True,
+        "peer": "accelerate", "json_path": str(tmp_path / "b.json"), "plot_path": str(tmp_path / "b.png"),
+        "no_spec": True,
         "temperature": 0.0,
     }
 
