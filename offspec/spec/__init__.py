@@ -4,6 +4,7 @@ from offspec.spec.budget import expected_tokens_by_budget, expected_tokens_from_
 from offspec.spec.sampling import SamplingParams, probs, process_logits, sample
 from offspec.spec.sequoia import (
     TreeShape,
+    best_expected_accepted,
     estimate_acceptance,
     expected_accepted,
     fill_tree,
@@ -31,6 +32,7 @@ __all__ = [
     "TreeShape",
     "VerifyResult",
     "advance_draft",
+    "best_expected_accepted",
     "commit_target",
     "estimate_acceptance",
     "expected_accepted",

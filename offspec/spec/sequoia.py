@@ -76,6 +76,19 @@ def expected_accepted(shape: TreeShape, p: Sequence[float]) -> float:
 _SHAPES: dict[tuple[tuple[float, ...], int, int], tuple[float, tuple[int, ...]]] = {}
 
 
+@dataclass
+class _Table:
+    """The DP solved for every budget up to n: best[m] = best value with m drafted nodes (-inf if none fits)."""
+
+    n: int
+    depth: int
+    best: np.ndarray  # [n + 1]
+    picks: list[list[np.ndarray]]  # picks[d][k][m]: nodes given to the rank-k child's subtree (0 = none)
+
+
+_TABLES: dict[tuple[tuple[float, ...], int], _Table] = {}
+
+
 def _key(p: Sequence[float], budget: int, max_depth: int) -> tuple[tuple[float, ...], int, int]:
     return tuple(round(max(0.0, float(x)), 4) for x in p), int(budget), int(max_depth)
 
@@ -89,22 +102,43 @@ def optimal_tree_shape(p: Sequence[float], budget: int, max_depth: int) -> TreeS
         raise ConfigError("budget and max_depth must be >= 0")
     key = _key(p, budget, max_depth)
     if key not in _SHAPES:
-        _SHAPES[key] = _solve(*key)
+        table = _table(key[0], budget, max_depth)
+        m = int(np.flatnonzero(np.isfinite(table.best[: budget + 1])).max())
+        _SHAPES[key] = float(table.best[m]), _shape_from(table, m)
     return TreeShape(_SHAPES[key][1])
 
 
-def _solve(p: tuple[float, ...], budget: int, max_depth: int) -> tuple[float, tuple[int, ...]]:
-    """O(depth * width * budget^2) dynamic program over (depth left, child rank, nodes left); numpy max-plus steps."""
+def best_expected_accepted(p: Sequence[float], max_budget: int, max_depth: int) -> list[float]:
+    """[b] = expected accepted drafted nodes of the optimal shape with budget b, b = 0..max_budget (one DP for all)."""
+    key = _key(p, max_budget, max_depth)
+    best = _table(key[0], max_budget, max_depth).best[: max_budget + 1]
+    return np.maximum.accumulate(np.where(np.isfinite(best), best, 0.0)).tolist()
+
+
+def _table(p: tuple[float, ...], budget: int, max_depth: int) -> _Table:
+    """The cached DP table for (p, max_depth) if it covers budget, else a new one solved up to budget."""
+    table = _TABLES.get((p, max_depth))
+    if table is None or table.n < budget:
+        table = _solve(p, budget, max_depth)
+        _TABLES[(p, max_depth)] = table
+    return table
+
+
+def _solve(p: tuple[float, ...], budget: int, max_depth: int) -> _Table:
+    """O(depth * width * budget^2) dynamic program over (depth left, child rank, nodes left); numpy max-plus steps.
+
+    A smaller budget's optimum is read off the same table: its depth and width caps can never bind harder.
+    """
     n, width, depth = budget, min(len(p), budget), min(max_depth, budget)
-    if n == 0 or width == 0 or depth == 0:
-        return 0.0, (-1,)
-    neg = -np.inf
     m = np.arange(n + 1)
-    rest = m[:, None] - np.arange(1, n + 1)[None, :]  # [n+1, n]: nodes left for ranks > k if child k takes j
-    valid, rest_c = rest >= 0, rest.clip(min=0)
+    neg = -np.inf
     # best[d][m]: best value of a subtree whose root has exactly m descendants within depth d; -inf if impossible
     best = [np.where(m == 0, 0.0, neg)]
-    picks: list[list[np.ndarray]] = [[]]  # picks[d][k][m]: nodes given to the rank-k child's subtree (0 = none)
+    if width == 0 or depth == 0:
+        return _Table(n, 0, best[0], [[]])
+    rest = m[:, None] - np.arange(1, n + 1)[None, :]  # [n+1, n]: nodes left for ranks > k if child k takes j
+    valid, rest_c = rest >= 0, rest.clip(min=0)
+    picks: list[list[np.ndarray]] = [[]]
     for d in range(1, depth + 1):
         sub = best[d - 1][:n]  # [n]: sub[j - 1] = subtree value with j - 1 descendants
         finite = np.isfinite(sub)
@@ -121,19 +155,22 @@ def _solve(p: tuple[float, ...], budget: int, max_depth: int) -> tuple[float, tu
             level[k], g = pick, val
         best.append(g)
         picks.append(level)
-    top = best[depth]
-    total = int(np.flatnonzero(np.isfinite(top)).max())
+    return _Table(n, depth, best[depth], picks)
+
+
+def _shape_from(table: _Table, total: int) -> tuple[int, ...]:
+    """BFS parent list of the optimal tree with `total` drafted nodes, read off the DP picks."""
     parents = [-1]
-    queue = [(0, total, depth)]
+    queue = [(0, total, table.depth)]
     for node, left, d in queue:
         k = 0
         while left > 0:
-            j = int(picks[d][k][left])
+            j = int(table.picks[d][k][left])
             parents.append(node)
             queue.append((len(parents) - 1, j - 1, d - 1))
             left -= j
             k += 1
-    return float(top[total]), tuple(parents)
+    return tuple(parents)
 
 
 def save_shapes(path: str | Path) -> int:

@@ -13,6 +13,7 @@ from offspec.spec import sequoia
 from offspec.spec.sampling import SamplingParams
 from offspec.spec.sequoia import (
     TreeShape,
+    best_expected_accepted,
     estimate_acceptance,
     expected_accepted,
     fill_tree,
@@ -65,7 +66,7 @@ P_VECTORS = [
 @pytest.mark.parametrize("p", P_VECTORS)
 @pytest.mark.parametrize("depth", [1, 2, 3, 7])
 def test_dp_equals_brute_force(p: list[float], depth: int) -> None:
-    for budget in range(0, 8):
+    for budget in range(7, -1, -1):  # one DP table for 7, the smaller budgets read off it
         shape = optimal_tree_shape(p, budget, depth)
         best = brute_best(p, budget, depth)
         if best is None:  # more nodes than width/depth allow: the shape holds as many as fit
@@ -83,6 +84,7 @@ def test_expected_value_non_decreasing_in_budget() -> None:
     values = [expected_accepted(optimal_tree_shape(p, b, 6), p) for b in range(0, 60)]
     assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
     assert values[-1] > values[10] > values[1] == pytest.approx(0.45)
+    assert best_expected_accepted(p, 59, 6) == pytest.approx(values)
     chain = optimal_tree_shape([0.8], 5, 10)
     assert chain.parents == (-1, 0, 1, 2, 3, 4)
     assert expected_accepted(chain, [0.8]) == pytest.approx(sum(0.8**k for k in range(1, 6)))
