@@ -101,9 +101,7 @@ class Engine:
         self.draft_ids: list[int] = []
         self.stats = AcceptanceStats()
         self.planner = budget_planner
-        if draft is not None and draft.vocab_size != target.vocab_size:
-            # embeddings may be padded differently; ids must still agree (checked on tokenizers upstream)
-            pass
+        self._p_cache: tuple[int, list[float]] | None = None
 
     # ------------------------------------------------------------------ cache bookkeeping
     def _sync(self, model, held: list[int], ids: list[int], keep_last: int = 1) -> list[int]:
@@ -187,14 +185,22 @@ class Engine:
         if cfg.verify == "without-replacement":
             from offspec.spec.sequoia import fill_tree, optimal_tree_shape
 
-            width = max(1, cfg.branch)
-            p = self.stats.acceptance_p(width) if self.stats.passes >= 4 else [0.5 ** (k + 1) for k in range(width)]
-            shape = optimal_tree_shape(p, budget, cfg.max_depth)
+            shape = optimal_tree_shape(self._sequoia_p(cfg.branch), budget, cfg.max_depth)
             return fill_tree(self.draft, d_pending, shape, sample=True, sampling=params, generator=gen)
         from offspec.spec.specexec import grow_tree
 
         return grow_tree(self.draft, d_pending, budget=budget, expand=cfg.expand, branch=cfg.branch,
                          max_depth=cfg.max_depth)
+
+    def _sequoia_p(self, width: int) -> list[float]:
+        """Acceptance by child rank for Sequoia's DP: a prior until measured, then refreshed every 16 passes
+        and rounded coarsely so the cached shapes are reused (the DP costs seconds at large budgets)."""
+        width = max(1, width)
+        if self.stats.passes < 8:
+            return [round(0.5 ** (k + 1), 2) for k in range(width)]
+        if self._p_cache is None or self.stats.passes - self._p_cache[0] >= 16:
+            self._p_cache = (self.stats.passes, [round(x, 2) for x in self.stats.acceptance_p(width)])
+        return self._p_cache[1]
 
     def _verify(self, tree, logits: torch.Tensor, cfg: GenerationConfig, params: SamplingParams, gen):
         from offspec.spec.verify import verify_greedy, verify_sample_match, verify_without_replacement
