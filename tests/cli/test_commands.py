@@ -114,3 +114,8 @@ def test_end_to_end_in_a_subprocess(tiny, offspec_home):
     err = subprocess.run([sys.executable, "-m", "offspec", "generate", "hi", "--device-memory", "x"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert err.returncode == 2 and err.stdout == "" and err.stderr.count("\n") == 1
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, offspec.cli; sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
