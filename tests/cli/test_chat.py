@@ -163,3 +163,25 @@ def test_piped_chat_stops_at_an_unknown_command(runner, cli_app, tiny):
                         input="/frobnicate\nHello\n")
     assert res.exit_code == 2 and res.stdout == ""
     assert res.stderr.splitlines() == ["error: unknown command /frobnicate; try /help"]
+
+
+def test_chat_command_survives_ctrl_c_mid_answer(runner, cli_app, tiny, tmp_path, monkeypatch):
+    real = offspec.chat.stream_text
+    calls = {"n": 0}
+
+    def stream(engine, prompt_ids, cfg, stats=None):
+        calls["n"] += 1
+        for i, ev in enumerate(real(engine, prompt_ids, cfg, stats)):
+            yield ev
+            if calls["n"] == 1 and i == 1:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(offspec.chat, "stream_text", stream)
+    save = tmp_path / "c.json"
+    res = runner.invoke(cli_app, ["chat", "--model", str(tiny.target), "--no-spec", "-n", "4", "--dtype", "float32"],
+                        input=f"Hello\nGo on\n/save {save}\n")
+    assert res.exit_code == 0, res.output
+    assert "interrupted" in res.stderr
+    messages = json.loads(save.read_text())["messages"]
+    assert messages[1].get("interrupted") is True and "interrupted" not in messages[3]
+    assert res.stdout == messages[1]["content"] + "\n" + messages[3]["content"] + "\n"

@@ -102,3 +102,10 @@ def test_sampling_with_a_seed_is_reproducible(runner, cli_app, tiny, temperature
     a, b = run(runner, cli_app, *args), run(runner, cli_app, *args)
     assert a.exit_code == 0, a.output
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+
+
+def test_a_model_without_a_draft_decodes_plainly(runner, cli_app, tiny):
+    res = run(runner, cli_app, "Hello", "--model", tiny.target, "-n", 3, "--json", "--dtype", "float32")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["draft"] is None and out["stats"]["budget"] == 0 and out["stats"]["tokens_per_pass"] == 1
