@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -322,13 +321,35 @@ def peer_budget_bytes(plan) -> int:
 
 
 # ---------------------------------------------------------------------- the run
-def _progress(console, enabled: bool):
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+class _Steps:
+    """Where the run is: a rich progress bar on a terminal, else one timestamped status line per step."""
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+    def __init__(self, console, total: int, enabled: bool) -> None:
+        self.console, self.enabled, self.live = console, enabled, enabled and console.is_terminal
+        self.bar = None
+        self.t0 = time.perf_counter()
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=console)
+            self.task = self.bar.add_task("starting", total=total)
+
+    def __enter__(self) -> _Steps:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, desc: str, advance: int = 0) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=desc, advance=advance)
+        elif self.enabled:
+            self.console.print(f"[{time.perf_counter() - self.t0:7.1f} s] {desc}", markup=False, highlight=False,
+                               style="dim")
 
 
 def _open(model, draft, want_spec: bool, rc, progress: bool):
@@ -380,6 +401,9 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
                "peer": peer, "no_spec": no_spec, "temperature": temperature,
                "peer_max_new_tokens": peer_max_new_tokens}
     notes: list[str] = []
+    if progress:
+        console.print(f"opening {model or 'the demo models'} (store conversion, verification and the planner's "
+                      "pass-time calibration run once per store)", markup=False, highlight=False, style="dim")
     loaded, note = _open(model, draft, not no_spec, rc, progress)
     if note:
         notes.append(note)
@@ -407,13 +431,8 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     result: dict = {"machine": machine_info(), "options": options,
                     "plan": _plan_info(plan, loaded.target_store, loaded.draft_store), "notes": notes}
     try:
-        with _progress(console, progress) as bar:
-            task = bar.add_task("read bandwidth", total=total_steps) if bar is not None else None
-
-            def step(desc: str, advance: int = 0) -> None:
-                if bar is not None:
-                    bar.update(task, description=desc, advance=advance)
-
+        with _Steps(console, total_steps, progress) as step:
+            step("cold read bandwidth")
             # 1. raw cold read bandwidth: what one pass streams, and the whole store
             buf = target.streamer.buffers[0] if target.streamer is not None else None
             streamed_read = measure_read_gbps(streamed_blobs, repeats, all_paths, buf)
@@ -440,7 +459,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
                 row = run_config(engine, bench_prompts, prompt_ids, cfg, raw_gbps, all_paths, cold=not warm,
                                  on_prompt=lambda k, label=label: step(f"{label}: prompt {k + 1}/{len(bench_prompts)}",
                                                                        1 if k else 0))
-                step(label, 1)
+                step(f"{label}: done", 1)
                 row["config"] = name
                 row["spec"] = name != "plain"
                 row["budget"] = None if name in ("plain", "auto") else int(name)
@@ -455,11 +474,12 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             gc.collect()
             result["peer"] = None
             if peer:
+                step(f"peer {peer}: loading")
                 result["peer"] = _run_peer(source_store, bench_prompts, prompt_ids, dtype, run_device, rc, budget_bytes,
                                            min(max(peer_max_new_tokens, 2), max(max_new_tokens, 2)), warm, eos,
                                            lambda k: step(f"peer {peer}: prompt {k + 1}/{len(bench_prompts)}",
                                                           1 if k else 0), notes, progress)
-                step(f"peer {peer}", 1)
+                step(f"peer {peer}: done", 1)
     finally:
         _close(locals().get("loaded"))  # on errors; after the decode sections it is already closed
     _add_speedups(result)

@@ -469,8 +469,7 @@ def plan(
     dev_budget = parse_size(device_memory) if device_memory is not None else None
     host_budget = parse_size(host_memory) if host_memory is not None else None
     kind = _plan_device_kind(device)
-    from offspec.runtime.model import kv_bytes_per_token
-    from offspec.runtime.plan import minimum_budget_bytes, plan_residency
+    from offspec.runtime.model import model_bytes, plan_for_store
     from offspec.store.manifest import read_manifest
     from offspec.store.resolve import resolve_model
 
@@ -488,15 +487,10 @@ def plan(
     progress = console.stderr_is_tty()
     store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
     man = read_manifest(store)
-    kv = kv_bytes_per_token(store, man) * CACHE_TOKENS
     reserved = 0
     if draft is not None:
-        dstore = resolve_model(draft, 16, rc.dtype, progress=progress)
-        dman = read_manifest(dstore)
-        reserved = dman.resident.size + sum(dman.layer_bytes) + kv_bytes_per_token(dstore, dman) * CACHE_TOKENS
-    minimum = minimum_budget_bytes(man.layer_bytes, man.resident.size, kv, reserved)
-    residency = plan_residency(man.layer_bytes, man.resident.size, dev_budget, host_budget, kv_bytes=kv,
-                               reserved_bytes=reserved, device_kind=kind)
+        reserved = model_bytes(resolve_model(draft, 16, rc.dtype, progress=progress), CACHE_TOKENS, kind)
+    residency, minimum = plan_for_store(store, man, kind, dev_budget, host_budget, reserved, CACHE_TOKENS)
     title = (f"{store.name}: {man.num_layers} layers, {man.model_type}, "
              f"{'NF4' if man.bits == 4 else man.dtype}, on {kind} (KV cache for {CACHE_TOKENS} tokens)")
     console.print_table(console.plan_table(residency, title, minimum, dev_budget, host_budget))

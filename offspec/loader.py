@@ -96,11 +96,9 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     if draft_store is not None:
         draft_tok = load_tokenizer(draft_store)
         check_same_tokenizer(tokenizer, draft_tok, str(target_store.name), str(draft_store.name))
-        from offspec.runtime.model import kv_bytes_per_token
-        from offspec.store.manifest import read_manifest
+        from offspec.runtime.model import model_bytes
 
-        dman = read_manifest(draft_store)
-        d_total = dman.resident.size + sum(dman.layer_bytes) + kv_bytes_per_token(draft_store, dman) * cache_tokens
+        d_total = model_bytes(draft_store, cache_tokens, rc.device)
         draft_model = open_model(draft_store, rc.device, device_memory_bytes=d_total + 1, cache_tokens=cache_tokens,
                                  warm=True)
         reserved = d_total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -42,6 +43,46 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` natively (AVX-512 BF16/FP16 or AMX); otherwise float32 is faster."""
+    if dtype == torch.float32:
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    want = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
+    return any(f in flags for f in want.get(dtype, ()))
+
+
+def pick_compute_dtype(store_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype activations and weights are multiplied in (OFFSPEC_COMPUTE_DTYPE overrides)."""
+    from offspec.store.manifest import DTYPES
+
+    forced = os.environ.get("OFFSPEC_COMPUTE_DTYPE")
+    if forced:
+        if forced not in DTYPES or DTYPES[forced] not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ConfigError(f"bad OFFSPEC_COMPUTE_DTYPE '{forced}': use bfloat16, float16 or float32")
+        return DTYPES[forced]
+    if device.type == "cpu" and not cpu_has_native(store_dtype):
+        return torch.float32
+    return store_dtype
+
+
+def upcast_plan(entries: dict, compute: torch.dtype) -> tuple[dict[str, int], int]:
+    """Element offsets of each float tensor to convert into a flat `compute` buffer, and its length."""
+    from offspec.store.manifest import DTYPES
+
+    offsets, n = {}, 0
+    for name, e in entries.items():
+        dt = DTYPES[e.dtype]
+        if e.quant is None and dt.is_floating_point and dt != compute and not name.endswith(".absmax"):
+            offsets[name] = n
+            n += math.prod(e.shape) if e.shape else 1
+            n = (n + 15) // 16 * 16  # keep every tensor 64-byte aligned
+    return offsets, n
+
+
 def load_blob(store_dir: Path, entry: BlobEntry, device: torch.device, pin: bool = False) -> torch.Tensor:
     """Read one whole blob into a new buffer (resident tiers) and drop it from the page cache."""
     path = store_dir / entry.file
@@ -73,7 +114,8 @@ class OffloadedModel:
             self.config = AutoConfig.from_pretrained(self.store_dir)
         except Exception as exc:  # noqa: BLE001 - any config failure is a model error for the user
             raise ModelError(f"{self.store_dir}: cannot read config.json ({exc})") from None
-        self.dtype = self.manifest.torch_dtype
+        self.store_dtype = self.manifest.torch_dtype
+        self.dtype = pick_compute_dtype(self.store_dtype, self.device)  # activations, KV cache, matmuls
         sk = build_skeleton(self.config, self.dtype, self.device)
         self.embed, self.layers, self.norm, self.lm_head, self.rotary = sk.embed, sk.layers, sk.norm, sk.lm_head, sk.rotary
         self.num_layers = len(self.layers)
@@ -88,8 +130,10 @@ class OffloadedModel:
         for i, tier in enumerate(plan.tiers):
             if tier in (DEVICE, HOST) and not (tier == HOST and self.device.type == "cuda"):
                 buf = load_blob(self.store_dir, self.manifest.layers[i], self.device)
-                self._resident_bufs[i] = buf
-                assign_layer_tensors(self.layers[i], tensor_views(self.manifest.layers[i].tensors, buf))
+                views = self._upcast(tensor_views(self.manifest.layers[i].tensors, buf))
+                self._resident_bufs[i] = buf if any(v.data_ptr() == buf.data_ptr() or v.dtype == torch.uint8
+                                                    for v in views.values()) else None
+                assign_layer_tensors(self.layers[i], views)
         self._host_bufs: dict[int, torch.Tensor] = {}  # CUDA: pinned host copies of host-tier layers
         if self.device.type == "cuda":
             for i in plan.layers(HOST):
@@ -99,8 +143,10 @@ class OffloadedModel:
         if streamed:
             files = {i: self.store_dir / self.manifest.layers[i].file for i in streamed}
             sizes = {i: self.manifest.layers[i].size for i in streamed}
-            self.streamer = LayerStreamer(files, sizes, streamed, max(plan.ring_slots, 1), warm=warm,
-                                          pin=self.device.type == "cuda")
+            slots = max(plan.ring_slots, 1)
+            self._slot_compute = self._alloc_upcast_buffers(streamed, slots)
+            self.streamer = LayerStreamer(files, sizes, streamed, slots, warm=warm, pin=self.device.type == "cuda",
+                                          prepare=self._prepare_streamed)
         self._copier = None
         if self.device.type == "cuda" and (streamed or plan.layers(HOST)):
             from offspec.runtime.cuda import DeviceRing
@@ -114,10 +160,39 @@ class OffloadedModel:
         self.passes = 0
 
     # ------------------------------------------------------------------ loading
+    def _upcast(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Float tensors not in the compute dtype become compute-dtype copies (resident parts, once)."""
+        return {n: (v.to(self.dtype) if v.dtype.is_floating_point and v.dtype != self.dtype
+                    and not n.endswith(".absmax") else v) for n, v in views.items()}
+
+    def _alloc_upcast_buffers(self, streamed: list[int], slots: int) -> list[torch.Tensor] | None:
+        """One flat compute-dtype buffer per ring slot when streamed layers need converting (CPU only)."""
+        if self.device.type != "cpu" or self.dtype == self.store_dtype:
+            return None
+        n = max(upcast_plan(self.manifest.layers[i].tensors, self.dtype)[1] for i in streamed)
+        if n == 0:
+            return None
+        return [torch.zeros(n, dtype=self.dtype) for _ in range(slots)]
+
+    def _prepare_streamed(self, layer: int, buf: torch.Tensor, slot: int) -> dict[str, torch.Tensor]:
+        """In the reader thread: views into the slot, float ones converted into the slot's compute buffer."""
+        entries = self.manifest.layers[layer].tensors
+        views = tensor_views(entries, buf)
+        if self._slot_compute is None:
+            return views
+        offsets, _ = upcast_plan(entries, self.dtype)
+        flat = self._slot_compute[slot]
+        for name, off in offsets.items():
+            v = views[name]
+            dst = flat[off : off + v.numel()].view(v.shape)
+            dst.copy_(v)
+            views[name] = dst
+        return views
+
     def _load_resident(self) -> None:
         entry = self.manifest.resident
         self._resident_buf = load_blob(self.store_dir, entry, self.device)
-        views = tensor_views(entry.tensors, self._resident_buf)
+        views = self._upcast(tensor_views(entry.tensors, self._resident_buf))
         parts = {"model.embed_tokens.": self.embed, "model.norm.": self.norm, "lm_head.": self.lm_head}
         for name, t in views.items():
             for prefix, mod in parts.items():
@@ -162,13 +237,15 @@ class OffloadedModel:
             tier = self.plan.tiers[i]
             slot = None
             if tier == DISK or (tier == HOST and self.device.type == "cuda"):
-                slot, buf = self._fetch(i)
-                assign_layer_tensors(layer, tensor_views(self.manifest.layers[i].tensors, buf))
+                slot, views = self._fetch(i)
+                assign_layer_tensors(layer, views)
                 streamed += self.manifest.layers[i].size if tier == DISK else 0
-            h = layer(h, attention_mask=attn_mask, position_ids=position_ids, past_key_values=cache,
-                      use_cache=True, position_embeddings=pos_emb)
-            if slot is not None:
-                self._done(i, slot)
+            try:
+                h = layer(h, attention_mask=attn_mask, position_ids=position_ids, past_key_values=cache,
+                          use_cache=True, position_embeddings=pos_emb)
+            finally:  # an interrupted pass must still hand its slot back, or the ring runs dry
+                if slot is not None:
+                    self._done(i, slot)
         cache.advance(t)
         if last_only:
             h = h[:, -1:]
@@ -181,13 +258,18 @@ class OffloadedModel:
 
     __call__ = forward
 
-    def _fetch(self, i: int) -> tuple[object, torch.Tensor]:
+    def _fetch(self, i: int) -> tuple[object, dict[str, torch.Tensor]]:
+        """Wait for layer i's weights; (slot to hand back, tensors to bind)."""
+        entries = self.manifest.layers[i].tensors
         if self.device.type != "cuda":
-            return self.streamer.acquire(i)
+            slot, _ = self.streamer.acquire(i)
+            return slot, self.streamer.prepared[slot]
         if self.plan.tiers[i] == HOST:
-            return self._copier.upload(self._host_bufs[i], None, None)
-        slot, buf = self.streamer.acquire(i)
-        return self._copier.upload(buf, self.streamer, slot)
+            slot, dev = self._copier.upload(self._host_bufs[i], None, None)
+        else:
+            host_slot, buf = self.streamer.acquire(i)
+            slot, dev = self._copier.upload(buf, self.streamer, host_slot)
+        return slot, tensor_views(entries, dev)
 
     def _done(self, i: int, slot: object) -> None:
         if self.device.type != "cuda":
@@ -207,6 +289,22 @@ class OffloadedModel:
         return self.manifest.resident.size + sum(self.manifest.layer_bytes)
 
 
+def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, device_memory_bytes: int,
+                   host_memory_bytes: int = 0, reserved_bytes: int = 0, cache_tokens: int = 2048,
+                   ring_slots: int = 3) -> tuple[ResidencyPlan, int]:
+    """The residency plan of a store under these budgets, and the minimum device budget that would run."""
+    from offspec.runtime.plan import minimum_budget_bytes
+
+    compute = pick_compute_dtype(manifest.torch_dtype, torch.device(device_kind))
+    kv_bytes = kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens
+    upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
+    minimum = minimum_budget_bytes(manifest.layer_bytes, manifest.resident.size, kv_bytes, reserved_bytes, 2, upcast)
+    plan = plan_residency(manifest.layer_bytes, manifest.resident.size, device_memory_bytes, host_memory_bytes,
+                          kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=device_kind,
+                          ring_slots=ring_slots, upcast=upcast)
+    return plan, minimum
+
+
 def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,
                host_memory_bytes: int | None = None, reserved_bytes: int = 0, cache_tokens: int = 2048,
                warm: bool = False, verify: bool = True, ring_slots: int = 3) -> OffloadedModel:
@@ -223,23 +321,33 @@ def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: 
     check_supported(manifest.model_type)
     dev = resolve_device(device)
     dev_default, host_default = default_budgets(dev)
-    kv_bytes = kv_bytes_per_token(store_dir, manifest) * cache_tokens
-    plan = plan_residency(
-        manifest.layer_bytes, manifest.resident.size,
+    plan, _ = plan_for_store(
+        store_dir, manifest, dev.type,
         device_memory_bytes if device_memory_bytes is not None else dev_default,
         host_memory_bytes if host_memory_bytes is not None else host_default,
-        kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=dev.type, ring_slots=ring_slots,
+        reserved_bytes, cache_tokens, ring_slots,
     )
     return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest)
 
 
-def kv_bytes_per_token(store_dir: Path, manifest: Manifest) -> int:
-    """KV cache bytes per token for the store's architecture (from config.json)."""
+def kv_bytes_per_token(store_dir: Path, manifest: Manifest, compute: torch.dtype | None = None) -> int:
+    """KV cache bytes per token for the store's architecture (from config.json), in the compute dtype."""
     import json
 
     cfg = json.loads((Path(store_dir) / "config.json").read_text())
     heads = cfg.get("num_attention_heads", 1)
     head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
     kv_heads = cfg.get("num_key_value_heads", heads)
-    elem = manifest.torch_dtype.itemsize if manifest.dtype != "uint8" else 2
+    elem = (compute or pick_compute_dtype(manifest.torch_dtype, torch.device("cpu"))).itemsize
     return 2 * manifest.num_layers * kv_heads * head_dim * elem
+
+
+def model_bytes(store_dir: str | Path, cache_tokens: int, device: str = "cpu") -> int:
+    """Memory a fully resident model takes (weights in their compute dtype plus its KV cache): a draft's reserve."""
+    store_dir = Path(store_dir)
+    manifest = read_manifest(store_dir)
+    dev = resolve_device(device)
+    compute = pick_compute_dtype(manifest.torch_dtype, dev)
+    upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
+    weights = (manifest.resident.size + sum(manifest.layer_bytes)) * upcast
+    return int(weights) + kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens

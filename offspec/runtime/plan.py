@@ -31,6 +31,7 @@ class ResidencyPlan:
     slot_bytes: int
     device_kind: str = "cpu"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    upcast: float = 1.0  # bytes in memory per stored byte of a resident float tensor (2.0: bf16 kept as float32)
 
     def layers(self, tier: str) -> list[int]:
         return [i for i, t in enumerate(self.tiers) if t == tier]
@@ -55,10 +56,10 @@ class ResidencyPlan:
     def device_bytes(self) -> int:
         """Bytes the plan holds in device memory (all RAM on the CPU)."""
         layers = sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == DEVICE)
-        total = self.resident_bytes + self.kv_bytes + self.reserved_bytes + layers + self.ring_bytes
         if self.device_kind == "cpu":
-            total += sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == HOST)
-        return total
+            layers += sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == HOST)
+        ring = self.ring_bytes * (1 + self.upcast if self.upcast > 1 else 1)
+        return int((self.resident_bytes + layers) * self.upcast) + self.kv_bytes + self.reserved_bytes + int(ring)
 
     @property
     def host_bytes(self) -> int:
@@ -69,14 +70,15 @@ class ResidencyPlan:
 
 
 def minimum_budget_bytes(layer_bytes: list[int], resident_bytes: int, kv_bytes: int, reserved_bytes: int,
-                         ring_slots: int = 2) -> int:
+                         ring_slots: int = 2, upcast: float = 1.0) -> int:
     """The smallest device budget that runs: resident parts, KV cache, reserve and `ring_slots` streamed layers."""
-    return resident_bytes + kv_bytes + reserved_bytes + ring_slots * max(layer_bytes, default=0)
+    slot = max(layer_bytes, default=0) * (1 + upcast if upcast > 1 else 1)
+    return int(resident_bytes * upcast) + kv_bytes + reserved_bytes + int(ring_slots * slot)
 
 
 def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_bytes: int,
                    host_budget_bytes: int = 0, kv_bytes: int = 0, reserved_bytes: int = 0,
-                   device_kind: str = "cpu", ring_slots: int = 3) -> ResidencyPlan:
+                   device_kind: str = "cpu", ring_slots: int = 3, upcast: float = 1.0) -> ResidencyPlan:
     """Fill the device budget with whole layers (the last layers first), then host RAM (CUDA), stream the rest.
 
     Resident layers sit at the end of the pass so that, while they compute, the reader already
@@ -84,27 +86,28 @@ def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_by
     """
     n = len(layer_bytes)
     slot = max(layer_bytes, default=0)
-    fixed = resident_bytes + kv_bytes + reserved_bytes
-    minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2)
+    slot_cost = int(slot * (1 + upcast if upcast > 1 else 1))
+    fixed = int(resident_bytes * upcast) + kv_bytes + reserved_bytes
+    minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2, upcast)
     if device_budget_bytes < minimum:
         raise BudgetError(
             f"device memory budget {format_bytes(device_budget_bytes)} is too small: it must hold the resident "
-            f"parts ({format_bytes(resident_bytes)}), the KV cache ({format_bytes(kv_bytes)})"
+            f"parts ({format_bytes(resident_bytes * upcast)}), the KV cache ({format_bytes(kv_bytes)})"
             + (f", the draft ({format_bytes(reserved_bytes)})" if reserved_bytes else "")
-            + f" and two streamed layers ({format_bytes(2 * slot)}); minimum {format_bytes(minimum)}"
+            + f" and two streamed layers ({format_bytes(2 * slot_cost)}); minimum {format_bytes(minimum)}"
         )
     tiers = [DISK] * n
     # Everything fits: no ring needed.
-    if fixed + sum(layer_bytes) <= device_budget_bytes:
+    if fixed + sum(layer_bytes) * upcast <= device_budget_bytes:
         return ResidencyPlan(tuple([DEVICE] * n), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
-                             0, 0, device_kind)
+                             0, 0, device_kind, upcast=upcast)
     # Largest ring that still leaves the minimum; 2 slots at the least.
-    slots = max(2, min(ring_slots, (device_budget_bytes - fixed) // slot if slot else 2))
-    free = device_budget_bytes - fixed - slots * slot
+    slots = max(2, min(ring_slots, (device_budget_bytes - fixed) // slot_cost if slot else 2))
+    free = device_budget_bytes - fixed - slots * slot_cost
     for i in reversed(range(n)):
-        if layer_bytes[i] <= free:
+        if layer_bytes[i] * upcast <= free:
             tiers[i] = DEVICE
-            free -= layer_bytes[i]
+            free -= int(layer_bytes[i] * upcast)
     notes: list[str] = []
     if device_kind != "cpu":
         host_free = host_budget_bytes - slots * slot
@@ -119,4 +122,4 @@ def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_by
     elif DISK not in tiers and device_kind == "cpu":
         slots = 0
     return ResidencyPlan(tuple(tiers), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
-                         slots, slot if slots else 0, device_kind, tuple(notes))
+                         slots, slot if slots else 0, device_kind, tuple(notes), upcast)

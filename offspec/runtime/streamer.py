@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -63,12 +64,15 @@ class LayerStreamer:
     """Streams layer blobs `files[i]` for i in `order` (cyclically) through `slots` staging buffers."""
 
     def __init__(self, files: dict[int, Path], sizes: dict[int, int], order: list[int], slots: int,
-                 warm: bool = False, pin: bool = False) -> None:
+                 warm: bool = False, pin: bool = False,
+                 prepare: Callable[[int, torch.Tensor, int], object] | None = None) -> None:
         if slots < 1 or not order:
             raise ValueError("a streamer needs at least one slot and one layer")
         self.files, self.sizes, self.order, self.warm = files, sizes, list(order), warm
         slot_bytes = max(sizes[i] for i in order)
         self.buffers = [alloc_staging(slot_bytes, pin) for _ in range(slots)]
+        self.prepare = prepare  # runs in the reader thread after each read (e.g. upcast into a slot buffer)
+        self.prepared: list[object] = [None] * slots
         self.stats = StreamStats()
         self._fds = {i: os.open(files[i], os.O_RDONLY) for i in order}
         self._cond = threading.Condition()
@@ -100,6 +104,8 @@ class LayerStreamer:
                     raise StoreError(f"{self.files[layer]}: short read ({n} of {size} bytes); the store is truncated")
                 if not self.warm:
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                if self.prepare is not None:
+                    self.prepared[slot] = self.prepare(layer, self.buffers[slot], slot)
                 with self._cond:
                     self.stats.bytes_read += n
                     self.stats.read_s += dt

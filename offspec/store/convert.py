@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from offspec.models.registry import check_supported
 from offspec.errors import ConfigError, ModelError, StoreError
 from offspec.store.manifest import (
     DTYPES,
@@ -303,6 +304,7 @@ class FolderSource(ModelSource):
         self.model_type = str(self.config.get("model_type") or "")
         if not self.model_type:
             raise ModelError(f"{cfg_path}: no model_type")
+        check_supported(self.model_type)
         self.num_layers = _num_layers(self.config, str(src))
         self._stack = contextlib.ExitStack()
         try:
@@ -441,6 +443,7 @@ class GgufSource(ModelSource):
                 self.model, self.tokenizer = self._load(src, torch_dtype)
         self.config = self.model.config
         self.model_type = str(self.config.model_type)
+        check_supported(self.model_type)
         self.num_layers = _num_layers(self.config.to_dict(), str(src))
         self.state = self.model.state_dict()
         self._layers, resident = _group_names(list(self.state), self.num_layers, str(src))

@@ -130,3 +130,49 @@ def test_nf4_store_equals_transformers_with_dequantized_weights(tmp_path):
             assert (om.forward(ids) - ref).abs().max().item() < 1e-4
         finally:
             om.close()
+
+
+def test_bf16_store_computes_in_float32_when_asked(tmp_path, monkeypatch):
+    """CPUs without native bf16 upcast streamed bf16 weights into float32 slot buffers in the reader thread."""
+    monkeypatch.setenv("OFFSPEC_COMPUTE_DTYPE", "float32")
+    model = build_hf("qwen2", layers=3)
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    store = convert_model(src, tmp_path / "bf16", bits=16, dtype="bfloat16", progress=False)
+    ref_model = model.to(torch.bfloat16).to(torch.float32)  # the same rounded weights, float32 math
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    for name in ("all-streamed", "all-resident"):
+        om = OffloadedModel(store, plans(store)[name], cache_tokens=32)
+        try:
+            assert om.dtype == torch.float32 and om.store_dtype == torch.bfloat16
+            assert (om.forward(ids) - ref).abs().max().item() < 1e-4, name
+            om.reset()
+            assert (om.forward(ids) - ref).abs().max().item() < 1e-4, name
+        finally:
+            om.close()
+
+
+def test_an_interrupted_pass_hands_its_slot_back(arch_store, monkeypatch):
+    _, store = arch_store
+    om = OffloadedModel(store, plans(store)["all-streamed"], cache_tokens=32)
+    try:
+        layer = om.layers[1]
+        real = layer.forward
+        calls = {"n": 0}
+
+        def flaky(*a, **k):
+            calls["n"] += 1
+            if calls["n"] <= 3:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+
+        monkeypatch.setattr(layer, "forward", flaky)
+        for _ in range(3):  # more interrupts than ring slots
+            with pytest.raises(KeyboardInterrupt):
+                om.forward(torch.tensor([[1, 2, 3]]))
+        om.reset()
+        assert om.forward(torch.tensor([[1, 2, 3]])).shape == (1, 3, 256)
+    finally:
+        om.close()
