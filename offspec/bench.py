@@ -313,11 +313,8 @@ def _plan_info(plan, target_store: Path, draft_store: Path | None) -> dict:
 
 
 def peer_budget_bytes(plan) -> int:
-    """The RAM offspec's plan gives the target's weights (resident parts, in-memory layers, staging ring)."""
-    from offspec.runtime.plan import DEVICE, HOST
-
-    kept = sum(b for b, t in zip(plan.layer_bytes, plan.tiers) if t == DEVICE or (t == HOST and plan.device_kind == "cpu"))
-    return plan.resident_bytes + kept + plan.ring_bytes
+    """The memory offspec's plan gives the target's weights: its device budget use less KV cache and draft."""
+    return int(plan.device_bytes - plan.kv_bytes - plan.reserved_bytes)
 
 
 # ---------------------------------------------------------------------- the run
@@ -468,6 +465,8 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             # 4. the peer, with the engine closed so both do not hold memory at once
             budget_bytes = peer_budget_bytes(plan)
             run_device = str(target.device)  # "auto" resolved
+            # the peer computes in the dtype the target computes in (float32 on CPUs without native bf16)
+            compute_dtype = str(target.dtype).removeprefix("torch.")
             source_store = loaded.target_store
             _close(loaded)
             del loaded, engine, target
@@ -475,7 +474,8 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             result["peer"] = None
             if peer:
                 step(f"peer {peer}: loading")
-                result["peer"] = _run_peer(source_store, bench_prompts, prompt_ids, dtype, run_device, rc, budget_bytes,
+                result["peer"] = _run_peer(source_store, bench_prompts, prompt_ids, compute_dtype, run_device, rc,
+                                           budget_bytes,
                                            min(max(peer_max_new_tokens, 2), max(max_new_tokens, 2)), warm, eos,
                                            lambda k: step(f"peer {peer}: prompt {k + 1}/{len(bench_prompts)}",
                                                           1 if k else 0), notes, progress)

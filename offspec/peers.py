@@ -180,6 +180,7 @@ def run_accelerate_peer(model_dir: Path, prompt_ids: list[list[int]], max_new_to
             "method": method,
             "model_dir": str(model_dir),
             "budget_bytes": int(budget_bytes),
+            "dtype": dtype,
             "device_map": _device_map_summary(model),
             "offload_files": len(files),
             "cold": cold,

@@ -53,9 +53,9 @@ def _save_llama(path: Path, num_layers: int, seed: int) -> Path:
 
 @pytest.fixture(scope="session")
 def bench_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(target folder: 6-layer Llama, draft folder: 2-layer Llama), bf16 safetensors, same tokenizer."""
+    """(target folder: 6-layer Llama, draft folder: 3-layer Llama), bf16 safetensors, same tokenizer."""
     root = tmp_path_factory.mktemp("bench-models")
-    return _save_llama(root / "target", 6, 0), _save_llama(root / "draft", 2, 1)
+    return _save_llama(root / "target", 6, 0), _save_llama(root / "draft", 3, 1)
 
 
 @pytest.fixture(scope="session")
@@ -85,18 +85,18 @@ def streaming_budget_no_draft(bench_models, bench_home) -> str:
 
 
 def _streaming_budget(bench_models, with_draft: bool) -> int:
-    from offspec.runtime.model import kv_bytes_per_token
+    """The runtime's own minimum budget (resident parts, KV cache, draft reserve, a 2-slot ring)."""
+    from offspec.runtime.model import model_bytes, plan_for_store
     from offspec.store.manifest import read_manifest
     from offspec.store.resolve import resolve_model
 
     target, draft = bench_models
     t_store = resolve_model(str(target), 16, "bfloat16", progress=False)
     d_store = resolve_model(str(draft), 16, "bfloat16", progress=False)
-    tm, dm = read_manifest(t_store), read_manifest(d_store)
     cache_tokens = 4096  # load_engine's default
-    draft_total = dm.resident.size + sum(dm.layer_bytes) + kv_bytes_per_token(d_store, dm) * cache_tokens
-    fixed = tm.resident.size + kv_bytes_per_token(t_store, tm) * cache_tokens + (draft_total if with_draft else 0)
-    return fixed + 2 * max(tm.layer_bytes)
+    reserved = model_bytes(d_store, cache_tokens, "cpu") if with_draft else 0
+    _plan, minimum = plan_for_store(t_store, read_manifest(t_store), "cpu", 1 << 40, 0, reserved, cache_tokens)
+    return minimum
 
 
 @pytest.fixture(autouse=True)
