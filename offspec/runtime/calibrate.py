@@ -14,7 +14,7 @@ import torch
 
 from offspec.spec.budget import expected_tokens_by_budget, interpolate_pass_s, pick_budget
 
-CURVE_SIZES = (1, 16, 64, 256, 1024)
+CURVE_SIZES = (1, 16, 64, 256)  # larger trees: extrapolated with the last slope
 CANDIDATE_BUDGETS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
