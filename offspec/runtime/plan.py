@@ -89,6 +89,10 @@ def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_by
     slot_cost = int(slot * (1 + upcast if upcast > 1 else 1))
     fixed = int(resident_bytes * upcast) + kv_bytes + reserved_bytes
     minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2, upcast)
+    # Everything fits: no ring needed.
+    if fixed + sum(layer_bytes) * upcast <= device_budget_bytes:
+        return ResidencyPlan(tuple([DEVICE] * n), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
+                             0, 0, device_kind, upcast=upcast)
     if device_budget_bytes < minimum:
         raise BudgetError(
             f"device memory budget {format_bytes(device_budget_bytes)} is too small: it must hold the resident "
@@ -97,10 +101,6 @@ def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_by
             + f" and two streamed layers ({format_bytes(2 * slot_cost)}); minimum {format_bytes(minimum)}"
         )
     tiers = [DISK] * n
-    # Everything fits: no ring needed.
-    if fixed + sum(layer_bytes) * upcast <= device_budget_bytes:
-        return ResidencyPlan(tuple([DEVICE] * n), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
-                             0, 0, device_kind, upcast=upcast)
     # Largest ring that still leaves the minimum; 2 slots at the least.
     slots = max(2, min(ring_slots, (device_budget_bytes - fixed) // slot_cost if slot else 2))
     free = device_budget_bytes - fixed - slots * slot_cost

@@ -47,3 +47,9 @@ def test_cuda_plan_uses_the_host_tier_before_disk():
     assert plan.layers(DISK) == [0, 1, 2, 3]
     assert plan.copied_bytes_per_pass == 800 * MB
     assert plan.host_bytes == 700 * MB
+
+
+def test_a_small_model_that_fits_whole_needs_no_ring_minimum():
+    two_layers = [100 * MB, 100 * MB]
+    plan = plan_residency(two_layers, 10 * MB, 2 * 100 * MB * 2 + 20 * MB + 1, upcast=2.0)
+    assert plan.tiers == (DEVICE, DEVICE) and plan.ring_slots == 0
