@@ -25,7 +25,7 @@ test-slow: install-demo
 	$(BIN)/python -m pytest -m slow
 
 demo: install-demo
-	$(BIN)/offspec generate --max-new-tokens 96 --device-memory 1.5GiB \
+	$(BIN)/offspec generate --max-new-tokens 96 --device-memory min+512MiB \
 	  "Write a Python function that checks whether a string is a palindrome."
 
 bench: install-demo

@@ -385,10 +385,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
         raise ConfigError(f"unknown --peer '{peer}' (use {', '.join(PEER_NAMES)})")
     budget_list = [] if no_spec else parse_budgets(budgets)
     bench_prompts = load_prompts(prompts)
-    rc = RuntimeConfig(device=device,
-                       device_memory_bytes=parse_size(device_memory) if device_memory else None,
-                       host_memory_bytes=parse_size(host_memory) if host_memory else None,
-                       warm=warm, bits=bits, dtype=dtype)
+    rc = RuntimeConfig.from_flags(device, device_memory, host_memory, warm, bits, dtype)
     if console is None:
         from rich.console import Console
 

@@ -36,7 +36,7 @@ import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
 from offspec import __version__, console  # noqa: E402
-from offspec.config import parse_budget, parse_size  # noqa: E402
+from offspec.config import parse_budget, parse_device_memory, parse_size  # noqa: E402
 from offspec.errors import ConfigError, ContextError, OffspecError, format_error  # noqa: E402
 
 EXIT_INTERRUPTED = 130
@@ -137,7 +137,8 @@ DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="cpu|cuda|auto", rich_help_panel=RUNTIME_PANEL, help="Where the model computes.")]
 DeviceMemoryOpt = Annotated[Optional[str], typer.Option(
     "--device-memory", metavar="SIZE", rich_help_panel=RUNTIME_PANEL,
-    help="Memory budget on the device (RAM on the CPU), e.g. 2GiB (default: from free memory).")]
+    help="Memory budget on the device (RAM on the CPU), e.g. 2GiB, or min+512MiB for the plan's minimum "
+         "plus that much (default: from free memory).")]
 HostMemoryOpt = Annotated[Optional[str], typer.Option(
     "--host-memory", metavar="SIZE", rich_help_panel=RUNTIME_PANEL,
     help="Pinned host RAM for layers and the staging ring (CUDA), e.g. 8GiB (default: from free memory).")]
@@ -166,12 +167,7 @@ def _runtime_config(device: str, device_memory: str | None, host_memory: str | N
     """A validated RuntimeConfig (pure parsing: no torch import, so flag typos fail fast)."""
     from offspec.config import RuntimeConfig
 
-    return RuntimeConfig(
-        device=device.strip().lower(),
-        device_memory_bytes=parse_size(device_memory) if device_memory is not None else None,
-        host_memory_bytes=parse_size(host_memory) if host_memory is not None else None,
-        warm=warm, bits=bits, dtype=dtype,
-    )
+    return RuntimeConfig.from_flags(device, device_memory, host_memory, warm, bits, dtype)
 
 
 def _check_device(device: str) -> None:
@@ -466,7 +462,7 @@ def plan(
     from offspec.config import RuntimeConfig
 
     rc = RuntimeConfig(bits=bits, dtype=dtype)  # validates --bits / --dtype
-    dev_budget = parse_size(device_memory) if device_memory is not None else None
+    dev_budget, over_min = parse_device_memory(device_memory)
     host_budget = parse_size(host_memory) if host_memory is not None else None
     kind = _plan_device_kind(device)
     from offspec.runtime.model import model_bytes, plan_for_store
@@ -490,7 +486,9 @@ def plan(
     reserved = 0
     if draft is not None:
         reserved = model_bytes(resolve_model(draft, 16, rc.dtype, progress=progress), CACHE_TOKENS, kind)
-    residency, minimum = plan_for_store(store, man, kind, dev_budget, host_budget, reserved, CACHE_TOKENS)
+    residency, minimum = plan_for_store(store, man, kind, dev_budget, host_budget, reserved, CACHE_TOKENS,
+                                        over_min=over_min)
+    dev_budget = dev_budget if over_min is None else minimum + over_min
     title = (f"{store.name}: {man.num_layers} layers, {man.model_type}, "
              f"{'NF4' if man.bits == 4 else man.dtype}, on {kind} (KV cache for {CACHE_TOKENS} tokens)")
     console.print_table(console.plan_table(residency, title, minimum, dev_budget, host_budget))

@@ -24,6 +24,18 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_device_memory(text: str | None) -> tuple[int | None, int | None]:
+    """--device-memory: 'SIZE' -> (bytes, None); 'min' or 'min+SIZE' -> (None, bytes over the plan's minimum)."""
+    if text is None:
+        return None, None
+    t = str(text).strip().lower().replace(" ", "")
+    if t == "min":
+        return None, 0
+    if t.startswith("min+"):
+        return None, parse_size(t[4:])
+    return parse_size(text), None
+
+
 def parse_budget(text: str) -> int | None:
     """'auto' -> None, else a positive int tree budget (1..4096)."""
     if str(text).strip().lower() == "auto":
@@ -43,10 +55,20 @@ class RuntimeConfig:
 
     device: str = "cpu"
     device_memory_bytes: int | None = None
+    device_memory_over_min: int | None = None  # 'min+SIZE': the plan's minimum plus this much
     host_memory_bytes: int | None = None
     warm: bool = False
     bits: int = 16
     dtype: str = "bfloat16"
+
+    @classmethod
+    def from_flags(cls, device: str = "cpu", device_memory: str | None = None, host_memory: str | None = None,
+                   warm: bool = False, bits: int = 16, dtype: str = "bfloat16") -> "RuntimeConfig":
+        """Parse the command-line strings (sizes, 'min+SIZE') into a validated config."""
+        dev_bytes, over_min = parse_device_memory(device_memory)
+        return cls(device=device.strip().lower(), device_memory_bytes=dev_bytes, device_memory_over_min=over_min,
+                   host_memory_bytes=parse_size(host_memory) if host_memory is not None else None,
+                   warm=warm, bits=bits, dtype=dtype)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 16):

@@ -103,7 +103,8 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                                  warm=True)
         reserved = d_total
     target = open_model(target_store, rc.device, rc.device_memory_bytes, rc.host_memory_bytes,
-                        reserved_bytes=reserved, cache_tokens=cache_tokens, warm=rc.warm)
+                        reserved_bytes=reserved, cache_tokens=cache_tokens, warm=rc.warm,
+                        device_memory_over_min=rc.device_memory_over_min)
     planner = None
     if draft_model is not None and budget_auto:
         from offspec.runtime.calibrate import make_planner

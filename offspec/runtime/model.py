@@ -291,14 +291,18 @@ class OffloadedModel:
 
 def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, device_memory_bytes: int,
                    host_memory_bytes: int = 0, reserved_bytes: int = 0, cache_tokens: int = 2048,
-                   ring_slots: int = 3) -> tuple[ResidencyPlan, int]:
-    """The residency plan of a store under these budgets, and the minimum device budget that would run."""
+                   ring_slots: int = 3, over_min: int | None = None) -> tuple[ResidencyPlan, int]:
+    """The residency plan of a store under these budgets, and the minimum device budget that would run.
+
+    over_min: plan with the minimum budget plus this many bytes (device_memory_bytes is then ignored)."""
     from offspec.runtime.plan import minimum_budget_bytes
 
     compute = pick_compute_dtype(manifest.torch_dtype, torch.device(device_kind))
     kv_bytes = kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens
     upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
     minimum = minimum_budget_bytes(manifest.layer_bytes, manifest.resident.size, kv_bytes, reserved_bytes, 2, upcast)
+    if over_min is not None:
+        device_memory_bytes = minimum + over_min
     plan = plan_residency(manifest.layer_bytes, manifest.resident.size, device_memory_bytes, host_memory_bytes,
                           kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=device_kind,
                           ring_slots=ring_slots, upcast=upcast)
@@ -307,7 +311,8 @@ def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, 
 
 def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,
                host_memory_bytes: int | None = None, reserved_bytes: int = 0, cache_tokens: int = 2048,
-               warm: bool = False, verify: bool = True, ring_slots: int = 3) -> OffloadedModel:
+               warm: bool = False, verify: bool = True, ring_slots: int = 3,
+               device_memory_over_min: int | None = None) -> OffloadedModel:
     """Open a store with a residency plan fitted to the budgets (defaults from the machine)."""
     from offspec.runtime.budget import default_budgets
 
@@ -325,7 +330,7 @@ def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: 
         store_dir, manifest, dev.type,
         device_memory_bytes if device_memory_bytes is not None else dev_default,
         host_memory_bytes if host_memory_bytes is not None else host_default,
-        reserved_bytes, cache_tokens, ring_slots,
+        reserved_bytes, cache_tokens, ring_slots, device_memory_over_min,
     )
     return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest)
 

@@ -125,3 +125,11 @@ def test_end_to_end_in_a_subprocess(tiny, offspec_home):
 def test_help_does_not_import_torch():
     code = "import sys, offspec.cli; sys.exit(1 if 'torch' in sys.modules or 'transformers' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_device_memory_relative_to_the_minimum(runner, cli_app, tiny):
+    res = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "min", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "streamed from disk" in res.stdout
+    bad = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "min+lots", "--device", "cpu"])
+    assert bad.exit_code != 0 and "bad size" in bad.stderr

@@ -53,3 +53,12 @@ def test_a_small_model_that_fits_whole_needs_no_ring_minimum():
     two_layers = [100 * MB, 100 * MB]
     plan = plan_residency(two_layers, 10 * MB, 2 * 100 * MB * 2 + 20 * MB + 1, upcast=2.0)
     assert plan.tiers == (DEVICE, DEVICE) and plan.ring_slots == 0
+
+
+def test_parse_device_memory_forms():
+    from offspec.config import parse_device_memory
+
+    assert parse_device_memory("2GiB") == (2 << 30, None)
+    assert parse_device_memory("min") == (None, 0)
+    assert parse_device_memory("min+512MiB") == (None, 512 << 20)
+    assert parse_device_memory(None) == (None, None)
