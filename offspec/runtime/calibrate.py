@@ -80,14 +80,16 @@ class BudgetPlanner:
     """
 
     def __init__(self, pass_s: dict[int, float], expand: int = 32,
-                 candidates: tuple[int, ...] = CANDIDATE_BUDGETS) -> None:
+                 candidates: tuple[int, ...] = CANDIDATE_BUDGETS, max_depth: int = 32) -> None:
         self.pass_s = dict(pass_s)
         self.expand = expand
+        self.max_depth = max_depth
         self.candidates = candidates
         base = interpolate_pass_s(self.pass_s, 1)
         cheap = [b for b in candidates if interpolate_pass_s(self.pass_s, b + 1) <= 1.3 * base]
         self.budget = max(16, min(512, max(cheap, default=candidates[0])))
         self.round_s: float | None = None
+        self.rounds_per_node: float | None = None  # draft rounds beyond the first, per drafted node
         self.curve: list[float] | None = None  # expected tokens by budget from the latest tree
         self.pred_sum = 0.0
         self.real_sum = 0.0
@@ -107,15 +109,23 @@ class BudgetPlanner:
         scale = self.real_sum / self.pred_sum if self.pred_sum > 0 else 1.0
         return 1.0 + (e - 1.0) * scale
 
+    def draft_rounds(self, budget: int) -> float:
+        """Expected draft forwards for a tree of `budget` nodes: learned from past trees (deep confident
+        chains need one round per level), else the breadth-first bound 1 + budget / expand."""
+        if self.rounds_per_node is None:
+            return 1 + math.ceil(budget / self.expand)
+        return min(1 + self.rounds_per_node * budget, 1 + self.max_depth + math.ceil(budget / self.expand))
+
     def draft_seconds(self, budget: int) -> float:
-        rounds = 1 + math.ceil(budget / self.expand)
-        return (self.round_s or 0.0) * rounds
+        return (self.round_s or 0.0) * self.draft_rounds(budget)
 
     def observe(self, grown, tree_size: int, pass_s: float, accepted: int) -> None:
         """Feed back one speculative step: the tree, the measured times and the accepted length."""
         self.pass_s[tree_size] = pass_s if tree_size not in self.pass_s else 0.7 * self.pass_s[tree_size] + 0.3 * pass_s
         round_s = grown.draft_s / max(grown.rounds, 1)
         self.round_s = round_s if self.round_s is None else 0.7 * self.round_s + 0.3 * round_s
+        per_node = max(grown.rounds - 1, 0) / max(tree_size - 1, 1)
+        self.rounds_per_node = per_node if self.rounds_per_node is None else 0.7 * self.rounds_per_node + 0.3 * per_node
         curve = expected_tokens_by_budget(grown.tree)
         self.pred_sum += curve[-1] - 1.0
         self.real_sum += accepted
