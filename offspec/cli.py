@@ -158,6 +158,10 @@ SeedOpt = Annotated[Optional[int], typer.Option(
 BudgetOpt = Annotated[str, typer.Option(
     "--budget", metavar="auto|N", rich_help_panel=SAMPLING_PANEL,
     help="Draft tree size per target pass: auto (fitted to measured pass and draft times) or 1..4096.")]
+TreeOpt = Annotated[str, typer.Option(
+    "--tree", metavar="specexec|sequoia", rich_help_panel=SAMPLING_PANEL,
+    help="How the draft tree is grown: specexec (best-first, verified by sample-and-match) or sequoia "
+         "(DP-optimal shape; children sampled without replacement when --temperature > 0).")]
 SystemOpt = Annotated[Optional[str], typer.Option(
     "--system", "-s", metavar="TEXT", help="System message put before the conversation.")]
 
@@ -178,7 +182,7 @@ def _check_device(device: str) -> None:
 
 
 def _generation_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-                       budget: str, spec: bool):
+                       budget: str, spec: bool, tree: str = "specexec"):
     if max_new_tokens < 1:
         raise ConfigError(f"bad --max-new-tokens {max_new_tokens}: must be at least 1")
     if temperature < 0:
@@ -187,11 +191,13 @@ def _generation_config(max_new_tokens: int, temperature: float, top_p: float, to
         raise ConfigError(f"bad --top-p {top_p}: must be in (0, 1]")
     if top_k < 0:
         raise ConfigError(f"bad --top-k {top_k}: must be 0 (off) or more")
+    if tree not in ("specexec", "sequoia"):
+        raise ConfigError(f"bad --tree '{tree}': use specexec or sequoia")
     parsed_budget = parse_budget(budget)
     from offspec.generate import GenerationConfig
 
     return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, budget=parsed_budget, spec=spec)
+                            seed=seed, budget=parsed_budget, spec=spec, tree=tree)
 
 
 def _load(model: str | None, draft: str | None, spec: bool, rc, budget_auto: bool):
@@ -276,6 +282,7 @@ def generate(
     top_k: TopKOpt = 0,
     seed: SeedOpt = None,
     budget: BudgetOpt = "auto",
+    tree: TreeOpt = "specexec",
     system: SystemOpt = None,
     raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
     json_out: Annotated[bool, typer.Option(
@@ -283,7 +290,7 @@ def generate(
 ) -> None:
     """Complete one prompt, streaming the answer to stdout and the speed to stderr."""
     rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
-    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec)
+    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec, tree)
     _check_device(rc.device)
     text = _read_prompt(prompt)
     from offspec.chat import encode_prompt, render_prompt, uses_template
@@ -348,11 +355,12 @@ def chat(
     top_k: TopKOpt = 0,
     seed: SeedOpt = None,
     budget: BudgetOpt = "auto",
+    tree: TreeOpt = "specexec",
     system: SystemOpt = None,
 ) -> None:
     """Talk with a model over several turns (reads one message per line from a pipe)."""
     rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
-    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec)
+    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec, tree)
     _check_device(rc.device)
     from offspec.chat import ChatSession, is_command
 

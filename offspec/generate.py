@@ -27,7 +27,7 @@ class GenerationConfig:
     seed: int | None = None
     budget: int | None = None  # None = auto (hardware-aware)
     spec: bool = True
-    verify: str = "auto"  # auto | greedy | match | without-replacement
+    tree: str = "specexec"  # specexec: best-first growth, sample-and-match | sequoia: DP shape, w/o replacement
     expand: int = 32  # draft nodes expanded per growth round
     branch: int = 8  # children per expanded node
     max_depth: int = 32
@@ -181,12 +181,13 @@ class Engine:
         return ev, tok
 
     def _grow(self, d_pending: list[int], budget: int, cfg: GenerationConfig, params: SamplingParams, gen):
-        """Draft a tree: SpecExec best-first growth, or a Sequoia shape filled by sampling w/o replacement."""
-        if cfg.verify == "without-replacement":
+        """Draft a tree: SpecExec best-first growth, or a Sequoia shape (sampled w/o replacement when sampling)."""
+        if cfg.tree == "sequoia":
             from offspec.spec.sequoia import fill_tree, optimal_tree_shape
 
             shape = optimal_tree_shape(self._sequoia_p(cfg.branch), budget, cfg.max_depth)
-            return fill_tree(self.draft, d_pending, shape, sample=True, sampling=params, generator=gen)
+            return fill_tree(self.draft, d_pending, shape, sample=params.temperature > 0, sampling=params,
+                             generator=gen)
         from offspec.spec.specexec import grow_tree
 
         return grow_tree(self.draft, d_pending, budget=budget, expand=cfg.expand, branch=cfg.branch,
@@ -205,9 +206,9 @@ class Engine:
     def _verify(self, tree, logits: torch.Tensor, cfg: GenerationConfig, params: SamplingParams, gen):
         from offspec.spec.verify import verify_greedy, verify_sample_match, verify_without_replacement
 
-        if params.temperature <= 0 or cfg.verify == "greedy":
+        if params.temperature <= 0:
             return verify_greedy(tree, logits)
-        if cfg.verify == "without-replacement":
+        if cfg.tree == "sequoia":
             return verify_without_replacement(tree, logits, params, gen)
         return verify_sample_match(tree, logits, params, gen)
 

@@ -54,6 +54,14 @@ def test_target_as_its_own_draft_accepts_the_whole_chain(stores):
     assert all(len(e.tokens) == 7 for e in passes[:-1])
 
 
+def test_sequoia_greedy_equals_plain_greedy(stores):
+    target_store, draft_store = stores
+    plain = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=20, spec=False))
+    seq = generate(_engine(target_store, draft_store), PROMPTS[0],
+                   GenerationConfig(max_new_tokens=20, budget=24, tree="sequoia", max_depth=6))
+    assert seq.token_ids == plain.token_ids
+
+
 def test_second_call_reuses_the_cached_prefix(stores):
     target_store, draft_store = stores
     engine = _engine(target_store, draft_store)
@@ -72,5 +80,5 @@ def test_seeded_sampling_is_reproducible(stores):
     b = generate(_engine(target_store, draft_store), [1, 2, 3], cfg)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 16
     wr = generate(_engine(target_store, draft_store), [1, 2, 3],
-                  GenerationConfig(max_new_tokens=16, temperature=0.8, seed=7, budget=16, verify="without-replacement"))
+                  GenerationConfig(max_new_tokens=16, temperature=0.8, seed=7, budget=16, tree="sequoia"))
     assert len(wr.token_ids) == 16

@@ -87,3 +87,8 @@ def test_debug_env_shows_the_traceback(runner, cli_app, tiny):
     from offspec.errors import ModelError
 
     assert isinstance(res.exception, ModelError)  # re-raised, so a real run prints the traceback
+
+
+def test_bad_tree_kind_is_one_line(runner, cli_app, tiny):
+    res = runner.invoke(cli_app, ["generate", "--model", str(tiny.target), "--tree", "bush", "hi"])
+    assert res.exit_code != 0 and res.stderr.strip().count("\n") == 0 and "--tree" in res.stderr
