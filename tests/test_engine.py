@@ -82,3 +82,22 @@ def test_seeded_sampling_is_reproducible(stores):
     wr = generate(_engine(target_store, draft_store), [1, 2, 3],
                   GenerationConfig(max_new_tokens=16, temperature=0.8, seed=7, budget=16, tree="sequoia"))
     assert len(wr.token_ids) == 16
+
+
+def test_tree_pass_computes_the_lm_head_for_internal_nodes_only(stores):
+    """The lazy rows of a tree pass equal the full-logits pass on every node."""
+    from offspec.spec.specexec import grow_tree
+    from offspec.spec.verify import TreeLogits, forward_tree
+
+    target_store, draft_store = stores
+    full, lazy = _engine(target_store), _engine(target_store)
+    draft = open_model(draft_store, cache_tokens=64)
+    tree = grow_tree(draft, [5, 6, 7], budget=20, expand=4, branch=3).tree
+    for e in (full, lazy):
+        e.target.forward(torch.tensor([[5, 6]]))
+    full.target.supports_logit_rows = False
+    want = forward_tree(full.target, tree)
+    got = forward_tree(lazy.target, tree)
+    assert isinstance(got, TreeLogits) and len(got.rows) < tree.size
+    for node in range(tree.size):
+        assert torch.allclose(got[node], want[node], atol=1e-5)

@@ -156,6 +156,7 @@ class OffloadedModel:
         self.cache = StaticKVCache(self.num_layers, self.config.num_key_value_heads, head_dim, cache_tokens,
                                    self.dtype, self.device)
         self.stats = PassStats()
+        self._last_hidden: torch.Tensor | None = None  # normed final hidden states of the last forward
         self.total_streamed_bytes = 0
         self.passes = 0
 
@@ -213,10 +214,16 @@ class OffloadedModel:
         return int(getattr(self.config, "max_position_embeddings", 1 << 20))
 
     # ------------------------------------------------------------------ forward
+    supports_logit_rows = True
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits [1, T, V] (float32) for input_ids [1, T]; appends the T positions to the KV cache."""
+                attn_mask: torch.Tensor | None = None, last_only: bool = False,
+                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [1, T, V] (float32) for input_ids [1, T]; appends the T positions to the KV cache.
+
+        last_only: logits of the last position only; logit_rows: of those positions only (others can be
+        had later from `logits_at` until the next forward)."""
         t0 = time.perf_counter()
         cache = self.cache
         t = input_ids.shape[1]
@@ -249,7 +256,11 @@ class OffloadedModel:
         cache.advance(t)
         if last_only:
             h = h[:, -1:]
-        logits = self.lm_head(self.norm(h)).float()
+        h = self.norm(h)
+        self._last_hidden = h
+        if logit_rows is not None:
+            h = h[:, logit_rows]
+        logits = self.lm_head(h).float()
         self.stats = PassStats(t, time.perf_counter() - t0, streamed,
                                (self.streamer.stats.wait_s - wait0) if self.streamer else 0.0)
         self.total_streamed_bytes += streamed
@@ -257,6 +268,11 @@ class OffloadedModel:
         return logits
 
     __call__ = forward
+
+    @torch.inference_mode()
+    def logits_at(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [R, V] (float32) of rows of the most recent forward."""
+        return self.lm_head(self._last_hidden[0, rows]).float()
 
     def _fetch(self, i: int) -> tuple[object, dict[str, torch.Tensor]]:
         """Wait for layer i's weights; (slot to hand back, tensors to bind)."""

@@ -23,14 +23,38 @@ class VerifyResult:
     tries: int = 0  # nodes with children where the target chose (len(accepted), +1 if it stopped at a non-leaf)
 
 
-def forward_tree(target: CausalLM, tree: DraftTree) -> torch.Tensor:
-    """One target pass over all tree nodes (root included) at positions cache.length + depth; float32 logits [N, V]."""
+class TreeLogits:
+    """Target logits of a tree pass, row by row: rows of nodes with children come from the pass itself;
+    a leaf's row (needed only when the accepted path ends there) is computed on demand from the pass's
+    final hidden states, so the lm_head runs over the few internal nodes instead of the whole tree."""
+
+    def __init__(self, rows: dict[int, torch.Tensor], compute_row) -> None:
+        self.rows, self.compute_row = rows, compute_row
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        if node not in self.rows:
+            self.rows[node] = self.compute_row(node)
+        return self.rows[node]
+
+
+def forward_tree(target: CausalLM, tree: DraftTree) -> torch.Tensor | TreeLogits:
+    """One target pass over all tree nodes (root included) at positions cache.length + depth.
+
+    Returns float32 logits [N, V], or a TreeLogits (same row indexing) when the model can compute
+    logits for chosen rows only (`logit_rows`), which skips the lm_head for leaves.
+    """
     device = model_device(target)
     prefix_len = target.cache.length
     ids = tree.tokens[None].to(device)  # [1, N]
     pos = (prefix_len + tree.depths)[None].to(device)  # [1, N]
     mask = tree_mask(prefix_len, tree.ancestors.to(device), target.dtype)  # [1, 1, N, prefix_len + N]
-    return target.forward(ids, pos, mask)[0].float()
+    if not getattr(target, "supports_logit_rows", False):
+        return target.forward(ids, pos, mask)[0].float()
+    parents = tree.parents
+    internal = torch.unique(torch.cat([torch.zeros(1, dtype=torch.long), parents[parents >= 0]]))  # sorted
+    out = target.forward(ids, pos, mask, logit_rows=internal.to(device))[0].float()  # [R, V]
+    rows = dict(zip(internal.tolist(), out))
+    return TreeLogits(rows, lambda node: target.logits_at(torch.tensor([node], device=device))[0].float())
 
 
 def commit_target(target: CausalLM, prefix_len: int, result: VerifyResult) -> None:
@@ -51,14 +75,14 @@ def _child_by_token(tree: DraftTree, node: int, token: int) -> tuple[int, int]:
     return -1, -1
 
 
-def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> VerifyResult:
+def verify_greedy(tree: DraftTree, logits: torch.Tensor | TreeLogits) -> VerifyResult:
     """Follow the target's argmax through the tree while it is a child."""
-    best = logits.argmax(dim=-1).tolist()  # [N]
     node, accepted, ranks = 0, [], []
     while True:
-        child, rank = _child_by_token(tree, node, best[node])
+        best = int(logits[node].argmax())
+        child, rank = _child_by_token(tree, node, best)
         if child < 0:
-            return _result(tree, accepted, ranks, best[node], bool(tree.children(node)))
+            return _result(tree, accepted, ranks, best, bool(tree.children(node)))
         accepted.append(child)
         ranks.append(rank)
         node = child
