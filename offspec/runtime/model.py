@@ -83,6 +83,20 @@ def upcast_plan(entries: dict, compute: torch.dtype) -> tuple[dict[str, int], in
     return offsets, n
 
 
+def upcast_factor(manifest: Manifest, compute: torch.dtype) -> float:
+    """Memory bytes per stored byte of the decoder layers once float tensors are held in `compute`
+    (NF4 packed weights stay packed, so a 4-bit store grows far less than a bf16 one)."""
+    ratio = compute.itemsize / manifest.torch_dtype.itemsize
+    if ratio <= 1:
+        return 1.0
+    total = float_bytes = 0
+    for blob in manifest.layers:
+        total += blob.size
+        offsets, _ = upcast_plan(blob.tensors, compute)
+        float_bytes += sum(blob.tensors[n].nbytes for n in offsets)
+    return 1.0 + (ratio - 1.0) * (float_bytes / total if total else 1.0)
+
+
 def load_blob(store_dir: Path, entry: BlobEntry, device: torch.device, pin: bool = False) -> torch.Tensor:
     """Read one whole blob into a new buffer (resident tiers) and drop it from the page cache."""
     path = store_dir / entry.file
@@ -315,13 +329,16 @@ def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, 
 
     compute = pick_compute_dtype(manifest.torch_dtype, torch.device(device_kind))
     kv_bytes = kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens
-    upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
-    minimum = minimum_budget_bytes(manifest.layer_bytes, manifest.resident.size, kv_bytes, reserved_bytes, 2, upcast)
+    upcast = upcast_factor(manifest, compute) if device_kind == "cpu" else 1.0
+    # resident parts (embeddings, norm, head) are all float: they grow by the full dtype ratio
+    resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
+    minimum = minimum_budget_bytes(manifest.layer_bytes, manifest.resident.size, kv_bytes, reserved_bytes, 2, upcast,
+                                   resident_upcast)
     if over_min is not None:
         device_memory_bytes = minimum + over_min
     plan = plan_residency(manifest.layer_bytes, manifest.resident.size, device_memory_bytes, host_memory_bytes,
                           kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=device_kind,
-                          ring_slots=ring_slots, upcast=upcast)
+                          ring_slots=ring_slots, upcast=upcast, resident_upcast=resident_upcast)
     return plan, minimum
 
 
@@ -369,6 +386,7 @@ def model_bytes(store_dir: str | Path, cache_tokens: int, device: str = "cpu") -
     manifest = read_manifest(store_dir)
     dev = resolve_device(device)
     compute = pick_compute_dtype(manifest.torch_dtype, dev)
-    upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
-    weights = (manifest.resident.size + sum(manifest.layer_bytes)) * upcast
+    upcast = upcast_factor(manifest, compute) if dev.type == "cpu" else 1.0
+    resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
+    weights = manifest.resident.size * resident_upcast + sum(manifest.layer_bytes) * upcast
     return int(weights) + kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens

@@ -31,7 +31,8 @@ class ResidencyPlan:
     slot_bytes: int
     device_kind: str = "cpu"
     notes: tuple[str, ...] = field(default_factory=tuple)
-    upcast: float = 1.0  # bytes in memory per stored byte of a resident float tensor (2.0: bf16 kept as float32)
+    upcast: float = 1.0  # memory bytes per stored byte of a resident layer (2.0: bf16 kept as float32)
+    resident_upcast: float = 1.0  # the same for the resident parts (embeddings, norm, head)
 
     def layers(self, tier: str) -> list[int]:
         return [i for i, t in enumerate(self.tiers) if t == tier]
@@ -58,8 +59,9 @@ class ResidencyPlan:
         layers = sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == DEVICE)
         if self.device_kind == "cpu":
             layers += sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == HOST)
-        ring = self.ring_bytes * (1 + self.upcast if self.upcast > 1 else 1)
-        return int((self.resident_bytes + layers) * self.upcast) + self.kv_bytes + self.reserved_bytes + int(ring)
+        ring = self.ring_bytes * (2 * self.upcast - 1)  # staging + float32 copies of its float tensors
+        return (int(self.resident_bytes * self.resident_upcast + layers * self.upcast) + self.kv_bytes
+                + self.reserved_bytes + int(ring))
 
     @property
     def host_bytes(self) -> int:
@@ -70,15 +72,17 @@ class ResidencyPlan:
 
 
 def minimum_budget_bytes(layer_bytes: list[int], resident_bytes: int, kv_bytes: int, reserved_bytes: int,
-                         ring_slots: int = 2, upcast: float = 1.0) -> int:
+                         ring_slots: int = 2, upcast: float = 1.0, resident_upcast: float | None = None) -> int:
     """The smallest device budget that runs: resident parts, KV cache, reserve and `ring_slots` streamed layers."""
-    slot = max(layer_bytes, default=0) * (1 + upcast if upcast > 1 else 1)
-    return int(resident_bytes * upcast) + kv_bytes + reserved_bytes + int(ring_slots * slot)
+    slot = max(layer_bytes, default=0) * (2 * upcast - 1)  # staging + float32 copies of its float tensors
+    r_up = upcast if resident_upcast is None else resident_upcast
+    return int(resident_bytes * r_up) + kv_bytes + reserved_bytes + int(ring_slots * slot)
 
 
 def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_bytes: int,
                    host_budget_bytes: int = 0, kv_bytes: int = 0, reserved_bytes: int = 0,
-                   device_kind: str = "cpu", ring_slots: int = 3, upcast: float = 1.0) -> ResidencyPlan:
+                   device_kind: str = "cpu", ring_slots: int = 3, upcast: float = 1.0,
+                   resident_upcast: float | None = None) -> ResidencyPlan:
     """Fill the device budget with whole layers (the last layers first), then host RAM (CUDA), stream the rest.
 
     Resident layers sit at the end of the pass so that, while they compute, the reader already
@@ -86,17 +90,18 @@ def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_by
     """
     n = len(layer_bytes)
     slot = max(layer_bytes, default=0)
-    slot_cost = int(slot * (1 + upcast if upcast > 1 else 1))
-    fixed = int(resident_bytes * upcast) + kv_bytes + reserved_bytes
-    minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2, upcast)
+    slot_cost = int(slot * (2 * upcast - 1))
+    r_up = upcast if resident_upcast is None else resident_upcast
+    fixed = int(resident_bytes * r_up) + kv_bytes + reserved_bytes
+    minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2, upcast, r_up)
     # Everything fits: no ring needed.
     if fixed + sum(layer_bytes) * upcast <= device_budget_bytes:
         return ResidencyPlan(tuple([DEVICE] * n), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
-                             0, 0, device_kind, upcast=upcast)
+                             0, 0, device_kind, upcast=upcast, resident_upcast=r_up)
     if device_budget_bytes < minimum:
         raise BudgetError(
             f"device memory budget {format_bytes(device_budget_bytes)} is too small: it must hold the resident "
-            f"parts ({format_bytes(resident_bytes * upcast)}), the KV cache ({format_bytes(kv_bytes)})"
+            f"parts ({format_bytes(resident_bytes * r_up)}), the KV cache ({format_bytes(kv_bytes)})"
             + (f", the draft ({format_bytes(reserved_bytes)})" if reserved_bytes else "")
             + f" and two streamed layers ({format_bytes(2 * slot_cost)}); minimum {format_bytes(minimum)}"
         )
@@ -122,4 +127,4 @@ def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_by
     elif DISK not in tiers and device_kind == "cpu":
         slots = 0
     return ResidencyPlan(tuple(tiers), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
-                         slots, slot if slots else 0, device_kind, tuple(notes), upcast)
+                         slots, slot if slots else 0, device_kind, tuple(notes), upcast, r_up)
