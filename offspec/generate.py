@@ -153,10 +153,15 @@ class Engine:
             if room <= 0:
                 yield StepEvent([], finish="length")
                 return
-            if use_spec:
-                event, root, d_pending = self._spec_step(root, d_pending, cfg, params, gen, min(room, 4096))
-            else:
+            budget = self._budget(cfg, min(room, 4096)) if use_spec else 0
+            if budget > 0:
+                event, root, d_pending = self._spec_step(root, d_pending, budget, cfg, params, gen)
+            else:  # plain decoding, or speculation that does not pay right now (the planner says 0)
                 event, root = self._plain_step(root, params, gen)
+                if use_spec:
+                    d_pending = d_pending + [root]  # the draft catches up at its next tree
+                    if self.planner is not None:
+                        self.planner.observe_plain(event.target_pass_s)
             # Cut at a stop token or at max_new_tokens.
             toks = event.tokens
             for j, tok in enumerate(toks):
@@ -212,13 +217,16 @@ class Engine:
             return verify_without_replacement(tree, logits, params, gen)
         return verify_sample_match(tree, logits, params, gen)
 
-    def _spec_step(self, root: int, d_pending: list[int], cfg: GenerationConfig, params: SamplingParams, gen,
-                   room: int) -> tuple[StepEvent, int, list[int]]:
+    def _budget(self, cfg: GenerationConfig, room: int) -> int:
+        """Drafted nodes for the next step: fixed, or the planner's choice (0 = a plain step)."""
+        budget = cfg.budget if cfg.budget is not None else (self.planner.next_budget() if self.planner else 64)
+        return min(budget, room)
+
+    def _spec_step(self, root: int, d_pending: list[int], budget: int, cfg: GenerationConfig,
+                   params: SamplingParams, gen) -> tuple[StepEvent, int, list[int]]:
         from offspec.spec.specexec import advance_draft
         from offspec.spec.verify import commit_target, forward_tree
 
-        budget = cfg.budget if cfg.budget is not None else (self.planner.next_budget() if self.planner else 64)
-        budget = max(1, min(budget, room))
         grown = self._grow(d_pending, budget, cfg, params, gen)
         self.draft_ids.extend(d_pending)
         t0 = time.perf_counter()

@@ -15,7 +15,8 @@ import torch
 from offspec.spec.budget import expected_tokens_by_budget, interpolate_pass_s, pick_budget
 
 CURVE_SIZES = (1, 16, 64, 256)  # larger trees: extrapolated with the last slope
-CANDIDATE_BUDGETS = (8, 16, 32, 64, 128, 256, 512, 1024)
+CANDIDATE_BUDGETS = (0, 8, 16, 32, 64, 128, 256, 512, 1024)  # 0 = a plain step (no draft)
+PROBE_EVERY = 8  # after this many plain steps, draft one tree again to refresh the estimates
 
 
 def _home() -> Path:
@@ -87,7 +88,9 @@ class BudgetPlanner:
         self.candidates = candidates
         base = interpolate_pass_s(self.pass_s, 1)
         cheap = [b for b in candidates if interpolate_pass_s(self.pass_s, b + 1) <= 1.3 * base]
-        self.budget = max(16, min(512, max(cheap, default=candidates[0])))
+        self.budget = max(16, min(512, max(cheap, default=16)))
+        self.best_spec_budget = self.budget
+        self.plain_steps = 0
         self.round_s: float | None = None
         self.rounds_per_node: float | None = None  # draft rounds beyond the first, per drafted node
         self.curve: list[float] | None = None  # expected tokens by budget from the latest tree
@@ -95,7 +98,16 @@ class BudgetPlanner:
         self.real_sum = 0.0
 
     def next_budget(self) -> int:
+        """Tree budget for the next step; 0 means a plain step (speculation does not pay right now)."""
+        if self.budget == 0 and self.plain_steps >= PROBE_EVERY:
+            self.plain_steps = 0
+            return self.best_spec_budget  # a probe keeps the acceptance and draft estimates fresh
         return self.budget
+
+    def observe_plain(self, pass_s: float) -> None:
+        """Feed back a plain step (one token, no draft)."""
+        self.pass_s[1] = 0.7 * self.pass_s[1] + 0.3 * pass_s if 1 in self.pass_s else pass_s
+        self.plain_steps += 1
 
     def expected_tokens(self, budget: int) -> float:
         """Calibrated expected committed tokens at `budget` (extrapolated past the latest tree's size)."""
@@ -117,7 +129,7 @@ class BudgetPlanner:
         return min(1 + self.rounds_per_node * budget, 1 + self.max_depth + math.ceil(budget / self.expand))
 
     def draft_seconds(self, budget: int) -> float:
-        return (self.round_s or 0.0) * self.draft_rounds(budget)
+        return 0.0 if budget == 0 else (self.round_s or 0.0) * self.draft_rounds(budget)
 
     def observe(self, grown, tree_size: int, pass_s: float, accepted: int) -> None:
         """Feed back one speculative step: the tree, the measured times and the accepted length."""
@@ -131,6 +143,8 @@ class BudgetPlanner:
         self.real_sum += accepted
         self.curve = curve
         self.budget = pick_budget(self.pass_s, self.draft_seconds, self.expected_tokens, self.candidates)
+        spec = [b for b in self.candidates if b > 0]
+        self.best_spec_budget = pick_budget(self.pass_s, self.draft_seconds, self.expected_tokens, spec)
 
 
 def make_planner(target, draft, expand: int = 32) -> BudgetPlanner:

@@ -49,3 +49,43 @@ def test_measured_curve_is_cached_and_leaves_the_cache_alone(make_tiny_model, tm
     assert list((tmp_path / "home" / "curves").glob("*.json"))
     assert load_or_measure_curve(model, sizes=(1, 8, 32)) == curve  # from the cache file
     model.close()
+
+
+def test_falls_back_to_plain_steps_when_drafting_costs_more_than_it_brings():
+    from offspec.runtime.calibrate import PROBE_EVERY
+
+    planner = BudgetPlanner({1: 1.0, 17: 2.0, 65: 4.0, 257: 9.0}, expand=32)
+    planner.observe(_Grown(_confident_tree(16), draft_s=6.0, rounds=6), 17, 2.0, 1)
+    assert planner.next_budget() == 0
+    for _ in range(PROBE_EVERY):
+        assert planner.next_budget() == 0
+        planner.observe_plain(1.0)
+    assert planner.next_budget() > 0  # a probe tree refreshes the estimates
+    assert planner.next_budget() == 0
+
+
+def test_engine_with_plain_fallback_still_equals_plain_greedy(make_tiny_model, tmp_path):
+    from offspec.generate import Engine, GenerationConfig, generate
+
+    store = convert_model(make_tiny_model("llama"), tmp_path / "t", dtype="float32", progress=False)
+    draft = convert_model(make_tiny_model("llama", num_layers=2, seed=1), tmp_path / "d", dtype="float32",
+                          progress=False)
+
+    class Alternating:
+        def __init__(self):
+            self.n = 0
+
+        def next_budget(self):
+            self.n += 1
+            return 0 if self.n % 3 else 12
+
+        def observe(self, *a):
+            pass
+
+        def observe_plain(self, *a):
+            pass
+
+    want = generate(Engine(open_model(store, cache_tokens=64), None, None), [4, 5, 6],
+                    GenerationConfig(max_new_tokens=30, spec=False)).token_ids
+    engine = Engine(open_model(store, cache_tokens=64), open_model(draft, cache_tokens=64), None, Alternating())
+    assert generate(engine, [4, 5, 6], GenerationConfig(max_new_tokens=30)).token_ids == want
