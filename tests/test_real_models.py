@@ -1,11 +1,10 @@
-"""Oracles on the real packaged models (slow: run with `make test-slow` or `pytest -m slow`)."""
+"""Oracles on the real packaged models: SmolLM2 in the default suite, the 1.5B demo pair marked slow
+(`make test-slow` or `pytest -m slow`)."""
 
 import pytest
 import torch
 
 from offspec.generate import Engine, GenerationConfig, generate
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +82,7 @@ def test_smollm2_as_its_own_draft_equals_plain_greedy(smollm2):
     assert spec.stats.tokens_per_pass > 4
 
 
+@pytest.mark.slow
 def test_demo_pair_speculative_greedy_equals_plain(tmp_path):
     import importlib.util
 
