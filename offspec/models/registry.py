@@ -45,14 +45,3 @@ def build_skeleton(config, dtype: torch.dtype, device: torch.device | str = "cpu
     inner = model.model
     rotary = type(inner.rotary_emb)(config=config).to(device)
     return Skeleton(config, inner.embed_tokens, inner.layers, inner.norm, model.lm_head, rotary)
-
-
-def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Point parameter or buffer `name` (dotted, relative to module) at `value` without copying."""
-    *path, leaf = name.split(".")
-    for part in path:
-        module = getattr(module, part)
-    if leaf in module._parameters:
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        module._buffers[leaf] = value

@@ -184,7 +184,8 @@ class OffloadedModel:
         """One flat compute-dtype buffer per ring slot when streamed layers need converting (CPU only)."""
         if self.device.type != "cpu" or self.dtype == self.store_dtype:
             return None
-        n = max(upcast_plan(self.manifest.layers[i].tensors, self.dtype)[1] for i in streamed)
+        self._upcast_offsets = {i: upcast_plan(self.manifest.layers[i].tensors, self.dtype) for i in streamed}
+        n = max(size for _, size in self._upcast_offsets.values())
         if n == 0:
             return None
         return [torch.zeros(n, dtype=self.dtype) for _ in range(slots)]
@@ -195,7 +196,7 @@ class OffloadedModel:
         views = tensor_views(entries, buf)
         if self._slot_compute is None:
             return views
-        offsets, _ = upcast_plan(entries, self.dtype)
+        offsets, _ = self._upcast_offsets[layer]  # computed once per layer, not per pass
         flat = self._slot_compute[slot]
         for name, off in offsets.items():
             v = views[name]
