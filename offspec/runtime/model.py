@@ -140,13 +140,10 @@ class OffloadedModel:
             if quant:
                 swap_nf4_linears(self.layers[i], quant)
         self._load_resident()
-        self._resident_bufs: dict[int, torch.Tensor] = {}
         for i, tier in enumerate(plan.tiers):
             if tier in (DEVICE, HOST) and not (tier == HOST and self.device.type == "cuda"):
                 buf = load_blob(self.store_dir, self.manifest.layers[i], self.device)
                 views = self._upcast(tensor_views(self.manifest.layers[i].tensors, buf))
-                self._resident_bufs[i] = buf if any(v.data_ptr() == buf.data_ptr() or v.dtype == torch.uint8
-                                                    for v in views.values()) else None
                 assign_layer_tensors(self.layers[i], views)
         self._host_bufs: dict[int, torch.Tensor] = {}  # CUDA: pinned host copies of host-tier layers
         if self.device.type == "cuda":
@@ -207,8 +204,8 @@ class OffloadedModel:
 
     def _load_resident(self) -> None:
         entry = self.manifest.resident
-        self._resident_buf = load_blob(self.store_dir, entry, self.device)
-        views = self._upcast(tensor_views(entry.tensors, self._resident_buf))
+        # views keep their blob's storage alive; upcast copies let the stored bytes go
+        views = self._upcast(tensor_views(entry.tensors, load_blob(self.store_dir, entry, self.device)))
         parts = {"model.embed_tokens.": self.embed, "model.norm.": self.norm, "lm_head.": self.lm_head}
         for name, t in views.items():
             for prefix, mod in parts.items():

@@ -75,34 +75,32 @@ def _child_by_token(tree: DraftTree, node: int, token: int) -> tuple[int, int]:
     return -1, -1
 
 
-def verify_greedy(tree: DraftTree, logits: torch.Tensor | TreeLogits) -> VerifyResult:
-    """Follow the target's argmax through the tree while it is a child."""
+def _follow(tree: DraftTree, choose) -> VerifyResult:
+    """Walk from the root: take the target's chosen token at each node while it is a child."""
     node, accepted, ranks = 0, [], []
     while True:
-        best = int(logits[node].argmax())
-        child, rank = _child_by_token(tree, node, best)
-        if child < 0:
-            return _result(tree, accepted, ranks, best, bool(tree.children(node)))
-        accepted.append(child)
-        ranks.append(rank)
-        node = child
-
-
-def verify_sample_match(
-    tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
-) -> VerifyResult:
-    """SpecExec: at each node draw one token from the target; follow it if it is a child, else it is next_token."""
-    if sampling.greedy:
-        return verify_greedy(tree, logits)
-    node, accepted, ranks = 0, [], []
-    while True:
-        token = int(sample(logits[node], sampling, generator))
+        token = choose(node)
         child, rank = _child_by_token(tree, node, token)
         if child < 0:
             return _result(tree, accepted, ranks, token, bool(tree.children(node)))
         accepted.append(child)
         ranks.append(rank)
         node = child
+
+
+def verify_greedy(tree: DraftTree, logits: torch.Tensor | TreeLogits) -> VerifyResult:
+    """Follow the target's argmax through the tree while it is a child."""
+    return _follow(tree, lambda node: int(logits[node].argmax()))
+
+
+def verify_sample_match(
+    tree: DraftTree, logits: torch.Tensor | TreeLogits, sampling: SamplingParams,
+    generator: torch.Generator | None = None,
+) -> VerifyResult:
+    """SpecExec: at each node draw one token from the target; follow it if it is a child, else it is next_token."""
+    if sampling.greedy:
+        return verify_greedy(tree, logits)
+    return _follow(tree, lambda node: int(sample(logits[node], sampling, generator)))
 
 
 def verify_without_replacement(
