@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from offspec.transformers_contract import CacheProtocol
 
-class StaticKVCache:
+
+class StaticKVCache(CacheProtocol):
     """Per-layer key/value buffers [1, H_kv, capacity, D]; `length` positions are valid.
 
     transformers' attention modules call `update(k, v, layer_idx)` during a forward: the new T
@@ -49,9 +51,8 @@ class StaticKVCache:
         if need > self.capacity:
             self._reserve(max(need, int(self.capacity * 1.5) + 64))
 
-    # --- the transformers Cache protocol used by decoder layers ---
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # --- the transformers Cache protocol used by decoder layers (update -> write) ---
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = key_states.shape[-2]  # key_states: [1, H_kv, T, D]
         end = self.length + t
         k, v = self.keys[layer_idx], self.values[layer_idx]

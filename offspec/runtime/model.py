@@ -18,6 +18,7 @@ from offspec.runtime.masks import causal_mask
 from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan, plan_residency
 from offspec.runtime.streamer import LayerStreamer, alloc_staging, drop_page_cache, read_into
 from offspec.store.manifest import BlobEntry, Manifest, read_manifest, tensor_views
+from offspec.transformers_contract import call_layer
 
 
 @dataclass
@@ -260,8 +261,8 @@ class OffloadedModel:
                 assign_layer_tensors(layer, views)
                 streamed += self.manifest.layers[i].size if tier == DISK else 0
             try:
-                h = layer(h, attention_mask=attn_mask, position_ids=position_ids, past_key_values=cache,
-                          use_cache=True, position_embeddings=pos_emb)
+                h = call_layer(layer, h, mask=attn_mask, position_ids=position_ids, position_embeddings=pos_emb,
+                               cache=cache)
             finally:  # an interrupted pass must still hand its slot back, or the ring runs dry
                 if slot is not None:
                     self._done(i, slot)

@@ -1,0 +1,93 @@
+"""offspec's whole contract with transformers' internals, in one place.
+
+offspec calls transformers' own decoder layers with a KV cache of its own. What it relies on:
+- the cache protocol: attention modules call `cache.update(key, value, layer_idx, ...)`; the extra
+  arguments changed between releases (`cache_kwargs` positional before 5.24, `kwargs=` from 5.24) and
+  are ignored here (offspec positions come from the model, not the cache);
+- the name of the cache argument of decoder layers and model forwards (`past_key_values` before 5.24,
+  `cache` from 5.24; the old name is deprecated until 5.40);
+- rotary embeddings called as `rotary(hidden, position_ids)` -> (cos, sin);
+- an additive float 4D mask `[1, 1, q, kv]` passed as `attention_mask`, used as given.
+`check_contract` exercises all of it on a real decoder layer; the contract test runs it per family.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from functools import lru_cache
+
+import torch
+
+# The transformers releases the test suite passed on (see docs/dependencies.md to move them).
+TESTED_RANGE = ("5.0.0", "5.24.0")
+
+
+class ContractError(RuntimeError):
+    """The installed transformers no longer behaves as offspec relies on."""
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+        if len(out) == 3:
+            break
+    return tuple(out)
+
+
+def in_tested_range(version: str | None = None) -> bool:
+    v = _vtuple(version or transformers_version())
+    return _vtuple(TESTED_RANGE[0]) <= v <= _vtuple(TESTED_RANGE[1])
+
+
+def warn_if_untested(stream=None) -> bool:
+    """One stderr line when the installed transformers lies outside the tested range; True if warned."""
+    v = transformers_version()
+    if in_tested_range(v):
+        return False
+    print(f"warning: transformers {v} is outside the range offspec was tested with "
+          f"({TESTED_RANGE[0]} to {TESTED_RANGE[1]}); continuing", file=stream or sys.stderr)
+    return True
+
+
+@lru_cache(maxsize=None)
+def cache_arg_name(layer_cls: type) -> str:
+    """The keyword a decoder layer (or model forward) takes its KV cache under: 'cache' or 'past_key_values'."""
+    params = inspect.signature(inspect.unwrap(layer_cls.forward)).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise ContractError(
+        f"transformers {transformers_version()}: {layer_cls.__name__}.forward takes neither 'cache' nor "
+        "'past_key_values' (the cache argument of decoder layers changed)")
+
+
+def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, *, mask: torch.Tensor, position_ids: torch.Tensor,
+               position_embeddings, cache) -> torch.Tensor:
+    """Run one transformers decoder layer over offspec's cache; returns the hidden states."""
+    out = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                position_embeddings=position_embeddings, **{cache_arg_name(type(layer)): cache})
+    return out[0] if isinstance(out, tuple) else out
+
+
+class CacheProtocol:
+    """Mixin for offspec caches: the methods transformers' attention and masking code call on a cache."""
+
+    is_compileable = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self.write(key_states, value_states, layer_idx)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):  # pragma: no cover
+        raise NotImplementedError
