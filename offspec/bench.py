@@ -178,7 +178,7 @@ def measure_read_gbps(blobs: list[tuple[Path, int]], repeats: int = 3, evict_pat
 # ---------------------------------------------------------------------- pass-time curve
 def pass_time_curve(model, sizes: tuple[int, ...] = CURVE_SIZES, repeats: int = 3, prefix: int = 32) -> list[dict]:
     """Seconds of one target forward of T tokens after a short prefill, per T: median and best over repeats."""
-    from offspec.runtime.calibrate import measure_pass_curve
+    from offspec.runtime.pass_curve import measure_pass_curve
 
     runs: dict[int, list[float]] = {}
     for r in range(max(1, repeats)):

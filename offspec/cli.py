@@ -176,7 +176,7 @@ def _runtime_config(device: str, device_memory: str | None, host_memory: str | N
 
 def _check_device(device: str) -> None:
     """ConfigError for --device cuda without CUDA, or an unknown device, before any model is touched."""
-    from offspec.runtime.model import resolve_device
+    from offspec.runtime.device import resolve_device
 
     resolve_device(device)
 
@@ -473,14 +473,14 @@ def plan(
     dev_budget, over_min = parse_device_memory(device_memory)
     host_budget = parse_size(host_memory) if host_memory is not None else None
     kind = _plan_device_kind(device)
-    from offspec.runtime.model import model_bytes, plan_for_store
+    from offspec.runtime.sizing import model_bytes, plan_for_store
     from offspec.store.manifest import read_manifest
     from offspec.store.resolve import resolve_model
 
     if dev_budget is None or host_budget is None:
         import torch
 
-        from offspec.runtime.budget import default_budgets
+        from offspec.runtime.memory import default_budgets
 
         if kind == "cuda" and not torch.cuda.is_available():
             raise ConfigError("planning for cuda without CUDA here: give both --device-memory and --host-memory")

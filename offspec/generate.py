@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 
 from offspec.errors import ContextError, ModelError
-from offspec.spec.sampling import SamplingParams, sample
-from offspec.spec.stats import AcceptanceStats
+from offspec.speculative.sampling import SamplingParams, sample
+from offspec.speculative.stats import AcceptanceStats
 
 
 @dataclass(frozen=True)
@@ -188,12 +188,12 @@ class Engine:
     def _grow(self, d_pending: list[int], budget: int, cfg: GenerationConfig, params: SamplingParams, gen):
         """Draft a tree: SpecExec best-first growth, or a Sequoia shape (sampled w/o replacement when sampling)."""
         if cfg.tree == "sequoia":
-            from offspec.spec.sequoia import fill_tree, optimal_tree_shape
+            from offspec.speculative.sequoia import fill_tree, optimal_tree_shape
 
             shape = optimal_tree_shape(self._sequoia_p(cfg.branch), budget, cfg.max_depth)
             return fill_tree(self.draft, d_pending, shape, sample=params.temperature > 0, sampling=params,
                              generator=gen)
-        from offspec.spec.specexec import grow_tree
+        from offspec.speculative.specexec import grow_tree
 
         return grow_tree(self.draft, d_pending, budget=budget, expand=cfg.expand, branch=cfg.branch,
                          max_depth=cfg.max_depth)
@@ -209,7 +209,7 @@ class Engine:
         return self._p_cache[1]
 
     def _verify(self, tree, logits: torch.Tensor, cfg: GenerationConfig, params: SamplingParams, gen):
-        from offspec.spec.verify import verify_greedy, verify_sample_match, verify_without_replacement
+        from offspec.speculative.verify import verify_greedy, verify_sample_match, verify_without_replacement
 
         if params.temperature <= 0:
             return verify_greedy(tree, logits)
@@ -224,8 +224,8 @@ class Engine:
 
     def _spec_step(self, root: int, d_pending: list[int], budget: int, cfg: GenerationConfig,
                    params: SamplingParams, gen) -> tuple[StepEvent, int, list[int]]:
-        from offspec.spec.specexec import advance_draft
-        from offspec.spec.verify import commit_target, forward_tree
+        from offspec.speculative.specexec import advance_draft
+        from offspec.speculative.verify import commit_target, forward_tree
 
         grown = self._grow(d_pending, budget, cfg, params, gen)
         self.draft_ids.extend(d_pending)

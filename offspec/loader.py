@@ -96,7 +96,7 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     if draft_store is not None:
         draft_tok = load_tokenizer(draft_store)
         check_same_tokenizer(tokenizer, draft_tok, str(target_store.name), str(draft_store.name))
-        from offspec.runtime.model import model_bytes
+        from offspec.runtime.sizing import model_bytes
 
         d_total = model_bytes(draft_store, cache_tokens, rc.device)
         draft_model = open_model(draft_store, rc.device, device_memory_bytes=d_total + 1, cache_tokens=cache_tokens,
@@ -107,9 +107,9 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                         device_memory_over_min=rc.device_memory_over_min)
     planner = None
     if draft_model is not None and budget_auto:
-        from offspec.runtime.calibrate import make_planner
+        from offspec.speculative.tree_size import make_planner
 
-        planner = make_planner(target, draft_model)
+        planner = make_planner(target)
     engine = Engine(target, draft_model, tokenizer, planner)
     engine.eos_ids = tuple(sorted(set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))))
     return Loaded(engine, target_store, draft_store, tokenizer)

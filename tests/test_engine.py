@@ -86,8 +86,8 @@ def test_seeded_sampling_is_reproducible(stores):
 
 def test_tree_pass_computes_the_lm_head_for_internal_nodes_only(stores):
     """The lazy rows of a tree pass equal the full-logits pass on every node."""
-    from offspec.spec.specexec import grow_tree
-    from offspec.spec.verify import TreeLogits, forward_tree
+    from offspec.speculative.specexec import grow_tree
+    from offspec.speculative.verify import TreeLogits, forward_tree
 
     target_store, draft_store = stores
     full, lazy = _engine(target_store), _engine(target_store)

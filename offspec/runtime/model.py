@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from offspec.errors import ConfigError, ModelError, StoreError
+from offspec.errors import ModelError, StoreError
 from offspec.models.nf4 import assign_layer_tensors, swap_nf4_linears
 from offspec.models.registry import build_skeleton, check_supported
 from offspec.runtime.kv_cache import StaticKVCache
 from offspec.runtime.masks import causal_mask
-from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan, plan_residency
-from offspec.runtime.streamer import LayerStreamer, alloc_staging, drop_page_cache, read_into
-from offspec.store.manifest import BlobEntry, Manifest, read_manifest, tensor_views
+from offspec.runtime.device import pick_compute_dtype, resolve_device
+from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan
+from offspec.runtime.sizing import plan_for_store, upcast_plan
+from offspec.runtime.streamer import LayerStreamer, load_blob
+from offspec.store.manifest import Manifest, read_manifest, tensor_views
 from offspec.transformers_contract import call_layer
 
 
@@ -29,88 +29,6 @@ class PassStats:
     pass_s: float = 0.0
     streamed_bytes: int = 0
     wait_s: float = 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    """'cpu', 'cuda' or 'auto' -> a torch device; cuda without CUDA is a clear error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but CUDA is not available on this machine")
-        return torch.device(device)
-    if device != "cpu":
-        raise ConfigError(f"unknown device '{device}' (use cpu, cuda or auto)")
-    return torch.device("cpu")
-
-
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` natively (AVX-512 BF16/FP16 or AMX); otherwise float32 is faster."""
-    if dtype == torch.float32:
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    want = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}
-    return any(f in flags for f in want.get(dtype, ()))
-
-
-def pick_compute_dtype(store_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype activations and weights are multiplied in (OFFSPEC_COMPUTE_DTYPE overrides)."""
-    from offspec.store.manifest import DTYPES
-
-    forced = os.environ.get("OFFSPEC_COMPUTE_DTYPE")
-    if forced:
-        if forced not in DTYPES or DTYPES[forced] not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ConfigError(f"bad OFFSPEC_COMPUTE_DTYPE '{forced}': use bfloat16, float16 or float32")
-        return DTYPES[forced]
-    if device.type == "cpu" and not cpu_has_native(store_dtype):
-        return torch.float32
-    return store_dtype
-
-
-def upcast_plan(entries: dict, compute: torch.dtype) -> tuple[dict[str, int], int]:
-    """Element offsets of each float tensor to convert into a flat `compute` buffer, and its length."""
-    from offspec.store.manifest import DTYPES
-
-    offsets, n = {}, 0
-    for name, e in entries.items():
-        dt = DTYPES[e.dtype]
-        if e.quant is None and dt.is_floating_point and dt != compute and not name.endswith(".absmax"):
-            offsets[name] = n
-            n += math.prod(e.shape) if e.shape else 1
-            n = (n + 15) // 16 * 16  # keep every tensor 64-byte aligned
-    return offsets, n
-
-
-def upcast_factor(manifest: Manifest, compute: torch.dtype) -> float:
-    """Memory bytes per stored byte of the decoder layers once float tensors are held in `compute`
-    (NF4 packed weights stay packed, so a 4-bit store grows far less than a bf16 one)."""
-    ratio = compute.itemsize / manifest.torch_dtype.itemsize
-    if ratio <= 1:
-        return 1.0
-    total = float_bytes = 0
-    for blob in manifest.layers:
-        total += blob.size
-        offsets, _ = upcast_plan(blob.tensors, compute)
-        float_bytes += sum(blob.tensors[n].nbytes for n in offsets)
-    return 1.0 + (ratio - 1.0) * (float_bytes / total if total else 1.0)
-
-
-def load_blob(store_dir: Path, entry: BlobEntry, device: torch.device, pin: bool = False) -> torch.Tensor:
-    """Read one whole blob into a new buffer (resident tiers) and drop it from the page cache."""
-    path = store_dir / entry.file
-    buf = alloc_staging(entry.size, pin=pin)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        n = read_into(fd, buf, entry.size)
-    finally:
-        os.close(fd)
-    if n != entry.size:
-        raise StoreError(f"{path}: short read ({n} of {entry.size} bytes); the store is truncated")
-    drop_page_cache(path)
-    return buf.to(device) if device.type != "cpu" else buf
 
 
 class OffloadedModel:
@@ -318,35 +236,12 @@ class OffloadedModel:
         return self.manifest.resident.size + sum(self.manifest.layer_bytes)
 
 
-def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, device_memory_bytes: int,
-                   host_memory_bytes: int = 0, reserved_bytes: int = 0, cache_tokens: int = 2048,
-                   ring_slots: int = 3, over_min: int | None = None) -> tuple[ResidencyPlan, int]:
-    """The residency plan of a store under these budgets, and the minimum device budget that would run.
-
-    over_min: plan with the minimum budget plus this many bytes (device_memory_bytes is then ignored)."""
-    from offspec.runtime.plan import minimum_budget_bytes
-
-    compute = pick_compute_dtype(manifest.torch_dtype, torch.device(device_kind))
-    kv_bytes = kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens
-    upcast = upcast_factor(manifest, compute) if device_kind == "cpu" else 1.0
-    # resident parts (embeddings, norm, head) are all float: they grow by the full dtype ratio
-    resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
-    minimum = minimum_budget_bytes(manifest.layer_bytes, manifest.resident.size, kv_bytes, reserved_bytes, 2, upcast,
-                                   resident_upcast)
-    if over_min is not None:
-        device_memory_bytes = minimum + over_min
-    plan = plan_residency(manifest.layer_bytes, manifest.resident.size, device_memory_bytes, host_memory_bytes,
-                          kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=device_kind,
-                          ring_slots=ring_slots, upcast=upcast, resident_upcast=resident_upcast)
-    return plan, minimum
-
-
 def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,
                host_memory_bytes: int | None = None, reserved_bytes: int = 0, cache_tokens: int = 2048,
                warm: bool = False, verify: bool = True, ring_slots: int = 3,
                device_memory_over_min: int | None = None) -> OffloadedModel:
     """Open a store with a residency plan fitted to the budgets (defaults from the machine)."""
-    from offspec.runtime.budget import default_budgets
+    from offspec.runtime.memory import default_budgets
 
     store_dir = Path(store_dir)
     if verify:
@@ -367,25 +262,3 @@ def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: 
     return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest)
 
 
-def kv_bytes_per_token(store_dir: Path, manifest: Manifest, compute: torch.dtype | None = None) -> int:
-    """KV cache bytes per token for the store's architecture (from config.json), in the compute dtype."""
-    import json
-
-    cfg = json.loads((Path(store_dir) / "config.json").read_text())
-    heads = cfg.get("num_attention_heads", 1)
-    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
-    kv_heads = cfg.get("num_key_value_heads", heads)
-    elem = (compute or pick_compute_dtype(manifest.torch_dtype, torch.device("cpu"))).itemsize
-    return 2 * manifest.num_layers * kv_heads * head_dim * elem
-
-
-def model_bytes(store_dir: str | Path, cache_tokens: int, device: str = "cpu") -> int:
-    """Memory a fully resident model takes (weights in their compute dtype plus its KV cache): a draft's reserve."""
-    store_dir = Path(store_dir)
-    manifest = read_manifest(store_dir)
-    dev = resolve_device(device)
-    compute = pick_compute_dtype(manifest.torch_dtype, dev)
-    upcast = upcast_factor(manifest, compute) if dev.type == "cpu" else 1.0
-    resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
-    weights = manifest.resident.size * resident_upcast + sum(manifest.layer_bytes) * upcast
-    return int(weights) + kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from offspec.errors import StoreError
+from offspec.store.manifest import BlobEntry
 
 
 @dataclass
@@ -158,3 +159,18 @@ class LayerStreamer:
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
             self.close()
+
+
+def load_blob(store_dir: Path, entry: BlobEntry, device: torch.device, pin: bool = False) -> torch.Tensor:
+    """Read one whole blob into a new buffer (resident tiers) and drop it from the page cache."""
+    path = store_dir / entry.file
+    buf = alloc_staging(entry.size, pin=pin)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        n = read_into(fd, buf, entry.size)
+    finally:
+        os.close(fd)
+    if n != entry.size:
+        raise StoreError(f"{path}: short read ({n} of {entry.size} bytes); the store is truncated")
+    drop_page_cache(path)
+    return buf.to(device) if device.type != "cpu" else buf

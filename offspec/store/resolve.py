@@ -7,6 +7,7 @@ import re
 import socket
 from pathlib import Path
 
+from offspec.paths import offspec_home
 from offspec.errors import ModelError, StoreError
 from offspec.store.convert import check_options, convert_model, source_key
 from offspec.store.manifest import MANIFEST, read_manifest
@@ -15,12 +16,6 @@ HUB_HOST = ("huggingface.co", 443)
 HUB_TIMEOUT_S = 3.0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
-
-
-def offspec_home() -> Path:
-    """$OFFSPEC_HOME, else ~/.cache/offspec."""
-    env = os.environ.get("OFFSPEC_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "offspec"
 
 
 def stores_dir(home: Path | None = None) -> Path:

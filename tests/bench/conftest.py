@@ -86,7 +86,7 @@ def streaming_budget_no_draft(bench_models, bench_home) -> str:
 
 def _streaming_budget(bench_models, with_draft: bool) -> int:
     """The runtime's own minimum budget (resident parts, KV cache, draft reserve, a 2-slot ring)."""
-    from offspec.runtime.model import model_bytes, plan_for_store
+    from offspec.runtime.sizing import model_bytes, plan_for_store
     from offspec.store.manifest import read_manifest
     from offspec.store.resolve import resolve_model
 

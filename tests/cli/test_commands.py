@@ -69,7 +69,7 @@ def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny):
     assert roomy.exit_code == 0, roomy.output
     assert "0-3" in roomy.stdout and "minimum budget" in roomy.stdout
     # Just above the minimum (KV for 4096 tokens + resident + 2 layer slots): layers stream from disk.
-    from offspec.runtime.model import plan_for_store
+    from offspec.runtime.sizing import plan_for_store
     from offspec.store.manifest import read_manifest
     from offspec.store.resolve import resolve_model
 

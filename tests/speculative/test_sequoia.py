@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from offspec.spec import sequoia
-from offspec.spec.sampling import SamplingParams
-from offspec.spec.sequoia import (
+from offspec.speculative import sequoia
+from offspec.speculative.sampling import SamplingParams
+from offspec.speculative.sequoia import (
     TreeShape,
     best_expected_accepted,
     estimate_acceptance,
@@ -21,7 +21,7 @@ from offspec.spec.sequoia import (
     optimal_tree_shape,
     save_shapes,
 )
-from offspec.spec.verify import verify_greedy
+from offspec.speculative.verify import verify_greedy
 
 from .fakes import FakeLM
 from .oracles import speculative_generate

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from offspec.errors import ConfigError
-from offspec.spec.sampling import SamplingParams, probs, process_logits, sample
+from offspec.speculative.sampling import SamplingParams, probs, process_logits, sample
 
 P = torch.tensor([0.5, 0.3, 0.15, 0.05])
 

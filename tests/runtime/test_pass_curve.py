@@ -1,8 +1,9 @@
 import torch
 
-from offspec.runtime.calibrate import BudgetPlanner, load_or_measure_curve
+from offspec.runtime.pass_curve import load_or_measure_curve
+from offspec.speculative.tree_size import BudgetPlanner
 from offspec.runtime.model import open_model
-from offspec.spec.tree import DraftTree
+from offspec.speculative.tree import DraftTree
 from offspec.store.convert import convert_model
 
 
@@ -52,7 +53,7 @@ def test_measured_curve_is_cached_and_leaves_the_cache_alone(make_tiny_model, tm
 
 
 def test_falls_back_to_plain_steps_when_drafting_costs_more_than_it_brings():
-    from offspec.runtime.calibrate import PROBE_EVERY
+    from offspec.speculative.tree_size import PROBE_EVERY
 
     planner = BudgetPlanner({1: 1.0, 17: 2.0, 65: 4.0, 257: 9.0}, expand=32)
     planner.observe(_Grown(_confident_tree(16), draft_s=6.0, rounds=6), 17, 2.0, 1)

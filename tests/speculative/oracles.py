@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
-from offspec.spec.specexec import CausalLM, GrowResult, advance_draft, model_device
-from offspec.spec.tree import DraftTree
-from offspec.spec.verify import VerifyResult, commit_target, forward_tree
+from offspec.speculative.specexec import CausalLM, GrowResult, advance_draft, model_device
+from offspec.speculative.tree import DraftTree
+from offspec.speculative.verify import VerifyResult, commit_target, forward_tree
 
 
 def decode_path_logits(model: CausalLM, tokens: list[int]) -> torch.Tensor:

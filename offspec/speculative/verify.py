@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from offspec.runtime.masks import tree_mask
-from offspec.spec.sampling import SamplingParams, probs, sample, sample_probs, uniform
-from offspec.spec.specexec import CausalLM, model_device
-from offspec.spec.tree import DraftTree
+from offspec.speculative.sampling import SamplingParams, probs, sample, sample_probs, uniform
+from offspec.speculative.specexec import CausalLM, model_device
+from offspec.speculative.tree import DraftTree
 
 
 @dataclass

@@ -1,76 +1,103 @@
-"""Measure the target's pass time against tree size (cached per store, plan and machine) and plan budgets from it."""
+"""Hardware-aware tree budget: maximise expected tokens per second of (target pass + drafting)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import platform
-import time
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from offspec.spec.budget import expected_tokens_by_budget, interpolate_pass_s, pick_budget
+from offspec.errors import ConfigError
+from offspec.speculative.tree import DraftTree
 
-CURVE_SIZES = (1, 16, 64, 256)  # larger trees: extrapolated with the last slope
+
+def interpolate_pass_s(pass_s: Mapping[int, float], tokens: int) -> float:
+    """Target pass seconds for `tokens` tree tokens: piecewise linear in the measured points, last slope beyond them."""
+    if not pass_s:
+        raise ConfigError("pass_s needs at least one measured tree size")
+    xs = sorted(pass_s)
+    ys = [float(pass_s[x]) for x in xs]
+    if len(xs) == 1:
+        return ys[0]
+    if tokens <= xs[0]:
+        slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        return max(0.0, ys[0] + slope * (tokens - xs[0]))
+    for i in range(1, len(xs)):
+        if tokens <= xs[i]:
+            w = (tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + w * (ys[i] - ys[i - 1])
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return max(0.0, ys[-1] + slope * (tokens - xs[-1]))
+
+
+def step_seconds(
+    budget: int,
+    pass_s: Mapping[int, float],
+    draft_round_s: float | Callable[[int], float],
+    expand: int | None = None,
+) -> float:
+    """Seconds of one speculative step: target pass over budget + 1 tokens plus drafting (see pick_budget)."""
+    if callable(draft_round_s):
+        draft = float(draft_round_s(budget))
+    elif expand:
+        draft = float(draft_round_s) * (1 + math.ceil(budget / expand))
+    else:
+        draft = float(draft_round_s)
+    return interpolate_pass_s(pass_s, budget + 1) + draft
+
+
+def pick_budget(
+    pass_s: Mapping[int, float],
+    draft_round_s: float | Callable[[int], float],
+    expected_tokens: Callable[[int], float],
+    candidates: Iterable[int],
+    expand: int | None = None,
+) -> int:
+    """The candidate budget with the most expected tokens per second (ties go to the smaller budget).
+
+    pass_s: measured target pass seconds keyed by tokens in the pass (budget + 1, root included). draft_round_s: a
+    callable(budget) -> draft seconds, or seconds per draft round (rounds = 1 + ceil(budget / expand); a constant
+    per step when expand is None). expected_tokens(budget): committed tokens per step, bonus token included.
+    """
+    best, best_rate = -1, -math.inf
+    for budget in sorted(set(candidates)):
+        seconds = step_seconds(budget, pass_s, draft_round_s, expand)
+        rate = expected_tokens(budget) / seconds if seconds > 0 else math.inf
+        if rate > best_rate:
+            best, best_rate = budget, rate
+    if best < 0:
+        raise ConfigError("pick_budget needs at least one candidate budget")
+    return best
+
+
+def _node_probs(tree: DraftTree, rank_p: Sequence[float] | None) -> torch.Tensor:
+    """Float [N]: estimated P(node accepted) = prod of rank_p[rank] on its path, or the draft's exp(cumulative logprob)."""
+    if rank_p is None:
+        return tree.logprobs.double().exp()
+    reach = [1.0] * tree.size
+    for i in range(1, tree.size):
+        rank = tree.rank(i)
+        reach[i] = reach[tree.parent(i)] * (float(rank_p[rank]) if rank < len(rank_p) else 0.0)
+    return torch.tensor(reach, dtype=torch.float64)
+
+
+def expected_tokens_by_budget(tree: DraftTree, rank_p: Sequence[float] | None = None) -> list[float]:
+    """[b] = expected committed tokens (bonus included) of the tree's top-b nodes by cumulative logprob, b = 0..budget."""
+    reach = _node_probs(tree, rank_p)
+    return [1.0] + (1.0 + reach[tree.best_nodes()].cumsum(0)).tolist()
+
+
+def expected_tokens_from_tree(tree: DraftTree, rank_p: Sequence[float] | None = None) -> float:
+    """Expected committed tokens of a tree: 1 + sum over drafted nodes of their estimated acceptance probability.
+
+    With rank_p (e.g. AcceptanceStats.acceptance_p) a node counts prod rank_p[rank] along its path; without it, the
+    draft's own cumulative probability exp(logprob) (calibrated only as far as the draft matches the target).
+    """
+    return 1.0 + float(_node_probs(tree, rank_p)[1:].sum())
+
+
 CANDIDATE_BUDGETS = (0, 8, 16, 32, 64, 128, 256, 512, 1024)  # 0 = a plain step (no draft)
 PROBE_EVERY = 8  # after this many plain steps, draft one tree again to refresh the estimates
-
-
-def _home() -> Path:
-    return Path(os.environ.get("OFFSPEC_HOME", Path.home() / ".cache" / "offspec"))
-
-
-def curve_key(model) -> str:
-    """Store, residency plan, page-cache policy, dtype and machine: what the pass-time curve depends on."""
-    warm = bool(model.streamer and model.streamer.warm)
-    parts = [str(Path(model.store_dir).resolve()), ",".join(model.plan.tiers), str(warm), str(model.dtype),
-             platform.node(), platform.processor() or platform.machine(), str(os.cpu_count()),
-             str(torch.get_num_threads()), str(model.device)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-@torch.inference_mode()
-def measure_pass_curve(model, sizes: tuple[int, ...] = CURVE_SIZES, prefix: int = 32,
-                       seed: int = 0) -> dict[int, float]:
-    """Seconds of one forward of T tokens (after `prefix` cached tokens) for each T; leaves the cache as found."""
-    start = model.cache.length
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.vocab_size
-    limit = model.max_context - start - prefix - 1
-    out: dict[int, float] = {}
-    try:
-        model.forward(torch.randint(0, vocab, (1, prefix), generator=g), last_only=True)
-        base = model.cache.length
-        for t in sizes:
-            if t > limit:
-                break
-            ids = torch.randint(0, vocab, (1, t), generator=g)
-            t0 = time.perf_counter()
-            model.forward(ids)
-            out[t] = time.perf_counter() - t0
-            model.cache.crop(base)
-    finally:
-        model.cache.crop(start)
-    return out
-
-
-def load_or_measure_curve(model, sizes: tuple[int, ...] = CURVE_SIZES) -> dict[int, float]:
-    """The cached curve for this model/plan/machine, measured once if absent."""
-    path = _home() / "curves" / f"{curve_key(model)}.json"
-    if path.is_file():
-        try:
-            return {int(k): float(v) for k, v in json.loads(path.read_text())["pass_s"].items()}
-        except (ValueError, KeyError, TypeError):
-            pass
-    curve = measure_pass_curve(model, sizes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"store": str(model.store_dir), "tiers": list(model.plan.tiers), "pass_s": curve}))
-    os.replace(tmp, path)
-    return curve
 
 
 class BudgetPlanner:
@@ -147,6 +174,8 @@ class BudgetPlanner:
         self.best_spec_budget = pick_budget(self.pass_s, self.draft_seconds, self.expected_tokens, spec)
 
 
-def make_planner(target, draft, expand: int = 32) -> BudgetPlanner:
+def make_planner(target, expand: int = 32) -> BudgetPlanner:
     """A planner fed with the target's measured (or cached) pass-time curve."""
+    from offspec.runtime.pass_curve import load_or_measure_curve
+
     return BudgetPlanner(load_or_measure_curve(target), expand=expand)

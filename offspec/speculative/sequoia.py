@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from offspec.errors import ConfigError
-from offspec.spec.sampling import SamplingParams, gumbel_topk, process_logits
-from offspec.spec.specexec import CausalLM, GrowResult, forward_nodes, forward_pending
-from offspec.spec.tree import DraftTree
+from offspec.speculative.sampling import SamplingParams, gumbel_topk, process_logits
+from offspec.speculative.specexec import CausalLM, GrowResult, forward_nodes, forward_pending
+from offspec.speculative.tree import DraftTree
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 
 from offspec.errors import ConfigError
 from offspec.runtime.masks import visibility_mask
-from offspec.spec.tree import DraftTree
+from offspec.speculative.tree import DraftTree
 
 
 TRIM_FACTOR = 3  # drop nodes outside the top-budget once the tree holds more than TRIM_FACTOR * budget of them

@@ -7,14 +7,14 @@ import math
 import pytest
 
 from offspec.errors import ConfigError
-from offspec.spec.budget import (
+from offspec.speculative.tree_size import (
     expected_tokens_by_budget,
     expected_tokens_from_tree,
     interpolate_pass_s,
     pick_budget,
     step_seconds,
 )
-from offspec.spec.tree import DraftTree
+from offspec.speculative.tree import DraftTree
 
 CANDIDATES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 

@@ -1,8 +1,8 @@
 """Speculative decoding with large draft trees: SpecExec growth, Sequoia shapes, verification, budget, stats."""
 
-from offspec.spec.budget import expected_tokens_by_budget, expected_tokens_from_tree, interpolate_pass_s, pick_budget
-from offspec.spec.sampling import SamplingParams, probs, process_logits, sample
-from offspec.spec.sequoia import (
+from offspec.speculative.tree_size import expected_tokens_by_budget, expected_tokens_from_tree, interpolate_pass_s, pick_budget
+from offspec.speculative.sampling import SamplingParams, probs, process_logits, sample
+from offspec.speculative.sequoia import (
     TreeShape,
     best_expected_accepted,
     estimate_acceptance,
@@ -12,10 +12,10 @@ from offspec.spec.sequoia import (
     optimal_tree_shape,
     save_shapes,
 )
-from offspec.spec.specexec import GrowResult, advance_draft, forward_nodes, forward_pending, grow_tree
-from offspec.spec.stats import AcceptanceStats
-from offspec.spec.tree import DraftTree
-from offspec.spec.verify import (
+from offspec.speculative.specexec import GrowResult, advance_draft, forward_nodes, forward_pending, grow_tree
+from offspec.speculative.stats import AcceptanceStats
+from offspec.speculative.tree import DraftTree
+from offspec.speculative.verify import (
     VerifyResult,
     commit_target,
     forward_tree,

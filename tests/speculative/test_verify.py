@@ -6,11 +6,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from offspec.spec.sampling import SamplingParams, gumbel_topk, probs, process_logits
-from offspec.spec.sequoia import TreeShape, fill_tree
-from offspec.spec.specexec import grow_tree
-from offspec.spec.tree import DraftTree
-from offspec.spec.verify import (
+from offspec.speculative.sampling import SamplingParams, gumbel_topk, probs, process_logits
+from offspec.speculative.sequoia import TreeShape, fill_tree
+from offspec.speculative.specexec import grow_tree
+from offspec.speculative.tree import DraftTree
+from offspec.speculative.verify import (
     VerifyResult,
     forward_tree,
     verify_greedy,

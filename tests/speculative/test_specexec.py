@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offspec.spec import specexec
-from offspec.spec.specexec import GrowResult, advance_draft, grow_tree
-from offspec.spec.tree import DraftTree
-from offspec.spec.verify import verify_greedy
+from offspec.speculative import specexec
+from offspec.speculative.specexec import GrowResult, advance_draft, grow_tree
+from offspec.speculative.tree import DraftTree
+from offspec.speculative.verify import verify_greedy
 
 from .fakes import FakeLM, prefill
 from .oracles import assert_tree_logits_match_paths, speculative_generate

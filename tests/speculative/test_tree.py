@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offspec.spec.tree import DraftTree
+from offspec.speculative.tree import DraftTree
 
 
 def build() -> DraftTree:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from offspec.spec.stats import AcceptanceStats
-from offspec.spec.verify import VerifyResult
+from offspec.speculative.stats import AcceptanceStats
+from offspec.speculative.verify import VerifyResult
 
 
 def passes() -> list[VerifyResult]:

@@ -1,0 +1,68 @@
+"""The target's pass time against tree size: measured once per store, plan and machine, cached in OFFSPEC_HOME."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from offspec.paths import offspec_home
+
+CURVE_SIZES = (1, 16, 64, 256)  # larger trees: extrapolated with the last slope
+
+
+
+
+def curve_key(model) -> str:
+    """Store, residency plan, page-cache policy, dtype and machine: what the pass-time curve depends on."""
+    warm = bool(model.streamer and model.streamer.warm)
+    parts = [str(Path(model.store_dir).resolve()), ",".join(model.plan.tiers), str(warm), str(model.dtype),
+             platform.node(), platform.processor() or platform.machine(), str(os.cpu_count()),
+             str(torch.get_num_threads()), str(model.device)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+@torch.inference_mode()
+def measure_pass_curve(model, sizes: tuple[int, ...] = CURVE_SIZES, prefix: int = 32,
+                       seed: int = 0) -> dict[int, float]:
+    """Seconds of one forward of T tokens (after `prefix` cached tokens) for each T; leaves the cache as found."""
+    start = model.cache.length
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.vocab_size
+    limit = model.max_context - start - prefix - 1
+    out: dict[int, float] = {}
+    try:
+        model.forward(torch.randint(0, vocab, (1, prefix), generator=g), last_only=True)
+        base = model.cache.length
+        for t in sizes:
+            if t > limit:
+                break
+            ids = torch.randint(0, vocab, (1, t), generator=g)
+            t0 = time.perf_counter()
+            model.forward(ids)
+            out[t] = time.perf_counter() - t0
+            model.cache.crop(base)
+    finally:
+        model.cache.crop(start)
+    return out
+
+
+def load_or_measure_curve(model, sizes: tuple[int, ...] = CURVE_SIZES) -> dict[int, float]:
+    """The cached curve for this model/plan/machine, measured once if absent."""
+    path = offspec_home() / "curves" / f"{curve_key(model)}.json"
+    if path.is_file():
+        try:
+            return {int(k): float(v) for k, v in json.loads(path.read_text())["pass_s"].items()}
+        except (ValueError, KeyError, TypeError):
+            pass
+    curve = measure_pass_curve(model, sizes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"store": str(model.store_dir), "tiers": list(model.plan.tiers), "pass_s": curve}))
+    os.replace(tmp, path)
+    return curve

@@ -1,0 +1,87 @@
+"""Memory arithmetic of a store under a compute dtype: what the residency planner is fed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from offspec.runtime.device import pick_compute_dtype, resolve_device
+from offspec.runtime.plan import ResidencyPlan, plan_residency
+from offspec.store.manifest import Manifest, read_manifest
+
+
+def upcast_plan(entries: dict, compute: torch.dtype) -> tuple[dict[str, int], int]:
+    """Element offsets of each float tensor to convert into a flat `compute` buffer, and its length."""
+    from offspec.store.manifest import DTYPES
+
+    offsets, n = {}, 0
+    for name, e in entries.items():
+        dt = DTYPES[e.dtype]
+        if e.quant is None and dt.is_floating_point and dt != compute and not name.endswith(".absmax"):
+            offsets[name] = n
+            n += math.prod(e.shape) if e.shape else 1
+            n = (n + 15) // 16 * 16  # keep every tensor 64-byte aligned
+    return offsets, n
+
+
+def upcast_factor(manifest: Manifest, compute: torch.dtype) -> float:
+    """Memory bytes per stored byte of the decoder layers once float tensors are held in `compute`
+    (NF4 packed weights stay packed, so a 4-bit store grows far less than a bf16 one)."""
+    ratio = compute.itemsize / manifest.torch_dtype.itemsize
+    if ratio <= 1:
+        return 1.0
+    total = float_bytes = 0
+    for blob in manifest.layers:
+        total += blob.size
+        offsets, _ = upcast_plan(blob.tensors, compute)
+        float_bytes += sum(blob.tensors[n].nbytes for n in offsets)
+    return 1.0 + (ratio - 1.0) * (float_bytes / total if total else 1.0)
+
+
+def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, device_memory_bytes: int,
+                   host_memory_bytes: int = 0, reserved_bytes: int = 0, cache_tokens: int = 2048,
+                   ring_slots: int = 3, over_min: int | None = None) -> tuple[ResidencyPlan, int]:
+    """The residency plan of a store under these budgets, and the minimum device budget that would run.
+
+    over_min: plan with the minimum budget plus this many bytes (device_memory_bytes is then ignored)."""
+    from offspec.runtime.plan import minimum_budget_bytes
+
+    compute = pick_compute_dtype(manifest.torch_dtype, torch.device(device_kind))
+    kv_bytes = kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens
+    upcast = upcast_factor(manifest, compute) if device_kind == "cpu" else 1.0
+    # resident parts (embeddings, norm, head) are all float: they grow by the full dtype ratio
+    resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
+    minimum = minimum_budget_bytes(manifest.layer_bytes, manifest.resident.size, kv_bytes, reserved_bytes, 2, upcast,
+                                   resident_upcast)
+    if over_min is not None:
+        device_memory_bytes = minimum + over_min
+    plan = plan_residency(manifest.layer_bytes, manifest.resident.size, device_memory_bytes, host_memory_bytes,
+                          kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=device_kind,
+                          ring_slots=ring_slots, upcast=upcast, resident_upcast=resident_upcast)
+    return plan, minimum
+
+
+def kv_bytes_per_token(store_dir: Path, manifest: Manifest, compute: torch.dtype | None = None) -> int:
+    """KV cache bytes per token for the store's architecture (from config.json), in the compute dtype."""
+    import json
+
+    cfg = json.loads((Path(store_dir) / "config.json").read_text())
+    heads = cfg.get("num_attention_heads", 1)
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    elem = (compute or pick_compute_dtype(manifest.torch_dtype, torch.device("cpu"))).itemsize
+    return 2 * manifest.num_layers * kv_heads * head_dim * elem
+
+
+def model_bytes(store_dir: str | Path, cache_tokens: int, device: str = "cpu") -> int:
+    """Memory a fully resident model takes (weights in their compute dtype plus its KV cache): a draft's reserve."""
+    store_dir = Path(store_dir)
+    manifest = read_manifest(store_dir)
+    dev = resolve_device(device)
+    compute = pick_compute_dtype(manifest.torch_dtype, dev)
+    upcast = upcast_factor(manifest, compute) if dev.type == "cpu" else 1.0
+    resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
+    weights = manifest.resident.size * resident_upcast + sum(manifest.layer_bytes) * upcast
+    return int(weights) + kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens
