@@ -611,6 +611,9 @@ def _str_or_none(path: Path | None) -> str | None:
 
 def main() -> None:
     """Console entry point (`offspec`)."""
+    from offspec.transformers_contract import warn_if_untested
+
+    warn_if_untested()
     app(prog_name="offspec")
 
 

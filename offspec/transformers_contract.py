@@ -28,9 +28,10 @@ class ContractError(RuntimeError):
 
 
 def transformers_version() -> str:
-    import transformers
+    """The installed transformers version, read from its metadata (no import)."""
+    from importlib.metadata import version
 
-    return transformers.__version__
+    return version("transformers")
 
 
 def _vtuple(v: str) -> tuple[int, ...]:

@@ -52,14 +52,20 @@ def _hf_copy(gguf):
     """transformers' own dequantized load of the GGUF (the oracle), saved once into the offspec cache."""
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from offspec.store.resolve import offspec_home
 
     out = offspec_home() / "demo" / "smollm2-hf-f32"
     if not (out / "config.json").is_file():
+        try:  # transformers >= 5.x: plain nn.Linear weights; older releases dequantize anyway
+            from transformers import GgufConfig
+
+            kwargs = {"quantization_config": GgufConfig(dequantize=True)}
+        except ImportError:
+            kwargs = {}
         m = AutoModelForCausalLM.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+                                                 **kwargs)
         m.hf_quantizer = None
         m.config.quantization_config = None
         m.save_pretrained(out)
