@@ -50,6 +50,7 @@ def test_smollm2_streamed_greedy_equals_transformers_generate(smollm2):
 
 def _hf_copy(gguf):
     """transformers' own dequantized load of the GGUF (the oracle), saved once into the offspec cache."""
+    import json
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,6 +70,10 @@ def _hf_copy(gguf):
         m.hf_quantizer = None
         m.config.quantization_config = None
         m.save_pretrained(out)
+        cfg = json.loads((out / "config.json").read_text())
+        if cfg.get("quantization_config", 0) is None:  # older transformers cannot reload a null entry
+            del cfg["quantization_config"]
+            (out / "config.json").write_text(json.dumps(cfg, indent=2))
         AutoTokenizer.from_pretrained(Path(gguf).parent, gguf_file=Path(gguf).name).save_pretrained(out)
     return out
 
