@@ -20,7 +20,7 @@ def main(extras: list[str]) -> None:
     reqs = list(project["dependencies"])
     for extra in extras:
         reqs += project["optional-dependencies"][extra]
-    print(" ".join(f"'{unbounded(r)}'" for r in reqs if not r.startswith("torch")))
+    print(" ".join(unbounded(r) for r in reqs if not r.startswith("torch")))
 
 
 if __name__ == "__main__":
