@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import json
-import logging
 import math
 import os
 import platform
@@ -81,15 +80,6 @@ def load_prompts(path: str | Path | None) -> list[BenchPrompt]:
     if not out:
         raise ConfigError(f"--prompts {path}: no prompts in it")
     return out
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a user turn under the tokenizer's chat template (with the generation prompt) if it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    return list(tokenizer.encode(prompt))
 
 
 def parse_budgets(text: str) -> list[int | None]:
@@ -370,6 +360,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
               temperature: float = 0.0, peer_max_new_tokens: int = PEER_MAX_NEW_TOKENS,
               curve_sizes: tuple[int, ...] = CURVE_SIZES, console=None, progress: bool = True) -> dict:
     """Run every section once on one engine and return all figures as a JSON-ready dict."""
+    from offspec.chat import encode_prompt
     from offspec.config import RuntimeConfig, parse_size
     from offspec.generate import GenerationConfig
     from offspec.peers import PEER_NAMES
@@ -412,7 +403,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     streamed_blobs = store_blobs(loaded.target_store, manifest, plan.tiers)
     all_blobs = store_blobs(loaded.target_store, manifest)
     all_paths = [p for p, _ in all_blobs]
-    prompt_ids = [encode_prompt(loaded.tokenizer, bp.prompt) for bp in bench_prompts]
+    prompt_ids = [encode_prompt(loaded.tokenizer, [{"role": "user", "content": bp.prompt}]) for bp in bench_prompts]
     eos = tuple(getattr(engine, "eos_ids", ()) or ())
     seed = 0 if temperature > 0 else None
     configs: list[tuple[str, object]] = [("plain", GenerationConfig(max_new_tokens=max_new_tokens, spec=False,
@@ -468,7 +459,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             # the peer computes in the dtype the target computes in (float32 on CPUs without native bf16)
             compute_dtype = str(target.dtype).removeprefix("torch.")
             source_store = loaded.target_store
-            _close(loaded)
+            loaded.close()
             del loaded, engine, target
             gc.collect()
             result["peer"] = None
@@ -482,17 +473,10 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
                     notes=notes, progress=progress)
                 step(f"peer {peer}: done", 1)
     finally:
-        _close(locals().get("loaded"))  # on errors; after the decode sections it is already closed
+        if "loaded" in locals():  # on errors; after the decode sections it is already closed
+            loaded.close()
     _add_speedups(result)
     return result
-
-
-def _close(loaded) -> None:
-    if loaded is None:
-        return
-    for m in (loaded.engine.target, loaded.engine.draft):
-        if m is not None and hasattr(m, "close"):
-            m.close()
 
 
 def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[list[int]], *, store_dtype: str,
@@ -503,6 +487,7 @@ def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[li
     Its checkpoint holds the weights in the store's dtype (as offspec's store does); it computes in the
     dtype the target computes in.
     """
+    from offspec.console import quiet_transformers
     from offspec.peers import peer_model_dir, run_accelerate_peer
 
     try:
@@ -511,7 +496,7 @@ def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[li
         notes.append("peer skipped: accelerate is not installed")
         return None
     model_dir = peer_model_dir(store, store_dtype, progress=progress)
-    with _quiet_transformers():
+    with quiet_transformers():
         rec = run_accelerate_peer(model_dir, prompt_ids, max_new, budget_bytes, compute_dtype, device,
                                   host_budget_bytes=host_budget_bytes, cold=cold, eos_ids=eos, on_prompt=on_prompt)
     for r, bp in zip(rec["prompts"], bench_prompts):
@@ -523,30 +508,6 @@ def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[li
         by_kind[kind] = {"tokens": toks, "decode_s": secs, "tok_per_s": toks / secs if secs > 0 else 0.0}
     rec["by_kind"] = by_kind
     return rec
-
-
-class _quiet_transformers:
-    """Silence transformers' info logging and loading bars while the peer loads (restored afterwards)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._lvl = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        self._acc = logging.getLogger("accelerate")
-        self._acc_lvl = self._acc.level
-        self._acc.setLevel(logging.ERROR)  # "Some parameters are on the meta device ..." is expected here
-        self._bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity(self._lvl)
-        self._acc.setLevel(self._acc_lvl)
-        if self._bars:
-            hf_logging.enable_progress_bar()
 
 
 def _add_speedups(result: dict) -> None:

@@ -1,4 +1,5 @@
-"""A multi-turn chat session: the history, the chat template, turn -> prompt ids, slash commands, Ctrl-C safety.
+"""A multi-turn chat session: the history, the chat template, turn -> prompt ids, slash commands, Ctrl-C safety,
+saving and loading the conversation record.
 
 Each turn passes the whole templated conversation to the engine; the engine keeps the ids its KV
 caches hold and only prefills what is new. No terminal is needed here: the CLI wires input/output.
@@ -6,13 +7,13 @@ caches hold and only prefills what is new. No terminal is needed here: the CLI w
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from offspec.conversations import Conversation, load_conversation, new_id, now_iso, save_conversation
 from offspec.errors import ConfigError
-from offspec.generate import GenerationConfig, GenerationStats, finalize_stats, stream_text
+from offspec.generate import GenerationConfig, GenerationStats, StepEvent, finalize_stats, stream_text
 
 INTERRUPTED = "interrupted"  # key set to True on an assistant message cut short by Ctrl-C
 
@@ -32,9 +33,11 @@ def render_prompt(tokenizer, messages: list[dict], raw: bool = False) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
-def encode_prompt(tokenizer, text: str, templated: bool) -> list[int]:
-    """Token ids for a prompt; a templated prompt already carries its special tokens (no extra BOS)."""
-    return list(tokenizer.encode(text, add_special_tokens=not templated))
+def encode_prompt(tokenizer, messages: list[dict], raw: bool = False) -> list[int]:
+    """Token ids of messages rendered by `render_prompt`; a templated prompt already carries its special
+    tokens (no extra BOS)."""
+    text = render_prompt(tokenizer, messages, raw)
+    return list(tokenizer.encode(text, add_special_tokens=not uses_template(tokenizer, raw)))
 
 
 def uses_template(tokenizer, raw: bool = False) -> bool:
@@ -60,7 +63,11 @@ class CommandResult:
 
 @dataclass
 class ChatSession:
-    """History plus an engine; `ask` streams one answer and records it, also when interrupted."""
+    """History plus an engine; `ask` streams one answer and records it, also when interrupted.
+
+    `conversation` carries the record's identity (id, model, options); `on_change` (the log) gets the
+    record after every answer and every change of the history.
+    """
 
     engine: object
     tokenizer: object
@@ -68,28 +75,35 @@ class ChatSession:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     turns: list[TurnResult] = field(default_factory=list)
+    raw: bool = False  # no chat template: the conversation as plain text
+    conversation: Conversation = field(default_factory=Conversation)
+    on_change: Callable[[Conversation], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.cfg.stop_ids and getattr(self.engine, "eos_ids", None):
             self.cfg = replace(self.cfg, stop_ids=tuple(self.engine.eos_ids))
         if not self.messages and self.system:
             self.messages.append({"role": "system", "content": self.system})
+        elif self.system is None:
+            self.system = next((m["content"] for m in self.messages if m["role"] == "system"), None)
 
     # ------------------------------------------------------------------ prompts
     def prompt_text(self, messages: list[dict] | None = None) -> str:
-        return render_prompt(self.tokenizer, self.messages if messages is None else messages)
+        return render_prompt(self.tokenizer, self.messages if messages is None else messages, self.raw)
 
     def prompt_ids(self, messages: list[dict] | None = None) -> list[int]:
         """Token ids of the conversation (plus the assistant generation prompt)."""
-        return encode_prompt(self.tokenizer, self.prompt_text(messages), uses_template(self.tokenizer))
+        return encode_prompt(self.tokenizer, self.messages if messages is None else messages, self.raw)
 
     # ------------------------------------------------------------------ turns
-    def ask(self, text: str, on_text: Callable[[str], None] | None = None) -> TurnResult:
+    def ask(self, text: str, on_text: Callable[[str], None] | None = None,
+            on_step: Callable[[StepEvent], None] | None = None) -> TurnResult:
         """Add a user message, stream the answer through on_text, record it in the history.
 
         Ctrl-C (KeyboardInterrupt) while answering stops the answer; the partial answer stays in the
         history, marked interrupted, and the session can go on. Errors before any token (e.g. the
         conversation no longer fits the context) remove the user message again and propagate.
+        on_step sees every engine step (the prefill and each target pass).
         """
         self.messages.append({"role": "user", "content": text})
         stats = GenerationStats()
@@ -98,6 +112,8 @@ class ChatSession:
         try:
             ids = self.prompt_ids()
             for ev in stream_text(self.engine, ids, self.cfg, stats):
+                if on_step is not None:
+                    on_step(ev.step)
                 if ev.text:
                     pieces.append(ev.text)
                     if on_text is not None:
@@ -120,11 +136,38 @@ class ChatSession:
         self.messages.append(msg)
         result = TurnResult(text, finalize_stats(stats), interrupted)
         self.turns.append(result)
+        self._changed()
         return result
 
+    def _changed(self) -> None:
+        if self.on_change is not None and any(m["role"] != "system" for m in self.messages):
+            self.on_change(self.record())
+
     def reset(self) -> None:
-        """Forget the conversation (keeps the system message); the KV caches are reused by prefix."""
+        """Forget the conversation (keeps the system message) and start a new record; the KV caches are
+        reused by prefix."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.turns = []
+        self.conversation = replace(self.conversation, id=new_id(), created=now_iso(), messages=[])
+
+    def set_system(self, text: str | None) -> None:
+        """Replace (or with None, drop) the system message; the conversation goes on under it."""
+        self.system = text or None
+        self.messages = [m for m in self.messages if m["role"] != "system"]
+        if self.system:
+            self.messages.insert(0, {"role": "system", "content": self.system})
+        self._changed()
+
+    def record(self) -> Conversation:
+        """The conversation as saved and logged."""
+        self.conversation.messages = [dict(m) for m in self.messages]
+        return self.conversation
+
+    def load(self, conv: Conversation) -> None:
+        """Continue a saved or logged conversation (its record id too, so the log goes on updating it)."""
+        self.conversation = conv
+        self.messages = [dict(m) for m in conv.messages]
+        self.system = conv.system
         self.turns = []
 
     # ------------------------------------------------------------------ reports
@@ -151,37 +194,59 @@ class ChatSession:
         return t
 
     def save(self, path: str | Path) -> Path:
-        """Write the messages as JSON (interrupted answers carry "interrupted": true)."""
-        path = Path(path).expanduser()
-        try:
-            path.write_text(json.dumps({"messages": self.messages}, indent=2, ensure_ascii=False) + "\n")
-        except OSError as exc:
-            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-        return path
+        """Write the conversation record as JSON (the same record the log keeps)."""
+        return save_conversation(self.record(), path)
 
-    def command(self, line: str, format_stats: Callable[[GenerationStats], str] | None = None) -> CommandResult:
-        """Run a slash command: /reset, /stats, /save FILE, /exit (also /quit, /help)."""
+    def command(self, line: str, format_stats: Callable[[GenerationStats], str] | None = None,
+                confirm: Callable[[str], bool] | None = None) -> CommandResult:
+        """Run a slash command (see HELP). confirm(question) is asked before /save overwrites a file."""
         name, _, arg = line.strip().partition(" ")
         arg = arg.strip()
         fmt = format_stats or (lambda s: str(s.to_dict()))
-        if name in ("/exit", "/quit"):
+        if name in ("/exit", "/quit", "/bye"):
             return CommandResult(leave=True)
-        if name == "/reset":
+        if name in ("/clear", "/reset"):
             self.reset()
-            return CommandResult("conversation cleared")
+            return CommandResult("conversation cleared" + (" (the system message stays)" if self.system else ""))
+        if name == "/system":
+            self.set_system(arg)
+            return CommandResult("system message set" if arg else "system message removed")
         if name == "/stats":
             if not self.turns:
                 return CommandResult("no answers yet")
+            n = len(self.turns)
             return CommandResult(f"last answer: {fmt(self.turns[-1].stats)}\n"
-                                 f"session ({len(self.turns)} answers): {fmt(self.totals())}")
+                                 f"session ({plural(n, 'answer')}): {fmt(self.totals())}")
         if name == "/save":
             if not arg:
                 raise ConfigError("/save needs a file name, e.g. /save chat.json")
-            return CommandResult(f"saved {len(self.messages)} messages to {self.save(arg)}")
+            target = Path(arg).expanduser()
+            if target.exists() and not (confirm is not None and confirm(f"{target} exists; overwrite it?")):
+                return CommandResult(f"not saved: {target} exists")
+            return CommandResult(f"saved {plural(len(self.messages), 'message')} to {self.save(target)}")
+        if name == "/load":
+            if not arg:
+                raise ConfigError("/load needs a file name, e.g. /load chat.json")
+            self.load(load_conversation(arg))
+            self._changed()
+            return CommandResult(f"loaded {plural(len(self.messages), 'message')} from {arg}")
         if name == "/help":
-            return CommandResult("/reset  forget the conversation\n/stats  speed of the last answer and the session\n"
-                                 "/save FILE  write the messages as JSON\n/exit  leave (or Ctrl-D)")
+            return CommandResult(HELP)
         raise ConfigError(f"unknown command {name}; try /help")
+
+
+HELP = """/system TEXT  set the system message (no TEXT: remove it)
+/clear        forget the conversation (also /reset; the system message stays)
+/save FILE    write the conversation as JSON (asks before overwriting)
+/load FILE    continue a saved conversation
+/stats        speed of the last answer and of the session
+/exit         leave (also /quit, Ctrl-D)
+!multi        type a message over several lines, ending with !end (Esc Enter also adds a line)
+Ctrl-C stops an answer; pasting several lines sends them as one message."""
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def is_command(line: str) -> bool:

@@ -5,28 +5,12 @@ non-zero exit in one place (`OffspecGroup.main`); OFFSPEC_DEBUG=1 shows the trac
 Torch-heavy modules are imported inside the commands, so `offspec --help` stays fast.
 """
 
-import logging
 import os
 import sys
-import warnings
 
+from offspec import console
 
-def _quiet_libraries() -> None:
-    """Keep transformers / bitsandbytes import chatter off the user's screen (before they are imported)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
-    # "Failed to load CPU gemm_4bit_forward from kernels-community" is logged at import and is harmless.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    for module in (r"bitsandbytes(\..*)?", r"transformers(\..*)?", r"torch(\..*)?", r"accelerate(\..*)?"):
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-
-
-_quiet_libraries()
+console.quiet_libraries()  # before transformers / bitsandbytes are imported
 
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -35,12 +19,12 @@ from typing import Annotated, Any, Optional  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
-from offspec import __version__, console  # noqa: E402
+from offspec import __version__  # noqa: E402
 from offspec.config import parse_budget, parse_device_memory, parse_size  # noqa: E402
-from offspec.errors import ConfigError, ContextError, OffspecError, format_error  # noqa: E402
+from offspec.errors import ConfigError, OffspecError, format_error  # noqa: E402
 
 EXIT_INTERRUPTED = 130
-CACHE_TOKENS = 4096  # KV cache positions reserved up front (it grows if a conversation needs more)
+CTX_TOKENS = 4096  # default --ctx-size: KV cache positions (capped at the model's context)
 DEBUG_ENV = "OFFSPEC_DEBUG"
 
 
@@ -123,7 +107,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     help="Target model: a Hugging Face folder, a .gguf file, an offspec store or a hub id "
     "(default: the packaged demo model, with its draft).")]
 DraftOpt = Annotated[Optional[str], typer.Option(
-    "--draft", "-d", metavar="MODEL", rich_help_panel=MODEL_PANEL,
+    "--draft", "-md", "-d", metavar="MODEL", rich_help_panel=MODEL_PANEL,
     help="Draft model for speculative decoding; must share the target's tokenizer. "
     "With --model and no --draft, decoding is plain.")]
 NoSpecOpt = Annotated[bool, typer.Option(
@@ -146,15 +130,16 @@ WarmOpt = Annotated[bool, typer.Option(
     "--warm", rich_help_panel=RUNTIME_PANEL,
     help="Let the page cache keep streamed layers (default: drop them, so each pass really reads the disk).")]
 MaxNewOpt = Annotated[int, typer.Option(
-    "--max-new-tokens", "-n", metavar="N", rich_help_panel=SAMPLING_PANEL, help="Stop after N new tokens.")]
+    "--max-new-tokens", "--max-tokens", "-n", metavar="N", rich_help_panel=SAMPLING_PANEL,
+    help="Stop after N new tokens.")]
 TemperatureOpt = Annotated[float, typer.Option(
-    "--temperature", "-t", metavar="T", rich_help_panel=SAMPLING_PANEL, help="0 = greedy.")]
+    "--temp", "--temperature", metavar="T", rich_help_panel=SAMPLING_PANEL, help="0 = greedy.")]
 TopPOpt = Annotated[float, typer.Option(
     "--top-p", metavar="P", rich_help_panel=SAMPLING_PANEL, help="Nucleus sampling mass (1 = off).")]
 TopKOpt = Annotated[int, typer.Option(
     "--top-k", metavar="K", rich_help_panel=SAMPLING_PANEL, help="Sample among the K likeliest tokens (0 = off).")]
 SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", metavar="S", rich_help_panel=SAMPLING_PANEL, help="Random seed for sampling.")]
+    "--seed", "-s", metavar="S", rich_help_panel=SAMPLING_PANEL, help="Random seed for sampling.")]
 BudgetOpt = Annotated[str, typer.Option(
     "--budget", metavar="auto|N", rich_help_panel=SAMPLING_PANEL,
     help="Draft tree size per target pass: auto (fitted to measured pass and draft times) or 1..4096.")]
@@ -163,7 +148,22 @@ TreeOpt = Annotated[str, typer.Option(
     help="How the draft tree is grown: specexec (best-first, verified by sample-and-match) or sequoia "
          "(DP-optimal shape; children sampled without replacement when --temperature > 0).")]
 SystemOpt = Annotated[Optional[str], typer.Option(
-    "--system", "-s", metavar="TEXT", help="System message put before the conversation.")]
+    "--system", "--system-prompt", "-sys", metavar="TEXT", help="System message put before the conversation.")]
+ThreadsOpt = Annotated[Optional[str], typer.Option(
+    "--threads", "-t", metavar="N", rich_help_panel=RUNTIME_PANEL,
+    help="CPU threads for torch (default: torch's own choice).")]
+CtxSizeOpt = Annotated[int, typer.Option(
+    "--ctx-size", "-c", metavar="N", rich_help_panel=RUNTIME_PANEL,
+    help="KV cache size in tokens: prompt plus answer (plus the chat so far) must fit; capped at the model's "
+         "context.")]
+NoTemplateOpt = Annotated[bool, typer.Option(
+    "--no-chat-template", "--raw", help="Send the text as is, without the tokenizer's chat template.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", help="No progress and no statistics on stderr (warnings and errors still print).")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also one line per target pass on stderr (tree size, accepted tokens, times).")]
+NoLogOpt = Annotated[bool, typer.Option(
+    "--no-log", help="Do not log this conversation (see `offspec logs`).")]
 
 
 def _runtime_config(device: str, device_memory: str | None, host_memory: str | None, warm: bool, bits: int,
@@ -200,43 +200,88 @@ def _generation_config(max_new_tokens: int, temperature: float, top_p: float, to
                             seed=seed, budget=parsed_budget, spec=spec, tree=tree)
 
 
-def _load(model: str | None, draft: str | None, spec: bool, rc, budget_auto: bool):
-    """Resolve (converting if needed), open and wire the models; a spinner on a terminal."""
+def _load(model: str | None, draft: str | None, spec: bool, rc, budget_auto: bool, ctx_size: int = CTX_TOKENS,
+          quiet: bool = False):
+    """Resolve (converting if needed), open and wire the models; a spinner on a terminal (not with --quiet)."""
     from offspec.loader import load_engine
 
-    _quiet_transformers()
-    progress = console.stderr_is_tty()
-    with console.phase("loading model", enabled=progress):
-        return load_engine(model, draft, spec=spec, rc=rc, cache_tokens=CACHE_TOKENS, progress=progress,
+    if ctx_size < 1:
+        raise ConfigError(f"bad --ctx-size {ctx_size}: must be at least 1 token")
+    progress = console.stderr_is_tty() and not quiet
+    with console.quiet_transformers(), console.phase("loading model", enabled=progress):
+        return load_engine(model, draft, spec=spec, rc=rc, cache_tokens=ctx_size, progress=progress,
                            budget_auto=budget_auto)
 
 
-def _close(loaded) -> None:
-    """Stop the reader threads of both models."""
-    engine = getattr(loaded, "engine", None)
-    for m in (getattr(engine, "target", None), getattr(engine, "draft", None)):
-        if m is not None and hasattr(m, "close"):
-            m.close()
+def _set_threads(threads: str | None) -> None:
+    """--threads N: torch's CPU threads. `-t 0.8` (llama-cli's -t is threads, not temperature) gets a pointer."""
+    if threads is None:
+        return
+    try:
+        n = int(threads)
+    except ValueError:
+        try:
+            float(threads)
+        except ValueError:
+            raise ConfigError(f"bad --threads '{threads}': a whole number of CPU threads") from None
+        raise ConfigError(f"-t/--threads takes a number of CPU threads, as in llama-cli; for the temperature "
+                          f"use --temp {threads}") from None
+    if n < 1:
+        raise ConfigError(f"bad --threads {n}: must be at least 1")
+    import torch
+
+    torch.set_num_threads(n)
 
 
-def _quiet_transformers() -> None:
-    """transformers may have been imported before us (tests, notebooks): lower its verbosity too."""
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
+def _check_output_flags(quiet: bool, verbose: bool) -> None:
+    if quiet and verbose:
+        raise ConfigError("--quiet and --verbose contradict each other: give one")
 
 
-def _read_prompt(prompt: str | None) -> str:
-    """PROMPT, or stdin for '-' or when it is absent and stdin is a pipe."""
+def _read_prompt(prompt: str | None, prompt_opt: str | None = None, file: Path | None = None) -> str:
+    """The prompt from PROMPT, -p TEXT or -f FILE (one of them); stdin for '-' (also -f -) or a pipe."""
+    given = [x for x in (prompt, prompt_opt, file) if x is not None]
+    if len(given) > 1:
+        raise ConfigError("give the prompt once: PROMPT, -p/--prompt TEXT or -f/--file FILE")
+    if file is not None and str(file) != "-":
+        try:
+            text = Path(file).expanduser().read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --file {file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--file {file} is not UTF-8 text") from None
+        if not text.strip():
+            raise ConfigError(f"--file {file} is empty")
+        return text
+    prompt = prompt if prompt is not None else prompt_opt
     if prompt is not None and prompt != "-":
         return prompt
-    if prompt is None and console.stdin_is_tty():
-        raise ConfigError("no prompt: pass PROMPT, or pipe text on stdin (use - to read stdin explicitly)")
+    if prompt is None and file is None and console.stdin_is_tty():
+        raise ConfigError("no prompt: pass PROMPT, -p TEXT or -f FILE, or pipe text on stdin (- reads stdin)")
     text = sys.stdin.read()
     if not text.strip():
         raise ConfigError("empty prompt on stdin")
     return text
+
+
+def _conversation_log(no_log: bool):
+    """The conversation log, or None with --no-log or after `offspec logs --off`."""
+    from offspec.conversations import ConversationLog
+
+    log = ConversationLog()
+    return log if (log.enabled and not no_log) else None
+
+
+def _recorder(no_log: bool):
+    from offspec.conversations import Recorder
+
+    return Recorder(_conversation_log(no_log), console.error_line)
+
+
+def _options(cfg) -> dict:
+    """The sampling settings a logged conversation records."""
+    return {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree")
+            if hasattr(cfg, k)} | {"budget": "auto" if cfg.budget is None else cfg.budget}
 
 
 def _model_name(given: str | None, store) -> str | None:
@@ -262,11 +307,17 @@ def root(
 @app.command(epilog="Examples:\n\n"
              "  offspec generate \"Explain KV caches in one paragraph\"\n\n"
              "  cat question.txt | offspec generate --model ./Qwen2.5-7B-Instruct --draft ./Qwen2.5-0.5B-Instruct\n\n"
-             "  offspec generate --json --temperature 0 \"2+2=\" > answer.json\n\n"
-             "  offspec generate --raw --no-spec --max-new-tokens 32 \"def fib(n):\"")
+             "  offspec generate -f question.txt -c 8192 -t 8\n\n"
+             "  offspec generate --json --temp 0 \"2+2=\" > answer.json\n\n"
+             "  offspec generate --no-chat-template --no-spec --max-tokens 32 \"def fib(n):\"")
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(
         metavar="PROMPT", show_default=False, help="The prompt; - or absent (with a pipe) reads stdin.")] = None,
+    prompt_opt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", metavar="TEXT", show_default=False, help="The prompt, as an option (as in llama-cli).")]
+    = None,
+    file: Annotated[Optional[Path], typer.Option(
+        "--file", "-f", metavar="FILE", show_default=False, help="Read the prompt from FILE (- for stdin).")] = None,
     model: ModelOpt = None,
     draft: DraftOpt = None,
     no_spec: NoSpecOpt = False,
@@ -276,6 +327,8 @@ def generate(
     device_memory: DeviceMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     warm: WarmOpt = False,
+    threads: ThreadsOpt = None,
+    ctx_size: CtxSizeOpt = CTX_TOKENS,
     max_new_tokens: MaxNewOpt = 256,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -284,31 +337,41 @@ def generate(
     budget: BudgetOpt = "auto",
     tree: TreeOpt = "specexec",
     system: SystemOpt = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    raw: NoTemplateOpt = False,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print one JSON object (text, token ids, stats) on stdout instead of streaming.")] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    no_log: NoLogOpt = False,
 ) -> None:
     """Complete one prompt, streaming the answer to stdout and the speed to stderr."""
+    _check_output_flags(quiet, verbose)
     rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
     cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec, tree)
     _check_device(rc.device)
-    text = _read_prompt(prompt)
-    from offspec.chat import encode_prompt, render_prompt, uses_template
+    _set_threads(threads)
+    text = _read_prompt(prompt, prompt_opt, file)
+    from offspec.chat import INTERRUPTED, encode_prompt
+    from offspec.conversations import Conversation
     from offspec.generate import GenerationStats, finalize_stats, stream_text
 
-    loaded = _load(model, draft, not no_spec, rc, cfg.budget is None)
+    loaded = _load(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet)
     try:
         tok, engine = loaded.tokenizer, loaded.engine
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        prompt_ids = encode_prompt(tok, render_prompt(tok, messages, raw), uses_template(tok, raw))
+        prompt_ids = encode_prompt(tok, messages, raw)
         cfg = replace(cfg, stop_ids=tuple(engine.eos_ids))
         stats, token_ids, pieces, interrupted = GenerationStats(), [], [], False
+        passes = 0
         try:
             for ev in stream_text(engine, prompt_ids, cfg, stats):
                 token_ids.extend(ev.step.tokens)
                 pieces.append(ev.text)
                 if not json_out:
                     console.write_text(ev.text)
+                if verbose:
+                    passes += not ev.step.prefill
+                    console.status_line(console.format_step(ev.step, passes))
         except KeyboardInterrupt:
             interrupted = True
         except BaseException:
@@ -316,20 +379,25 @@ def generate(
                 console.write_text("\n")  # end the partial answer before the error line
             raise
         final = finalize_stats(stats)
+        model_name, draft_name = _model_name(model, loaded.target_store), _model_name(draft, loaded.draft_store)
         if json_out:
             import json
 
             obj = {"text": "".join(pieces), "prompt_ids": prompt_ids, "token_ids": token_ids,
-                   "stats": final.to_dict(), "model": _model_name(model, loaded.target_store),
-                   "draft": _model_name(draft, loaded.draft_store)}
+                   "stats": final.to_dict(), "model": model_name, "draft": draft_name}
             if interrupted:
                 obj["interrupted"] = True
             console.write_text(json.dumps(obj, ensure_ascii=False) + "\n")
         else:
             console.write_text("\n")
-        console.status_line(console.format_stats(final, interrupted))
+        if final.context_full:
+            console.error_line(console.context_full_line(engine.context_tokens))
+        if not quiet:
+            console.status_line(console.format_stats(final, interrupted))
+        answer = {"role": "assistant", "content": "".join(pieces)} | ({INTERRUPTED: True} if interrupted else {})
+        _recorder(no_log)(Conversation(messages + [answer], "generate", model_name, draft_name, _options(cfg)))
     finally:
-        _close(loaded)
+        loaded.close()
     if interrupted:
         raise typer.Exit(EXIT_INTERRUPTED)
 
@@ -337,8 +405,10 @@ def generate(
 @app.command(epilog="Examples:\n\n"
              "  offspec chat\n\n"
              "  offspec chat --model ./Llama-3.1-8B-Instruct --draft ./Llama-3.2-1B-Instruct --system \"Be brief.\"\n\n"
-             "  printf 'Hi\\nWhat did I just say?\\n' | offspec chat --temperature 0\n\n"
-             "In the chat: /reset, /stats, /save FILE, /exit (or Ctrl-D); Ctrl-C stops the current answer.")
+             "  offspec chat --continue\n\n"
+             "  printf 'Hi\\nWhat did I just say?\\n' | offspec chat --temp 0\n\n"
+             "In the chat: /system TEXT, /clear, /save FILE, /load FILE, /stats, /help, /exit (or Ctrl-D); "
+             "!multi ... !end for several lines; Ctrl-C stops the current answer.")
 def chat(
     model: ModelOpt = None,
     draft: DraftOpt = None,
@@ -349,6 +419,8 @@ def chat(
     device_memory: DeviceMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     warm: WarmOpt = False,
+    threads: ThreadsOpt = None,
+    ctx_size: CtxSizeOpt = CTX_TOKENS,
     max_new_tokens: MaxNewOpt = 512,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -357,81 +429,54 @@ def chat(
     budget: BudgetOpt = "auto",
     tree: TreeOpt = "specexec",
     system: SystemOpt = None,
+    raw: NoTemplateOpt = False,
+    load: Annotated[Optional[Path], typer.Option(
+        "--load", metavar="FILE", help="Continue a conversation saved with /save.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--continue", help="Continue the last logged conversation (see `offspec logs`).")] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    no_log: NoLogOpt = False,
 ) -> None:
     """Talk with a model over several turns (reads one message per line from a pipe)."""
+    _check_output_flags(quiet, verbose)
+    if load is not None and resume:
+        raise ConfigError("--load and --continue both pick the conversation: give one")
     rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
     cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec, tree)
     _check_device(rc.device)
-    from offspec.chat import ChatSession, is_command
+    _set_threads(threads)
+    from offspec.chat import ChatSession
+    from offspec.chat_terminal import PipeInput, TerminalInput, run_chat
+    from offspec.conversations import ConversationLog, load_conversation
 
-    loaded = _load(model, draft, not no_spec, rc, cfg.budget is None)
+    log = _conversation_log(no_log)
+    previous = load_conversation(load, ConversationLog()) if (load is not None or resume) else None
+    loaded = _load(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet)
     interactive = console.stdin_is_tty()
-    session = ChatSession(loaded.engine, loaded.tokenizer, cfg, system)
+    session = ChatSession(loaded.engine, loaded.tokenizer, cfg, system, raw=raw, on_change=_recorder(no_log))
+    name, draft_name = _model_name(model, loaded.target_store), _model_name(draft, loaded.draft_store)
+    if previous is not None:
+        session.load(previous)
+        if system is not None:
+            session.set_system(system)
+    session.conversation.model, session.conversation.draft = name, draft_name
+    session.conversation.options = _options(cfg)
+    steps = {"n": 0}
+
+    def on_step(ev) -> None:
+        steps["n"] += not ev.prefill
+        console.status_line(console.format_step(ev, steps["n"]))
+
     try:
-        if interactive:
-            name = _model_name(model, loaded.target_store)
-            with_draft = f" with draft {_model_name(draft, loaded.draft_store)}" if loaded.draft_store else ""
-            console.status_line(f"chatting with {name}{with_draft}; /help for commands, Ctrl-D to leave")
-        while True:
-            try:
-                line = _read_line(interactive)
-            except KeyboardInterrupt:
-                if not interactive:
-                    raise
-                console.status_line("\n(Ctrl-D or /exit to leave)")
-                continue
-            if line is None:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            if is_command(line):
-                try:
-                    res = session.command(line, console.format_stats)
-                except OffspecError as exc:
-                    if not interactive:
-                        raise
-                    console.error_line(format_error(exc))
-                    continue
-                if res.message:
-                    console.err.print(res.message, markup=False, highlight=False)
-                if res.leave:
-                    break
-                continue
-            turns = len(session.turns)
-            try:
-                result = session.ask(line, console.write_text)
-            except OffspecError as exc:
-                if len(session.turns) > turns:
-                    console.write_text("\n")  # a partial answer was shown (and kept): end its line
-                if not interactive:
-                    raise
-                hint = " (/reset starts a new conversation)" if isinstance(exc, ContextError) else ""
-                console.error_line(format_error(exc) + hint)
-                continue
-            console.write_text("\n")
-            if result.interrupted:
-                console.status_line("(answer interrupted; kept in the history)")
-            elif interactive:
-                console.status_line(console.format_stats(result.stats))
+        if interactive and not quiet:
+            with_draft = f" with draft {draft_name}" if loaded.draft_store else ""
+            resumed = f", continuing {len(session.messages)} messages" if previous is not None else ""
+            console.status_line(f"chatting with {name}{with_draft}{resumed}; /help for commands, Ctrl-D to leave")
+        reader = TerminalInput(log.home / "chat_history" if log else None) if interactive else PipeInput()
+        run_chat(session, reader, interactive, quiet, on_step if verbose else None)
     finally:
-        _close(loaded)
-
-
-def _read_line(interactive: bool) -> str | None:
-    """One user message; None at end of input. A prompt marker only on a terminal."""
-    if not interactive:
-        line = sys.stdin.readline()
-        return line if line else None
-    try:
-        if console.stdout_is_tty():
-            return input(">>> ")
-        sys.stderr.write(">>> ")
-        sys.stderr.flush()
-        return input()
-    except EOFError:
-        console.status_line("")
-        return None
+        loaded.close()
 
 
 @app.command(epilog="Examples:\n\n"
@@ -446,8 +491,8 @@ def convert(
     """Convert a model into a layer store (one aligned blob per decoder layer, checksummed)."""
     from offspec.store.convert import convert_model
 
-    _quiet_transformers()
-    path = convert_model(src, out, bits=bits, dtype=dtype, progress=console.stderr_is_tty())
+    with console.quiet_transformers():
+        path = convert_model(src, out, bits=bits, dtype=dtype, progress=console.stderr_is_tty())
     console.out.print(str(path), markup=False)
 
 
@@ -465,6 +510,7 @@ def plan(
     device: Annotated[str, typer.Option(
         "--device", metavar="cpu|cuda|auto", rich_help_panel=RUNTIME_PANEL,
         help="Plan for this device (cuda can be planned without CUDA if both budgets are given).")] = "auto",
+    ctx_size: CtxSizeOpt = CTX_TOKENS,
 ) -> None:
     """Show which layers stay in memory and which stream from disk, and the smallest budget that runs."""
     from offspec.config import RuntimeConfig
@@ -473,7 +519,7 @@ def plan(
     dev_budget, over_min = parse_device_memory(device_memory)
     host_budget = parse_size(host_memory) if host_memory is not None else None
     kind = _plan_device_kind(device)
-    from offspec.runtime.sizing import model_bytes, plan_for_store
+    from offspec.runtime.sizing import context_tokens, model_bytes, plan_for_store
     from offspec.store.manifest import read_manifest
     from offspec.store.resolve import resolve_model
 
@@ -487,18 +533,20 @@ def plan(
         d_default, h_default = default_budgets(torch.device(kind))
         dev_budget = d_default if dev_budget is None else dev_budget
         host_budget = h_default if host_budget is None else host_budget
-    _quiet_transformers()
+    if ctx_size < 1:
+        raise ConfigError(f"bad --ctx-size {ctx_size}: must be at least 1 token")
     progress = console.stderr_is_tty()
-    store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
+    with console.quiet_transformers():
+        store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
+        draft_store = resolve_model(draft, 16, rc.dtype, progress=progress) if draft is not None else None
     man = read_manifest(store)
-    reserved = 0
-    if draft is not None:
-        reserved = model_bytes(resolve_model(draft, 16, rc.dtype, progress=progress), CACHE_TOKENS, kind)
-    residency, minimum = plan_for_store(store, man, kind, dev_budget, host_budget, reserved, CACHE_TOKENS,
+    ctx_tokens = context_tokens(store, ctx_size)
+    reserved = model_bytes(draft_store, ctx_tokens, kind) if draft_store is not None else 0
+    residency, minimum = plan_for_store(store, man, kind, dev_budget, host_budget, reserved, ctx_tokens,
                                         over_min=over_min)
     dev_budget = dev_budget if over_min is None else minimum + over_min
     title = (f"{store.name}: {man.num_layers} layers, {man.model_type}, "
-             f"{'NF4' if man.bits == 4 else man.dtype}, on {kind} (KV cache for {CACHE_TOKENS} tokens)")
+             f"{'NF4' if man.bits == 4 else man.dtype}, on {kind} (KV cache for {ctx_tokens} tokens)")
     console.print_table(console.plan_table(residency, title, minimum, dev_budget, host_budget))
     for note in residency.notes:
         console.status_line(f"note: {note}")
@@ -563,26 +611,66 @@ def models(
 
 
 @app.command(epilog="Examples:\n\n"
+             "  offspec logs\n\n"
+             "  offspec logs -n 1 --json\n\n"
+             "  offspec logs --off")
+def logs(
+    count: Annotated[int, typer.Option("--count", "-n", metavar="N", help="Show the N latest (0: all).")] = 10,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the records as JSON.")] = False,
+    off: Annotated[bool, typer.Option("--off", help="Stop logging conversations (until --on).")] = False,
+    on: Annotated[bool, typer.Option("--on", help="Log conversations again (the default).")] = False,
+) -> None:
+    """List logged conversations, newest first ($OFFSPEC_HOME/logs.db); `chat --continue` resumes the latest."""
+    from offspec.conversations import ConversationLog
+
+    log = ConversationLog()
+    if off and on:
+        raise ConfigError("--on and --off contradict each other: give one")
+    if off or on:
+        log.set_enabled(on)
+        console.status_line(f"conversation logging {'on' if on else 'off'} ({log.path})")
+        return
+    if count < 0:
+        raise ConfigError(f"bad --count {count}: must be 0 (all) or more")
+    convs = log.list(count or None)
+    if json_out:
+        import json
+
+        console.write_text(json.dumps([c.to_dict() for c in convs], indent=1, ensure_ascii=False) + "\n")
+        return
+    if not convs:
+        console.status_line(f"no logged conversations in {log.path}" + ("" if log.enabled else " (logging is off)"))
+        return
+    table = console.logs_table(convs)
+    table.caption = str(log.path) + ("" if log.enabled else " (logging is off: offspec logs --on)")
+    console.print_table(table)
+
+
+@app.command(epilog="Examples:\n\n"
              "  offspec bench --budgets auto,16,64,256 --max-new-tokens 64 --repeats 3\n\n"
              "  offspec bench --model ./Llama-3.1-8B-Instruct --draft ./Llama-3.2-1B-Instruct "
              "--peer accelerate --json bench.json --plot bench.png\n\n"
              "  offspec bench --no-spec --device-memory 2GiB")
 def bench(
     model: ModelOpt = None,
-    draft: DraftOpt = None,
+    draft: Annotated[Optional[str], typer.Option(  # no -d: llama-bench's -d is the context depth
+        "--draft", "-md", metavar="MODEL", rich_help_panel=MODEL_PANEL,
+        help="Draft model for the speculative sections; must share the target's tokenizer.")] = None,
     bits: BitsOpt = 16,
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
     device_memory: DeviceMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     warm: WarmOpt = False,
+    threads: ThreadsOpt = None,
     budgets: Annotated[str, typer.Option(
         "--budgets", metavar="LIST", help="Comma-separated tree budgets to compare (auto or numbers).")]
     = "auto,16,64,256,1024",
     prompts: Annotated[Optional[Path], typer.Option(
         "--prompts", metavar="FILE", help="Prompts to run, one per line (default: a built-in set).")] = None,
     max_new_tokens: MaxNewOpt = 64,
-    repeats: Annotated[int, typer.Option("--repeats", metavar="N", help="Runs per setting (medians reported).")] = 1,
+    repeats: Annotated[int, typer.Option(
+        "--repeats", "--repetitions", "-r", metavar="N", help="Runs per setting (medians reported).")] = 1,
     peer: Annotated[Optional[str], typer.Option(
         "--peer", metavar="NAME", help="Also time another offloading runtime, e.g. accelerate.")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", metavar="FILE", help="Write the results as JSON.")]
@@ -596,13 +684,14 @@ def bench(
     """Measure offloaded throughput: plain decoding, speculative decoding per budget, disk bandwidth."""
     import offspec.bench
 
-    _quiet_transformers()
-    offspec.bench.bench_command(
-        model=model, draft=draft, bits=bits, dtype=dtype, device=device, device_memory=device_memory,
-        host_memory=host_memory, warm=warm, budgets=budgets, prompts=_str_or_none(prompts),
-        max_new_tokens=max_new_tokens, repeats=repeats, peer=peer, json_path=_str_or_none(json_path),
-        plot_path=_str_or_none(plot_path), no_spec=no_spec, temperature=temperature,
-    )
+    _set_threads(threads)
+    with console.quiet_transformers():
+        offspec.bench.bench_command(
+            model=model, draft=draft, bits=bits, dtype=dtype, device=device, device_memory=device_memory,
+            host_memory=host_memory, warm=warm, budgets=budgets, prompts=_str_or_none(prompts),
+            max_new_tokens=max_new_tokens, repeats=repeats, peer=peer, json_path=_str_or_none(json_path),
+            plot_path=_str_or_none(plot_path), no_spec=no_spec, temperature=temperature,
+        )
 
 
 def _str_or_none(path: Path | None) -> str | None:

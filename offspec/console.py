@@ -7,7 +7,10 @@ when they write, so test runners that swap the streams see the output.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -22,6 +25,44 @@ if TYPE_CHECKING:
 
 out = Console(highlight=False, soft_wrap=True)  # results (tables, paths) on stdout
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # status, stats, errors on stderr
+
+
+def quiet_libraries() -> None:
+    """Keep transformers / bitsandbytes import chatter off the user's screen (call before they are imported)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
+    # "Failed to load CPU gemm_4bit_forward from kernels-community" is logged at import and is harmless.
+    for name in ("bitsandbytes", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for module in (r"bitsandbytes(\..*)?", r"transformers(\..*)?", r"torch(\..*)?", r"accelerate(\..*)?"):
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category, module=module)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' (and accelerate's) info logging and loading bars inside the block, restored after.
+
+    transformers may have been imported before offspec (tests, notebooks), so the env vars of
+    `quiet_libraries` are not enough on their own.
+    """
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    acc = logging.getLogger("accelerate")
+    acc_level = acc.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    acc.setLevel(logging.ERROR)  # e.g. "Some parameters are on the meta device ..." when a peer offloads
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        acc.setLevel(acc_level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def write_text(piece: str) -> None:
@@ -97,10 +138,26 @@ def format_stats(stats: GenerationStats, interrupted: bool = False) -> str:
         f"streamed {stats.streamed_gbps:.2f} GB/s",
         budget,
     ]
+    if stats.threads:
+        parts.append(f"{stats.threads} threads")
     if stats.prefill_tokens:
         parts.append(f"prefill {stats.prefill_tokens} tokens in {stats.prefill_s:.2f} s")
     line = ", ".join(parts)
     return ("interrupted: " + line) if interrupted else line
+
+
+def context_full_line(context_tokens: int) -> str:
+    """The one line printed when an answer stops because the context (the KV cache) is full."""
+    return f"warning: stopped at the context limit of {context_tokens} tokens; raise --ctx-size for more"
+
+
+def format_step(ev, n: int) -> str:
+    """--verbose: one line per engine step (the prefill, then each target pass)."""
+    if ev.prefill:
+        return f"prefill: {ev.tree_size} tokens in {ev.target_pass_s:.3f} s"
+    tree = f"tree {ev.tree_size}, accepted {ev.accepted}, budget {ev.budget}, " if ev.budget else ""
+    return (f"pass {n}: {tree}+{len(ev.tokens)} tokens, target {ev.target_pass_s:.3f} s, "
+            f"draft {ev.draft_s:.3f} s, streamed {format_bytes(ev.streamed_bytes)}")
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -160,4 +217,17 @@ def models_table(rows: list[dict]) -> Table:
         shown = format_bytes(size) if isinstance(size, (int, float)) else str(size or "")
         table.add_row(str(r.get("name", "")), str(r.get("source", "")), str(r.get("bits", "")),
                       str(r.get("dtype", "")), shown)
+    return table
+
+
+def logs_table(conversations: list) -> Table:
+    """Logged conversations: id, last update, command, model, answers, the first user message."""
+    table = Table(show_header=True, header_style="bold")
+    for col in ("id", "updated", "command", "model", "answers", "first message"):
+        table.add_column(col, justify="right" if col == "answers" else "left", overflow="fold")
+    for c in conversations:
+        first = next((m["content"] for m in c.messages if m["role"] == "user"), "")
+        first = " ".join(first.split())
+        table.add_row(c.id, c.updated.replace("T", " ")[:19], c.command, str(c.model or "demo"), str(c.answers),
+                      first if len(first) <= 60 else first[:57] + "...")
     return table

@@ -47,6 +47,7 @@ class StepEvent:
     budget: int = 0
     prefill: bool = False
     finish: str | None = None  # "stop" | "length" | None
+    context_full: bool = False  # "length" because the context (--ctx-size) is full, not max_new_tokens
 
 
 @dataclass
@@ -71,6 +72,8 @@ class GenerationStats:
     budget: float = 0.0  # mean tree budget per pass (0 = plain decoding)
     mean_tree_size: float = 0.0
     finish: str = ""
+    context_full: bool = False  # generation stopped at the context limit
+    threads: int = 0  # torch CPU threads
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,8 +98,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     """Drives a target OffloadedModel and an optional resident draft over their preallocated caches."""
 
-    def __init__(self, target, draft=None, tokenizer=None, budget_planner=None) -> None:
+    def __init__(self, target, draft=None, tokenizer=None, budget_planner=None,
+                 context_tokens: int | None = None) -> None:
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
+        # positions a sequence may take: the KV cache size asked for (--ctx-size), within the model's context
+        self.context_tokens = min(context_tokens or target.max_context, target.max_context)
         self.target_ids: list[int] = []  # token ids held by the target's KV cache, in order
         self.draft_ids: list[int] = []
         self.stats = AcceptanceStats()
@@ -120,8 +126,11 @@ class Engine:
             held.extend(part)
 
     def check_context(self, n_prompt: int, max_new: int) -> None:
-        limit = self.target.max_context
+        limit = self.context_tokens
         if n_prompt >= limit:
+            if limit < self.target.max_context:
+                raise ContextError(f"prompt is {n_prompt} tokens but the context is {limit} tokens "
+                                   f"(raise --ctx-size; the model allows {self.target.max_context})")
             raise ContextError(f"prompt is {n_prompt} tokens but the model's context is {limit} tokens")
 
     # ------------------------------------------------------------------ steps
@@ -135,7 +144,7 @@ class Engine:
             gen = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
         params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
         use_spec = cfg.spec and self.draft is not None
-        budget_cap = self.target.max_context - 1
+        budget_cap = self.context_tokens - 1
         # Prefill: everything but the last prompt token (the first root) enters the caches.
         t0 = time.perf_counter()
         pending = self._sync(self.target, self.target_ids, prompt_ids)
@@ -151,7 +160,7 @@ class Engine:
         while produced < cfg.max_new_tokens:
             room = budget_cap - len(self.target_ids) - 1
             if room <= 0:
-                yield StepEvent([], finish="length")
+                yield StepEvent([], finish="length", context_full=True)
                 return
             budget = self._budget(cfg, min(room, 4096)) if use_spec else 0
             if budget > 0:
@@ -279,6 +288,7 @@ def stream_text(engine: Engine, prompt_ids: list[int], cfg: GenerationConfig,
                 stats: GenerationStats | None = None) -> Iterator[TextEvent]:
     """Yield TextEvents as tokens are committed; fills `stats` as it goes (also when interrupted)."""
     stats = stats if stats is not None else GenerationStats()
+    stats.threads = torch.get_num_threads()
     ts = TextStreamer(engine.tokenizer)
     t_start = time.perf_counter()
     budgets: list[int] = []
@@ -298,6 +308,7 @@ def stream_text(engine: Engine, prompt_ids: list[int], cfg: GenerationConfig,
         stats.decode_s = time.perf_counter() - t_start
         if ev.finish:
             stats.finish = ev.finish
+            stats.context_full = ev.context_full
         _finish_stats(stats, budgets)
         text = ts.push(ev.tokens, final=ev.finish is not None)
         yield TextEvent(text, ev)

@@ -19,6 +19,12 @@ class Loaded:
     draft_store: Path | None
     tokenizer: object
 
+    def close(self) -> None:
+        """Stop the reader threads of both models."""
+        for m in (self.engine.target, self.engine.draft):
+            if m is not None:
+                m.close()
+
 
 def load_tokenizer(store: Path):
     """The tokenizer saved beside a store's config (offline only)."""
@@ -75,7 +81,9 @@ def generation_eos(store: Path) -> tuple[int, ...]:
 def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                 rc: RuntimeConfig = RuntimeConfig(), cache_tokens: int = 4096, progress: bool = True,
                 budget_auto: bool = True) -> Loaded:
-    """Resolve target (and draft), open them under the budgets, and wire an Engine."""
+    """Resolve target (and draft), open them under the budgets, and wire an Engine.
+
+    cache_tokens (--ctx-size) sizes both KV caches, capped at the target's context; the engine stops there."""
     from offspec.runtime.model import open_model
     from offspec.store.resolve import resolve_model
 
@@ -90,6 +98,9 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     else:
         target_store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
         draft_store = resolve_model(draft, 16, rc.dtype, progress=progress) if (draft and spec) else None
+    from offspec.runtime.sizing import context_tokens
+
+    cache_tokens = context_tokens(target_store, cache_tokens)
     tokenizer = load_tokenizer(target_store)
     draft_model = None
     reserved = 0
@@ -110,6 +121,6 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         from offspec.speculative.tree_size import make_planner
 
         planner = make_planner(target)
-    engine = Engine(target, draft_model, tokenizer, planner)
+    engine = Engine(target, draft_model, tokenizer, planner, context_tokens=cache_tokens)
     engine.eos_ids = tuple(sorted(set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))))
     return Loaded(engine, target_store, draft_store, tokenizer)

@@ -63,6 +63,15 @@ def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, 
     return plan, minimum
 
 
+def context_tokens(store_dir: str | Path, requested: int) -> int:
+    """KV cache positions for a --ctx-size request: at most the model's own context (max_position_embeddings)."""
+    import json
+
+    cfg = json.loads((Path(store_dir) / "config.json").read_text())
+    limit = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
+    return min(requested, int(limit)) if limit else requested
+
+
 def kv_bytes_per_token(store_dir: Path, manifest: Manifest, compute: torch.dtype | None = None) -> int:
     """KV cache bytes per token for the store's architecture (from config.json), in the compute dtype."""
     import json

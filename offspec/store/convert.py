@@ -387,16 +387,10 @@ class FolderSource(ModelSource):
 
 
 @contextlib.contextmanager
-def _quiet_transformers(on_tensor: Callable[[int], None] | None = None) -> Iterator[None]:
-    """Silence transformers' warnings and progress bars while it loads a GGUF file.
+def _gguf_reading(on_tensor: Callable[[int], None] | None = None) -> Iterator[None]:
+    """transformers quiet while it loads a GGUF file; its reader's bare tqdm calls on_tensor(total) per tensor."""
+    from offspec.console import quiet_transformers
 
-    Its GGUF reader iterates tensors through a bare tqdm; on_tensor(total) is called per tensor instead.
-    """
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
@@ -419,13 +413,11 @@ def _quiet_transformers(on_tensor: Callable[[int], None] | None = None) -> Itera
     if gguf_utils is not None:
         gguf_utils.tqdm = counting_tqdm
     try:
-        yield
+        with quiet_transformers():
+            yield
     finally:
         if gguf_utils is not None:
             gguf_utils.tqdm = real_tqdm
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 class GgufSource(ModelSource):
@@ -439,7 +431,7 @@ class GgufSource(ModelSource):
             def on_tensor(total: int) -> None:
                 bar.update(task, total=total or None, advance=1)
 
-            with _quiet_transformers(on_tensor):
+            with _gguf_reading(on_tensor):
                 self.model, self.tokenizer = self._load(src, torch_dtype)
         self.config = self.model.config
         self.model_type = str(self.config.model_type)

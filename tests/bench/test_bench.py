@@ -84,7 +84,9 @@ def test_parse_budgets():
 
 def test_encode_prompt_uses_the_chat_template(bench_tok):
     tok = bench_tok
-    ids = bench.encode_prompt(tok, "why is the sky blue")
+    from offspec.chat import encode_prompt
+
+    ids = encode_prompt(tok, [{"role": "user", "content": "why is the sky blue"}])
     text = tok.decode(ids)
     assert text.startswith("<|im_start|> user") and text.endswith("<|im_start|> assistant")
 

@@ -68,13 +68,15 @@ def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny):
     roomy = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1GiB", "--device", "cpu"])
     assert roomy.exit_code == 0, roomy.output
     assert "0-3" in roomy.stdout and "minimum budget" in roomy.stdout
-    # Just above the minimum (KV for 4096 tokens + resident + 2 layer slots): layers stream from disk.
-    from offspec.runtime.sizing import plan_for_store
+    # Just above the minimum (KV for the context + resident + 2 layer slots): layers stream from disk.
+    from offspec.runtime.sizing import context_tokens, plan_for_store
     from offspec.store.manifest import read_manifest
     from offspec.store.resolve import resolve_model
 
     store = resolve_model(str(tiny.target), 16, "bfloat16", progress=False)
-    _, minimum = plan_for_store(store, read_manifest(store), "cpu", 1 << 40, 0, 0, 4096)
+    ctx = context_tokens(store, 4096)
+    assert ctx == 512  # --ctx-size 4096 capped at the tiny model's context
+    _, minimum = plan_for_store(store, read_manifest(store), "cpu", 1 << 40, 0, 0, ctx)
     tight = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", str(minimum + 1000), "--device", "cpu"])
     assert tight.exit_code == 0, tight.output
     assert "streamed from disk" in tight.stdout and "ring" in tight.stdout
