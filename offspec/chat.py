@@ -97,13 +97,13 @@ class ChatSession:
 
     # ------------------------------------------------------------------ turns
     def ask(self, text: str, on_text: Callable[[str], None] | None = None,
-            on_step: Callable[[StepEvent], None] | None = None) -> TurnResult:
+            on_step: Callable[[StepEvent, GenerationStats], None] | None = None) -> TurnResult:
         """Add a user message, stream the answer through on_text, record it in the history.
 
         Ctrl-C (KeyboardInterrupt) while answering stops the answer; the partial answer stays in the
         history, marked interrupted, and the session can go on. Errors before any token (e.g. the
         conversation no longer fits the context) remove the user message again and propagate.
-        on_step sees every engine step (the prefill and each target pass).
+        on_step(step, running stats) sees each target pass.
         """
         self.messages.append({"role": "user", "content": text})
         stats = GenerationStats()
@@ -113,7 +113,7 @@ class ChatSession:
             ids = self.prompt_ids()
             for ev in stream_text(self.engine, ids, self.cfg, stats):
                 if on_step is not None:
-                    on_step(ev.step)
+                    on_step(ev.step, stats)
                 if ev.text:
                     pieces.append(ev.text)
                     if on_text is not None:

@@ -362,16 +362,15 @@ def generate(
         prompt_ids = encode_prompt(tok, messages, raw)
         cfg = replace(cfg, stop_ids=tuple(engine.eos_ids))
         stats, token_ids, pieces, interrupted = GenerationStats(), [], [], False
-        passes = 0
+        on_step = console.StepPrinter() if verbose else None
         try:
             for ev in stream_text(engine, prompt_ids, cfg, stats):
                 token_ids.extend(ev.step.tokens)
                 pieces.append(ev.text)
                 if not json_out:
                     console.write_text(ev.text)
-                if verbose:
-                    passes += not ev.step.prefill
-                    console.status_line(console.format_step(ev.step, passes))
+                if on_step is not None:
+                    on_step(ev.step, stats)
         except KeyboardInterrupt:
             interrupted = True
         except BaseException:
@@ -462,19 +461,13 @@ def chat(
             session.set_system(system)
     session.conversation.model, session.conversation.draft = name, draft_name
     session.conversation.options = _options(cfg)
-    steps = {"n": 0}
-
-    def on_step(ev) -> None:
-        steps["n"] += not ev.prefill
-        console.status_line(console.format_step(ev, steps["n"]))
-
     try:
         if interactive and not quiet:
             with_draft = f" with draft {draft_name}" if loaded.draft_store else ""
             resumed = f", continuing {len(session.messages)} messages" if previous is not None else ""
             console.status_line(f"chatting with {name}{with_draft}{resumed}; /help for commands, Ctrl-D to leave")
         reader = TerminalInput(log.home / "chat_history" if log else None) if interactive else PipeInput()
-        run_chat(session, reader, interactive, quiet, on_step if verbose else None)
+        run_chat(session, reader, interactive, quiet, console.StepPrinter() if verbose else None)
     finally:
         loaded.close()
 

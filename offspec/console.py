@@ -152,12 +152,24 @@ def context_full_line(context_tokens: int) -> str:
 
 
 def format_step(ev, n: int) -> str:
-    """--verbose: one line per engine step (the prefill, then each target pass)."""
-    if ev.prefill:
-        return f"prefill: {ev.tree_size} tokens in {ev.target_pass_s:.3f} s"
+    """--verbose: one line per target pass."""
     tree = f"tree {ev.tree_size}, accepted {ev.accepted}, budget {ev.budget}, " if ev.budget else ""
     return (f"pass {n}: {tree}+{len(ev.tokens)} tokens, target {ev.target_pass_s:.3f} s, "
             f"draft {ev.draft_s:.3f} s, streamed {format_bytes(ev.streamed_bytes)}")
+
+
+class StepPrinter:
+    """--verbose: the prefill, then one line per target pass of each answer, on stderr."""
+
+    def __init__(self) -> None:
+        self.stats, self.n = None, 0
+
+    def __call__(self, step, stats: GenerationStats) -> None:
+        if stats is not self.stats:  # a new answer
+            self.stats, self.n = stats, 0
+            status_line(f"prefill: {stats.prefill_tokens} tokens in {stats.prefill_s:.3f} s")
+        self.n += 1
+        status_line(format_step(step, self.n))
 
 
 def layer_ranges(layers: list[int]) -> str:
