@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from offspec.console import plural
 from offspec.conversations import Conversation, load_conversation, new_id, now_iso, save_conversation
 from offspec.errors import ConfigError
 from offspec.generate import GenerationConfig, GenerationStats, StepEvent, finalize_stats, stream_text
@@ -243,10 +244,6 @@ HELP = """/system TEXT  set the system message (no TEXT: remove it)
 /exit         leave (also /quit, Ctrl-D)
 !multi        type a message over several lines, ending with !end (Esc Enter also adds a line)
 Ctrl-C stops an answer; pasting several lines sends them as one message."""
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def is_command(line: str) -> bool:

@@ -125,21 +125,26 @@ def print_table(table: Table) -> None:
 
 
 # ---------------------------------------------------------------------- formatters
+def plural(n: int, word: str) -> str:
+    """'1 answer', '2 answers'."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def format_stats(stats: GenerationStats, interrupted: bool = False) -> str:
     """One line: tokens, tok/s, tokens per target pass, passes, mean pass seconds, draft seconds, GB/s, budget."""
     budget = f"budget {stats.budget:.0f}" if stats.budget else "plain decoding"
     parts = [
-        f"{stats.tokens} tokens",
+        plural(stats.tokens, "token"),
         f"{stats.tok_per_s:.2f} tok/s",
         f"{stats.tokens_per_pass:.2f} tokens/pass",
-        f"{stats.passes} passes",
+        f"{stats.passes} {'pass' if stats.passes == 1 else 'passes'}",
         f"{stats.target_pass_s:.3f} s/pass",
         f"draft {stats.draft_s:.2f} s",
         f"streamed {stats.streamed_gbps:.2f} GB/s",
         budget,
     ]
     if stats.threads:
-        parts.append(f"{stats.threads} threads")
+        parts.append(plural(stats.threads, "thread"))
     if stats.prefill_tokens:
         parts.append(f"prefill {stats.prefill_tokens} tokens in {stats.prefill_s:.2f} s")
     line = ", ".join(parts)

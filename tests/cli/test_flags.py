@@ -36,7 +36,7 @@ def test_threads_sets_torch_threads_and_shows_in_the_stats(runner, cli_app, tiny
         res = gen(runner, cli_app, "Hello", "-m", tiny.target, *COMMON, "-n", 2, "-t", 1)
         assert res.exit_code == 0, res.output
         assert torch.get_num_threads() == 1
-        assert "1 threads" in res.stderr.splitlines()[-1]
+        assert "1 thread," in res.stderr.splitlines()[-1]
         out = as_json(gen(runner, cli_app, "Hello", "-m", tiny.target, *COMMON, "-n", 2, "--threads", 2, "--json"))
         assert out["stats"]["threads"] == 2
     finally:
