@@ -195,3 +195,24 @@ def test_ctx_size_is_the_kv_cache_size_capped_at_the_model_context(tiny):
             assert loaded.engine.target.cache.capacity == loaded.engine.draft.cache.capacity == expected
         finally:
             loaded.close()
+
+
+def test_chat_takes_the_same_flags(runner, cli_app, tiny, tmp_path):
+    save = tmp_path / "c.json"
+    base = ["chat", "-m", str(tiny.target), "-md", str(tiny.draft), "--budget", "4", "--dtype", "float32", "-n", "4",
+            "-t", "1", "--temp", "0", "-s", "1", "-sys", "Be brief.", "--no-log"]
+    res = runner.invoke(cli_app, [*base, "--verbose"], input=f"Hello\n/save {save}\n")
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines()[0].startswith("prefill:") and "pass 1: tree" in res.stderr
+    messages = json.loads(save.read_text())["messages"]
+    assert messages[0] == {"role": "system", "content": "Be brief."} and messages[2]["content"] + "\n" == res.stdout
+    quiet = runner.invoke(cli_app, [*base, "--quiet"], input="Hello\n")
+    assert quiet.exit_code == 0 and quiet.stdout == res.stdout and quiet.stderr == ""
+    raw = runner.invoke(cli_app, [*base, "--no-chat-template"], input=f"Hello\n/save {save}\n")
+    assert raw.exit_code == 0 and raw.stdout != res.stdout  # the same words, not templated: another prompt
+    # a conversation that outgrows -c: the answer stops at the limit with one line, the next turn is refused
+    full = runner.invoke(cli_app, [*base, "-c", "40", "-n", "100"], input="Hello\nAgain\n")
+    assert full.exit_code == 1, full.output
+    lines = full.stderr.splitlines()
+    assert len(lines) == 2 and "--ctx-size" in lines[0] and "40" in lines[0] and "context" in lines[1]
+    assert "--temp" in one_error_line(runner.invoke(cli_app, ["chat", "-m", str(tiny.target), "-t", "0.5"]))
