@@ -460,7 +460,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             compute_dtype = str(target.dtype).removeprefix("torch.")
             source_store = loaded.target_store
             loaded.close()
-            del loaded, engine, target
+            loaded = engine = target = None
             gc.collect()
             result["peer"] = None
             if peer:
@@ -473,7 +473,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
                     notes=notes, progress=progress)
                 step(f"peer {peer}: done", 1)
     finally:
-        if "loaded" in locals():  # on errors; after the decode sections it is already closed
+        if loaded is not None:  # on errors; after the decode sections it is already closed
             loaded.close()
     _add_speedups(result)
     return result

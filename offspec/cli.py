@@ -279,9 +279,10 @@ def _recorder(no_log: bool):
 
 
 def _options(cfg) -> dict:
-    """The sampling settings a logged conversation records."""
-    return {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "tree")
-            if hasattr(cfg, k)} | {"budget": "auto" if cfg.budget is None else cfg.budget}
+    """The generation settings a logged conversation records (budget None is auto)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(cfg).items() if k != "stop_ids"}
 
 
 def _model_name(given: str | None, store) -> str | None:
