@@ -1,14 +1,19 @@
 """offspec's whole contract with transformers' internals, in one place.
 
-offspec calls transformers' own decoder layers with a KV cache of its own. What it relies on:
+offspec runs a family's own model forward (`CausalLM.model`: embeddings, rotary, decoder layers, final
+norm) with a KV cache of its own. What it relies on:
+- the model forward's public arguments: `input_ids`, `attention_mask` given as a prepared additive
+  float 4D mask `[1, 1, q, kv]` (used as given), or, for families with mixed layer types, a dict
+  `{"full_attention": m, "sliding_attention": m}`; explicit `position_ids`; `use_cache=True`; and
+  the cache under `cache` (from 5.24) or `past_key_values` (before; the old name is deprecated until 5.40);
+  the output's `last_hidden_state` is the final-normed hidden states;
 - the cache protocol: attention modules call `cache.update(key, value, layer_idx, ...)`; the extra
   arguments changed between releases (`cache_kwargs` positional before 5.24, `kwargs=` from 5.24) and
-  are ignored here (offspec positions come from the model, not the cache);
-- the name of the cache argument of decoder layers and model forwards (`past_key_values` before 5.24,
-  `cache` from 5.24; the old name is deprecated until 5.40);
-- rotary embeddings called as `rotary(hidden, position_ids)` -> (cos, sin);
-- an additive float 4D mask `[1, 1, q, kv]` passed as `attention_mask`, used as given.
-`check_contract` exercises all of it on a real decoder layer; the contract test runs it per family.
+  are ignored here (offspec positions come from the model, not the cache); `get_seq_length()`;
+- decoder layers called one by one (the contract test) take the same cache argument name, a mask and
+  `position_embeddings=(cos, sin)` from `rotary(hidden, position_ids)`.
+The contract test runs a real decoder layer and model forward of each supported family against
+transformers' own DynamicCache.
 """
 
 from __future__ import annotations
@@ -72,6 +77,14 @@ def cache_arg_name(layer_cls: type) -> str:
     raise ContractError(
         f"transformers {transformers_version()}: {layer_cls.__name__}.forward takes neither 'cache' nor "
         "'past_key_values' (the cache argument of decoder layers changed)")
+
+
+def run_decoder(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor,
+                cache) -> torch.Tensor:
+    """Run a family's inner model forward over offspec's cache; the final-normed hidden states [1, T, hidden]."""
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                  **{cache_arg_name(type(decoder)): cache})
+    return out.last_hidden_state
 
 
 def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, *, mask: torch.Tensor, position_ids: torch.Tensor,

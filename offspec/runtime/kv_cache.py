@@ -1,4 +1,4 @@
-"""A preallocated KV cache that appends in place and keeps a chosen subset of new positions (no concat per step)."""
+"""A static KV cache: per-layer buffers written at index positions, read over a fixed span (gpt-fast style)."""
 
 from __future__ import annotations
 
@@ -6,28 +6,40 @@ import torch
 
 from offspec.transformers_contract import CacheProtocol
 
+SPAN_BUCKET = 256  # attention reads the cache in spans of this many slots; the mask hides the unused ones
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one cached position takes: keys and values of every layer."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
 
 class StaticKVCache(CacheProtocol):
-    """Per-layer key/value buffers [1, H_kv, capacity, D]; `length` positions are valid.
+    """Per-layer key/value buffers [1, H_kv, capacity, D]; `length` slots are committed.
 
-    transformers' attention modules call `update(k, v, layer_idx)` during a forward: the new T
-    positions are written at [length, length + T) and the valid prefix plus them is returned.
-    The owning model advances `length` once every layer has run (`advance`).
+    A forward first calls `begin(position_ids)`: the T new tokens will be written at slots
+    [length, length + T) (an index tensor on the cache's device), their positions are recorded in
+    `positions` (windowed masks need them), and `span` slots are read back by attention: a multiple of
+    SPAN_BUCKET, or the whole capacity when `static` (fixed shapes for graph capture). transformers'
+    attention modules then call `update(k, v, layer_idx)`; the model calls `advance(T)` at the end.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", static: bool = False) -> None:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.static = dtype, torch.device(device), static
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # [capacity] position of each slot
         self.length = 0
+        self.span = 0
+        self._write_idx = torch.zeros(0, dtype=torch.long, device=self.device)
         self._reserve(capacity)
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -43,7 +55,9 @@ class StaticKVCache(CacheProtocol):
         values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         for old, new in zip(self.keys + self.values, keys + values):
             new[:, :, : self.length].copy_(old[:, :, : self.length])
-        self.keys, self.values, self.capacity = keys, values, capacity
+        positions = torch.zeros(capacity, dtype=torch.long, device=self.device)
+        positions[: self.length].copy_(self.positions[: self.length])
+        self.keys, self.values, self.positions, self.capacity = keys, values, positions, capacity
 
     def ensure(self, extra: int) -> None:
         """Make room for `extra` more positions, growing geometrically."""
@@ -51,14 +65,27 @@ class StaticKVCache(CacheProtocol):
         if need > self.capacity:
             self._reserve(max(need, int(self.capacity * 1.5) + 64))
 
-    # --- the transformers Cache protocol used by decoder layers (update -> write) ---
+    def span_for(self, end: int) -> int:
+        """Slots attention reads when `end` are filled: the capacity (static), else `end` rounded up to a bucket."""
+        if self.static:
+            return self.capacity
+        return min(self.capacity, -(-end // SPAN_BUCKET) * SPAN_BUCKET)
+
+    def begin(self, position_ids: torch.Tensor) -> int:
+        """Prepare a forward of position_ids [1, T] (on the cache's device); returns the span it will read."""
+        t = position_ids.shape[-1]
+        self.ensure(t)
+        self._write_idx = torch.arange(self.length, self.length + t, device=self.device)
+        self.positions[self.length : self.length + t].copy_(position_ids.reshape(-1))
+        self.span = self.span_for(self.length + t)
+        return self.span
+
+    # --- the transformers Cache protocol used by attention modules (update -> write) ---
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        t = key_states.shape[-2]  # key_states: [1, H_kv, T, D]
-        end = self.length + t
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        k[:, :, self.length : end].copy_(key_states)
-        v[:, :, self.length : end].copy_(value_states)
-        return k[:, :, :end], v[:, :, :end]
+        k, v = self.keys[layer_idx], self.values[layer_idx]  # [1, H_kv, capacity, D]
+        k.index_copy_(2, self._write_idx, key_states)  # key_states: [1, H_kv, T, D]
+        v.index_copy_(2, self._write_idx, value_states)
+        return k[:, :, : self.span], v[:, :, : self.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -73,13 +100,19 @@ class StaticKVCache(CacheProtocol):
 
     @torch.inference_mode()
     def keep(self, start: int, indices: torch.Tensor) -> None:
-        """Keep positions start + indices (ascending) among those >= start, compacted to start..start+K-1."""
-        indices = indices.to(device=self.device, dtype=torch.long)
+        """Keep slots start + indices (ascending) among those >= start, compacted in place to start..start+K-1.
+
+        Indices given on the host are checked there for the common already-compact case; indices on the
+        device are used as they are (no host sync)."""
         k_len = int(indices.numel())
-        src = indices + start
-        if k_len and not torch.equal(src, torch.arange(start, start + k_len, device=self.device)):
+        if k_len and indices.device.type == "cpu" and torch.equal(indices, torch.arange(k_len, dtype=indices.dtype)):
+            self.length = start + k_len
+            return
+        if k_len:
+            src = indices.to(device=self.device, dtype=torch.long) + start
             for buf in self.keys + self.values:
                 buf[:, :, start : start + k_len].copy_(buf.index_select(2, src))
+            self.positions[start : start + k_len].copy_(self.positions.index_select(0, src))
         self.length = start + k_len
 
     def reset(self) -> None:

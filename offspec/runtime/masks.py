@@ -24,3 +24,20 @@ def visibility_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=visible.device)
     mask.masked_fill_(visible, 0)
     return mask[None, None]
+
+
+def pad_mask(mask: torch.Tensor, span: int) -> torch.Tensor:
+    """[1, 1, T, span]: an additive mask over the first columns, the unused cache slots after them blocked."""
+    cols = mask.shape[-1]
+    if cols == span:
+        return mask
+    out = torch.full((*mask.shape[:-1], span), torch.finfo(mask.dtype).min, dtype=mask.dtype, device=mask.device)
+    out[..., :cols] = mask
+    return out
+
+
+def window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """`mask` [1, 1, T, S] with keys outside a sliding window also blocked: a query at position p keeps
+    the keys at positions q with p - q < window (q_pos [T], k_pos [S]; ancestors and prefix alike)."""
+    outside = (q_pos[:, None] - k_pos[None, :]) >= window  # [T, S]
+    return mask.masked_fill(outside, torch.finfo(mask.dtype).min)

@@ -1,4 +1,4 @@
-"""The offloaded model: resident parts + per-layer tiers, one forward over explicit positions and a float mask."""
+"""The offloaded model: transformers' own forward, with streamed decoder layers bound by per-layer hooks."""
 
 from __future__ import annotations
 
@@ -8,17 +8,18 @@ from pathlib import Path
 
 import torch
 
-from offspec.errors import ModelError, StoreError
-from offspec.models.nf4 import assign_layer_tensors, swap_nf4_linears
-from offspec.models.registry import build_skeleton, check_supported
-from offspec.runtime.kv_cache import StaticKVCache
-from offspec.runtime.masks import causal_mask
+from offspec.errors import StoreError
+from offspec.models.binding import LayerBinding
+from offspec.models.nf4 import swap_nf4_linears
+from offspec.models.registry import build_skeleton, final_logits, kv_geometry, layer_windows, load_config
 from offspec.runtime.device import pick_compute_dtype, resolve_device
+from offspec.runtime.kv_cache import StaticKVCache
+from offspec.runtime.masks import causal_mask, pad_mask, window_mask
 from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan
 from offspec.runtime.sizing import plan_for_store, upcast_plan
 from offspec.runtime.streamer import LayerStreamer, load_blob
 from offspec.store.manifest import Manifest, read_manifest, tensor_views
-from offspec.transformers_contract import call_layer
+from offspec.transformers_contract import run_decoder
 
 
 @dataclass
@@ -32,63 +33,73 @@ class PassStats:
 
 
 class OffloadedModel:
-    """A decoder-only model whose layers are device-resident, host-resident or streamed from disk."""
+    """A decoder-only model whose layers are device-resident, host-resident or streamed from disk.
+
+    The forward is the family's own transformers forward (`model.model(...)`): a streamed layer's
+    forward pre-hook waits for its blob and binds its weights (prepared once per ring slot), its
+    forward hook hands the slot back; the lm_head runs here, over the rows that are needed.
+    """
 
     def __init__(self, store_dir: str | Path, plan: ResidencyPlan, device: torch.device | str = "cpu",
-                 warm: bool = False, cache_tokens: int = 2048, manifest: Manifest | None = None) -> None:
-        from transformers import AutoConfig
-
+                 warm: bool = False, cache_tokens: int = 2048, manifest: Manifest | None = None,
+                 config=None, static_cache: bool = False) -> None:
         self.store_dir = Path(store_dir)
         self.manifest = manifest or read_manifest(self.store_dir)
+        self.config = config if config is not None else load_config(self.store_dir)
         self.device = torch.device(device)
         self.plan = plan
-        check_supported(self.manifest.model_type)
-        try:
-            self.config = AutoConfig.from_pretrained(self.store_dir)
-        except Exception as exc:  # noqa: BLE001 - any config failure is a model error for the user
-            raise ModelError(f"{self.store_dir}: cannot read config.json ({exc})") from None
         self.store_dtype = self.manifest.torch_dtype
         self.dtype = pick_compute_dtype(self.store_dtype, self.device)  # activations, KV cache, matmuls
         sk = build_skeleton(self.config, self.dtype, self.device)
-        self.embed, self.layers, self.norm, self.lm_head, self.rotary = sk.embed, sk.layers, sk.norm, sk.lm_head, sk.rotary
+        self.family, self.decoder, self.layers, self.lm_head = sk.family, sk.decoder, sk.layers, sk.lm_head
         self.num_layers = len(self.layers)
         if self.num_layers != self.manifest.num_layers:
             raise StoreError(f"{self.store_dir}: config has {self.num_layers} layers, manifest {self.manifest.num_layers}")
+        windows = layer_windows(self.config)
+        self._window = max((w for w in windows if w), default=None)
         for i, entry in enumerate(self.manifest.layers):
             quant = {n: e.quant for n, e in entry.tensors.items() if e.quant is not None}
             if quant:
                 swap_nf4_linears(self.layers[i], quant)
         self._load_resident()
+        self._bindings: dict[tuple[int, int], LayerBinding] = {}  # (layer, ring slot) -> prepared weights
+        self._host_bufs: dict[int, torch.Tensor] = {}  # CUDA: pinned host copies of host-tier layers
+        ringed: list[int] = []  # layers bound through a ring slot each pass
         for i, tier in enumerate(plan.tiers):
-            if tier in (DEVICE, HOST) and not (tier == HOST and self.device.type == "cuda"):
+            if tier == DISK or (tier == HOST and self.device.type == "cuda"):
+                ringed.append(i)
+                if tier == HOST:
+                    self._host_bufs[i] = load_blob(self.store_dir, self.manifest.layers[i], torch.device("cpu"), pin=True)
+            else:
                 buf = load_blob(self.store_dir, self.manifest.layers[i], self.device)
                 views = self._upcast(tensor_views(self.manifest.layers[i].tensors, buf))
-                assign_layer_tensors(self.layers[i], views)
-        self._host_bufs: dict[int, torch.Tensor] = {}  # CUDA: pinned host copies of host-tier layers
-        if self.device.type == "cuda":
-            for i in plan.layers(HOST):
-                self._host_bufs[i] = load_blob(self.store_dir, self.manifest.layers[i], torch.device("cpu"), pin=True)
+                LayerBinding(self.layers[i], views, self.dtype).bind()
+        self._check_bound(ringed)
         self.streamer: LayerStreamer | None = None
+        self._slot_compute: list[torch.Tensor] | None = None
         streamed = plan.layers(DISK)
         if streamed:
             files = {i: self.store_dir / self.manifest.layers[i].file for i in streamed}
             sizes = {i: self.manifest.layers[i].size for i in streamed}
             slots = max(plan.ring_slots, 1)
             self._slot_compute = self._alloc_upcast_buffers(streamed, slots)
+            self._upcast_pairs: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             self.streamer = LayerStreamer(files, sizes, streamed, slots, warm=warm, pin=self.device.type == "cuda",
-                                          prepare=self._prepare_streamed)
+                                          prepare=self._upcast_slot if self._slot_compute is not None else None)
         self._copier = None
-        if self.device.type == "cuda" and (streamed or plan.layers(HOST)):
+        if self.device.type == "cuda" and ringed:
             from offspec.runtime.cuda import DeviceRing
 
             self._copier = DeviceRing(max(plan.ring_slots, 2), max(plan.layer_bytes), self.device)
-        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-        self.cache = StaticKVCache(self.num_layers, self.config.num_key_value_heads, head_dim, cache_tokens,
-                                   self.dtype, self.device)
+        self._held: list[tuple[int, int]] = []  # (layer, slot) bound and not yet handed back
+        self._streamed = 0
+        for i in ringed:
+            self.layers[i].register_forward_pre_hook(self._make_pre_hook(i))
+            self.layers[i].register_forward_hook(self._make_post_hook(i))
+        self.cache = StaticKVCache(*kv_geometry(self.config), cache_tokens, self.dtype, self.device,
+                                   static=static_cache)
         self.stats = PassStats()
         self._last_hidden: torch.Tensor | None = None  # normed final hidden states of the last forward
-        self.total_streamed_bytes = 0
-        self.passes = 0
 
     # ------------------------------------------------------------------ loading
     def _upcast(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,52 +111,115 @@ class OffloadedModel:
         """One flat compute-dtype buffer per ring slot when streamed layers need converting (CPU only)."""
         if self.device.type != "cpu" or self.dtype == self.store_dtype:
             return None
-        self._upcast_offsets = {i: upcast_plan(self.manifest.layers[i].tensors, self.dtype) for i in streamed}
-        n = max(size for _, size in self._upcast_offsets.values())
+        plans = {i: upcast_plan(self.manifest.layers[i].tensors, self.dtype) for i in streamed}
+        self._upcast_offsets = {i: offsets for i, (offsets, _) in plans.items()}
+        n = max(size for _, size in plans.values())
         if n == 0:
             return None
         return [torch.zeros(n, dtype=self.dtype) for _ in range(slots)]
 
-    def _prepare_streamed(self, layer: int, buf: torch.Tensor, slot: int) -> dict[str, torch.Tensor]:
-        """In the reader thread: views into the slot, float ones converted into the slot's compute buffer."""
-        entries = self.manifest.layers[layer].tensors
-        views = tensor_views(entries, buf)
-        if self._slot_compute is None:
-            return views
-        offsets, _ = self._upcast_offsets[layer]  # computed once per layer, not per pass
-        flat = self._slot_compute[slot]
-        for name, off in offsets.items():
-            v = views[name]
-            dst = flat[off : off + v.numel()].view(v.shape)
-            dst.copy_(v)
-            views[name] = dst
+    def _slot_views(self, layer: int, slot: int, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of a layer's tensors in a ring slot; float ones to convert point into the slot's compute buffer."""
+        views = tensor_views(self.manifest.layers[layer].tensors, buf)
+        if self._slot_compute is not None and self.device.type == "cpu":
+            flat = self._slot_compute[slot]
+            for name, off in self._upcast_offsets[layer].items():
+                views[name] = flat[off : off + views[name].numel()].view(views[name].shape)
         return views
+
+    def _upcast_slot(self, layer: int, buf: torch.Tensor, slot: int) -> None:
+        """In the reader thread: convert the float tensors of a freshly read slot into its compute buffer."""
+        key = (layer, slot)
+        if key not in self._upcast_pairs:  # computed once per (layer, slot), not per pass
+            raw = tensor_views(self.manifest.layers[layer].tensors, buf)
+            dst = self._slot_views(layer, slot, buf)
+            self._upcast_pairs[key] = [(dst[n], raw[n]) for n in self._upcast_offsets[layer]]
+        for dst, src in self._upcast_pairs[key]:
+            dst.copy_(src)
 
     def _load_resident(self) -> None:
         entry = self.manifest.resident
         # views keep their blob's storage alive; upcast copies let the stored bytes go
         views = self._upcast(tensor_views(entry.tensors, load_blob(self.store_dir, entry, self.device)))
-        parts = {"model.embed_tokens.": self.embed, "model.norm.": self.norm, "lm_head.": self.lm_head}
+        decoder, head = {}, {}
         for name, t in views.items():
-            for prefix, mod in parts.items():
-                if name.startswith(prefix):
-                    assign_layer_tensors(mod, {name[len(prefix):]: t})
-                    break
-        if "lm_head.weight" not in views:
-            if "model.embed_tokens.weight" not in views:
+            if name.startswith("model."):
+                decoder[name[len("model."):]] = t
+            elif name.startswith("lm_head."):
+                head[name[len("lm_head."):]] = t
+        if "weight" not in head:
+            if "embed_tokens.weight" not in decoder:
                 raise StoreError(f"{self.store_dir}: resident blob has no embeddings")
-            assign_layer_tensors(self.lm_head, {"weight": views["model.embed_tokens.weight"]})
+            head["weight"] = decoder["embed_tokens.weight"]  # tied embeddings
+        try:
+            LayerBinding(self.decoder, decoder, self.dtype).bind()
+            LayerBinding(self.lm_head, head, self.dtype).bind()
+        except AttributeError as exc:
+            raise StoreError(f"{self.store_dir}: resident blob does not fit the {self.config.model_type} "
+                             f"architecture ({exc})") from None
+
+    def _check_bound(self, ringed: list[int]) -> None:
+        """Every parameter outside the ring-bound layers holds real data (a store missing a tensor fails here)."""
+        skip = tuple(f"model.layers.{i}." for i in ringed)
+        named = [("model." + n, p) for n, p in self.decoder.named_parameters()]
+        named += [("lm_head." + n, p) for n, p in self.lm_head.named_parameters()]
+        for name, p in named:
+            if p.is_meta and not name.startswith(skip):
+                raise StoreError(f"{self.store_dir}: the store has no tensor {name}")
 
     @property
     def vocab_size(self) -> int:
-        return int(self.embed.weight.shape[0])
+        return int(self.lm_head.weight.shape[0])
 
     @property
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 1 << 20))
 
+    # ------------------------------------------------------------------ streamed layers
+    def _make_pre_hook(self, i: int):
+        def pre_hook(_module, _args):
+            slot, buf = self._fetch(i)
+            self._held.append((i, slot))
+            binding = self._bindings.get((i, slot))
+            if binding is None:  # built once per (layer, ring slot): the slot's buffer never moves
+                binding = self._bindings[(i, slot)] = LayerBinding(self.layers[i], self._slot_views(i, slot, buf),
+                                                                    self.dtype)
+            binding.bind()
+            if self.plan.tiers[i] == DISK:
+                self._streamed += self.manifest.layers[i].size
+        return pre_hook
+
+    def _make_post_hook(self, i: int):
+        def post_hook(_module, _args, _out):
+            self._done(*self._held.pop())
+        return post_hook
+
+    def _fetch(self, i: int) -> tuple[int, torch.Tensor]:
+        """Wait for layer i's blob; (slot to hand back, the slot's buffer)."""
+        if self.device.type != "cuda":
+            return self.streamer.acquire(i)
+        if self.plan.tiers[i] == HOST:
+            return self._copier.upload(self._host_bufs[i], None, None)
+        host_slot, buf = self.streamer.acquire(i)
+        return self._copier.upload(buf, self.streamer, host_slot)
+
+    def _done(self, i: int, slot: int) -> None:
+        if self.device.type != "cuda":
+            self.streamer.release(slot)
+        else:
+            self._copier.done(slot)
+
     # ------------------------------------------------------------------ forward
     supports_logit_rows = True
+
+    def _masks(self, mask: torch.Tensor, q_pos: torch.Tensor, span: int):
+        """The attention_mask argument: the full mask, its windowed form, or a dict by layer type."""
+        windowed = mask
+        if self._window is not None and span > self._window:  # keys further than span - 1 back do not exist
+            windowed = window_mask(mask, q_pos, self.cache.positions[:span], self._window)
+        if self.family.masks_by_layer_type:
+            return {"full_attention": mask, "sliding_attention": windowed}
+        return windowed
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -153,76 +227,48 @@ class OffloadedModel:
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [1, T, V] (float32) for input_ids [1, T]; appends the T positions to the KV cache.
 
-        last_only: logits of the last position only; logit_rows: of those positions only (others can be
-        had later from `logits_at` until the next forward)."""
+        attn_mask: additive [1, 1, T, cache.length + T] (0 visible); causal when None. Sliding-window layers
+        also hide keys outside their window. last_only: logits of the last position only; logit_rows: of
+        those positions only (others can be had later from `logits_at` until the next forward)."""
         t0 = time.perf_counter()
         cache = self.cache
-        t = input_ids.shape[1]
-        cache.ensure(t)
-        start = cache.length
         input_ids = input_ids.to(self.device)
+        t = input_ids.shape[1]
+        start = cache.length
         if position_ids is None:
             position_ids = torch.arange(start, start + t, device=self.device)[None]
         position_ids = position_ids.to(self.device)
+        span = cache.begin(position_ids)
         if attn_mask is None:
             attn_mask = causal_mask(start, t, self.dtype, self.device)
-        attn_mask = attn_mask.to(self.device, self.dtype)
-        h = self.embed(input_ids)  # [1, T, hidden]
-        pos_emb = self.rotary(h, position_ids)
-        streamed = 0
+        masks = self._masks(pad_mask(attn_mask.to(self.device, self.dtype), span), position_ids[0], span)
+        self._streamed = 0
         wait0 = self.streamer.stats.wait_s if self.streamer else 0.0
-        for i, layer in enumerate(self.layers):
-            tier = self.plan.tiers[i]
-            slot = None
-            if tier == DISK or (tier == HOST and self.device.type == "cuda"):
-                slot, views = self._fetch(i)
-                assign_layer_tensors(layer, views)
-                streamed += self.manifest.layers[i].size if tier == DISK else 0
-            try:
-                h = call_layer(layer, h, mask=attn_mask, position_ids=position_ids, position_embeddings=pos_emb,
-                               cache=cache)
-            finally:  # an interrupted pass must still hand its slot back, or the ring runs dry
-                if slot is not None:
-                    self._done(i, slot)
+        try:
+            h = run_decoder(self.decoder, input_ids, masks, position_ids, cache)  # [1, T, hidden], normed
+        finally:  # an interrupted pass must still hand its slots back, or the ring runs dry
+            while self._held:
+                self._done(*self._held.pop())
         cache.advance(t)
         if last_only:
             h = h[:, -1:]
-        h = self.norm(h)
         self._last_hidden = h
         if logit_rows is not None:
             h = h[:, logit_rows]
-        logits = self.lm_head(h).float()
-        self.stats = PassStats(t, time.perf_counter() - t0, streamed,
+        logits = self._logits(h)
+        self.stats = PassStats(t, time.perf_counter() - t0, self._streamed,
                                (self.streamer.stats.wait_s - wait0) if self.streamer else 0.0)
-        self.total_streamed_bytes += streamed
-        self.passes += 1
         return logits
 
     __call__ = forward
 
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return final_logits(self.family, self.config, self.lm_head(h).float())
+
     @torch.inference_mode()
     def logits_at(self, rows: torch.Tensor) -> torch.Tensor:
         """Logits [R, V] (float32) of rows of the most recent forward."""
-        return self.lm_head(self._last_hidden[0, rows]).float()
-
-    def _fetch(self, i: int) -> tuple[object, dict[str, torch.Tensor]]:
-        """Wait for layer i's weights; (slot to hand back, tensors to bind)."""
-        entries = self.manifest.layers[i].tensors
-        if self.device.type != "cuda":
-            slot, _ = self.streamer.acquire(i)
-            return slot, self.streamer.prepared[slot]
-        if self.plan.tiers[i] == HOST:
-            slot, dev = self._copier.upload(self._host_bufs[i], None, None)
-        else:
-            host_slot, buf = self.streamer.acquire(i)
-            slot, dev = self._copier.upload(buf, self.streamer, host_slot)
-        return slot, tensor_views(entries, dev)
-
-    def _done(self, i: int, slot: object) -> None:
-        if self.device.type != "cuda":
-            self.streamer.release(slot)
-        else:
-            self._copier.done(slot)
+        return self._logits(self._last_hidden[0, rows])
 
     def reset(self) -> None:
         self.cache.reset()
@@ -232,14 +278,11 @@ class OffloadedModel:
             self.streamer.close()
             self.streamer = None
 
-    def weight_bytes(self) -> int:
-        return self.manifest.resident.size + sum(self.manifest.layer_bytes)
-
 
 def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,
                host_memory_bytes: int | None = None, reserved_bytes: int = 0, cache_tokens: int = 2048,
                warm: bool = False, verify: bool = True, ring_slots: int = 3,
-               device_memory_over_min: int | None = None) -> OffloadedModel:
+               device_memory_over_min: int | None = None, static_cache: bool = False) -> OffloadedModel:
     """Open a store with a residency plan fitted to the budgets (defaults from the machine)."""
     from offspec.runtime.memory import default_budgets
 
@@ -250,15 +293,14 @@ def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: 
         manifest = ensure_verified(store_dir)
     else:
         manifest = read_manifest(store_dir)
-    check_supported(manifest.model_type)
+    config = load_config(store_dir)  # the one architecture check
     dev = resolve_device(device)
     dev_default, host_default = default_budgets(dev)
     plan, _ = plan_for_store(
         store_dir, manifest, dev.type,
         device_memory_bytes if device_memory_bytes is not None else dev_default,
         host_memory_bytes if host_memory_bytes is not None else host_default,
-        reserved_bytes, cache_tokens, ring_slots, device_memory_over_min,
+        reserved_bytes, cache_tokens, ring_slots, device_memory_over_min, config=config,
     )
-    return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest)
-
-
+    return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest,
+                          config=config, static_cache=static_cache)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from offspec.models.registry import kv_geometry, load_config
 from offspec.runtime.device import pick_compute_dtype, resolve_device
+from offspec.runtime.kv_cache import kv_bytes_per_token as cache_bytes_per_token
 from offspec.runtime.plan import ResidencyPlan, plan_residency
 from offspec.store.manifest import Manifest, read_manifest
 
@@ -42,14 +44,15 @@ def upcast_factor(manifest: Manifest, compute: torch.dtype) -> float:
 
 def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, device_memory_bytes: int,
                    host_memory_bytes: int = 0, reserved_bytes: int = 0, cache_tokens: int = 2048,
-                   ring_slots: int = 3, over_min: int | None = None) -> tuple[ResidencyPlan, int]:
+                   ring_slots: int = 3, over_min: int | None = None, config=None) -> tuple[ResidencyPlan, int]:
     """The residency plan of a store under these budgets, and the minimum device budget that would run.
 
-    over_min: plan with the minimum budget plus this many bytes (device_memory_bytes is then ignored)."""
+    over_min: plan with the minimum budget plus this many bytes (device_memory_bytes is then ignored);
+    config: the store's transformers config when the caller has it (read from the store otherwise)."""
     from offspec.runtime.plan import minimum_budget_bytes
 
     compute = pick_compute_dtype(manifest.torch_dtype, torch.device(device_kind))
-    kv_bytes = kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens
+    kv_bytes = kv_bytes_per_token(config if config is not None else load_config(store_dir), compute) * cache_tokens
     upcast = upcast_factor(manifest, compute) if device_kind == "cpu" else 1.0
     # resident parts (embeddings, norm, head) are all float: they grow by the full dtype ratio
     resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
@@ -72,16 +75,9 @@ def context_tokens(store_dir: str | Path, requested: int) -> int:
     return min(requested, int(limit)) if limit else requested
 
 
-def kv_bytes_per_token(store_dir: Path, manifest: Manifest, compute: torch.dtype | None = None) -> int:
-    """KV cache bytes per token for the store's architecture (from config.json), in the compute dtype."""
-    import json
-
-    cfg = json.loads((Path(store_dir) / "config.json").read_text())
-    heads = cfg.get("num_attention_heads", 1)
-    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 0) // heads
-    kv_heads = cfg.get("num_key_value_heads", heads)
-    elem = (compute or pick_compute_dtype(manifest.torch_dtype, torch.device("cpu"))).itemsize
-    return 2 * manifest.num_layers * kv_heads * head_dim * elem
+def kv_bytes_per_token(config, compute: torch.dtype) -> int:
+    """KV cache bytes per token of a model (every layer keeps its full KV), in the compute dtype."""
+    return cache_bytes_per_token(*kv_geometry(config), compute)
 
 
 def model_bytes(store_dir: str | Path, cache_tokens: int, device: str = "cpu") -> int:
@@ -93,4 +89,4 @@ def model_bytes(store_dir: str | Path, cache_tokens: int, device: str = "cpu") -
     upcast = upcast_factor(manifest, compute) if dev.type == "cpu" else 1.0
     resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
     weights = manifest.resident.size * resident_upcast + sum(manifest.layer_bytes) * upcast
-    return int(weights) + kv_bytes_per_token(store_dir, manifest, compute) * cache_tokens
+    return int(weights) + kv_bytes_per_token(load_config(store_dir), compute) * cache_tokens
