@@ -43,13 +43,36 @@ def tiny_tokenizer():
     return fast
 
 
-def _tiny_config(model_type: str, num_layers: int, tie: bool):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+# Tiny configs of every supported family; the extra arguments exercise each family's quirks.
+TINY_FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {}),
+    "llama3": ("llama", {"rope_parameters": {  # Llama 3.x rope scaling
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    "mistral": ("mistral", {"sliding_window": 5}),  # one window on every layer
+    "qwen2": ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}),  # mixed
+    "qwen3": ("qwen3", {}),  # q/k norms
+    "gemma2": ("gemma2", {"final_logit_softcapping": 0.5, "attn_logit_softcapping": 2.0, "sliding_window": 4,
+                          "query_pre_attn_scalar": 16, "hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma3_text": ("gemma3_text", {"sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16,
+                                    "final_logit_softcapping": None}),  # windowed layers with their own rotary
+    "phi3": ("phi3", {"partial_rotary_factor": 0.5}),  # fused qkv / gate_up, partial rotary
+    "olmo2": ("olmo2", {}),  # q/k norms, norms after attention and MLP
+    "granite": ("granite", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5, "attention_multiplier": 0.3,
+                            "logits_scaling": 4.0}),
+    "smollm3": ("smollm3", {"no_rope_layer_interval": 2}),  # layers without rotary
+    "starcoder2": ("starcoder2", {"use_bias": True, "sliding_window": 6, "norm_epsilon": 1e-5}),  # biases, LayerNorm
+}
 
-    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
-    if model_type not in classes:
-        raise ValueError(f"tiny models support {sorted(classes)}, not {model_type!r}")
-    return classes[model_type](
+
+def _tiny_config(family: str, num_layers: int, tie: bool):
+    from transformers import AutoConfig
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"tiny models support {sorted(TINY_FAMILIES)}, not {family!r}")
+    model_type, extra = TINY_FAMILIES[family]
+    return AutoConfig.for_model(
+        model_type,
         vocab_size=TINY_VOCAB,
         hidden_size=TINY_HIDDEN,
         intermediate_size=TINY_INTERMEDIATE,
@@ -62,12 +85,13 @@ def _tiny_config(model_type: str, num_layers: int, tie: bool):
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
+        **extra,
     )
 
 
 @pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """Factory: make_tiny_model(model_type, num_layers=4, tie=False, dtype=float32, seed=0, shard_size=None,
+    """Factory: make_tiny_model(family, num_layers=4, tie=False, dtype=float32, seed=0, shard_size=None,
     tokenizer=True) -> folder with a random CausalLM saved by save_pretrained (cached per arguments)."""
     cache: dict[tuple, Path] = {}
 
