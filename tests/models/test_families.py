@@ -18,8 +18,8 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module", params=list(TINY_FAMILIES))
 def family_store(request, make_tiny_model, tmp_path_factory):
-    src = make_tiny_model(request.param, num_layers=4, tie=request.param in ("gemma3_text", "smollm3"),
-                          tokenizer=False)
+    # untied: a tiny random model with tied embeddings mostly repeats its input, whatever the context
+    src = make_tiny_model(request.param, num_layers=4, tokenizer=False)
     store = convert_model(src, tmp_path_factory.mktemp("family-stores") / request.param, bits=16, dtype="float32",
                           progress=False)
     return request.param, src, store
@@ -75,3 +75,64 @@ def test_prompt_logits_equal_transformers_in_static_and_bucketed_caches(family_s
             assert (got - ref).abs().max().item() < 1e-4, f"{family} static={static}"
         finally:
             model.close()
+
+
+@pytest.fixture(scope="module")
+def gemma3_pair(make_tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gemma3-pair")
+    # untied: a tiny random model with tied embeddings mostly repeats its input, whatever the context
+    target = convert_model(make_tiny_model("gemma3_text", num_layers=4, tokenizer=False), out / "t",
+                           dtype="float32", progress=False)
+    draft = convert_model(make_tiny_model("gemma3_text", num_layers=2, seed=1, tokenizer=False), out / "d",
+                          dtype="float32", progress=False)
+    return target, draft
+
+
+@pytest.mark.parametrize("budget,expand,branch,tree", [(8, 4, 2, "specexec"), (40, 16, 3, "specexec"),
+                                                       (24, 8, 4, "sequoia")])
+def test_gemma3_speculative_greedy_equals_plain_greedy_with_trees_deeper_than_the_window(
+        gemma3_pair, budget, expand, branch, tree):
+    """Sliding window 4; trees up to 8 deep: windowed tree masks in both the target and the draft."""
+    from offspec.runtime.model import open_model
+
+    target_store, draft_store = gemma3_pair
+    man = read_manifest(target_store)
+    streamed = minimum_budget_bytes(man.layer_bytes, man.resident.size, 1 << 20, 0)
+    prompt = list(range(40, 52))
+    plain = Engine(open_model(target_store, device_memory_bytes=streamed, cache_tokens=64))
+    want = generate(plain, prompt, GenerationConfig(max_new_tokens=20, spec=False)).token_ids
+    spec = Engine(open_model(target_store, device_memory_bytes=streamed, cache_tokens=64),
+                  open_model(draft_store, cache_tokens=64))
+    cfg = GenerationConfig(max_new_tokens=20, budget=budget, expand=expand, branch=branch, max_depth=8, tree=tree)
+    got = generate(spec, prompt, cfg)
+    assert got.token_ids == want
+
+
+def comb_tree(depth: int, width: int) -> "DraftTree":
+    """A chain `depth` deep with `width - 1` extra leaves per level, added level by level: the chain's
+    node at depth d sits d * width slots after the root, far from its position root + d."""
+    from offspec.speculative.tree import DraftTree
+
+    tree = DraftTree(7, capacity=depth * width + 1)
+    node = 0
+    for d in range(depth):
+        kids = tree.add(node, [(11 * d + 5 * j) % 250 + 3 for j in range(width)], [-1.0 * (d + 1)] * width)
+        node = int(kids[0])
+    return tree
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen2", "starcoder2"])
+def test_tree_pass_equals_each_path_decoded_alone_with_windows(make_tiny_model, tmp_path, family):
+    """Tree deeper than the sliding window, nodes far from their positions: each node sees its ancestors and
+    the prefix within its window by position, as decoding its path alone does."""
+    from tests.speculative.oracles import assert_tree_logits_match_paths
+
+    store = convert_model(make_tiny_model(family, num_layers=4, tokenizer=False), tmp_path / "s", dtype="float32",
+                          progress=False)
+    model = OffloadedModel(store, plans(store)["mixed"], cache_tokens=64)
+    try:
+        model.forward(torch.tensor([PROMPT]))
+        model.supports_logit_rows = False  # the oracle compares every row
+        assert_tree_logits_match_paths(model, comb_tree(depth=8, width=3), atol=1e-4, rtol=1e-4)
+    finally:
+        model.close()
