@@ -87,6 +87,15 @@ def run_decoder(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return out.last_hidden_state
 
 
+def layer_position_embeddings(decoder: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                              layer_idx: int):
+    """(cos, sin) for one decoder layer: the rotary takes the layer's type when it has one per type (Gemma 3)."""
+    rotary = decoder.rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(hidden, position_ids, decoder.config.layer_types[layer_idx])
+    return rotary(hidden, position_ids)
+
+
 def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, *, mask: torch.Tensor, position_ids: torch.Tensor,
                position_embeddings, cache) -> torch.Tensor:
     """Run one transformers decoder layer over offspec's cache; returns the hidden states."""

@@ -136,3 +136,55 @@ def test_tree_pass_equals_each_path_decoded_alone_with_windows(make_tiny_model, 
         assert_tree_logits_match_paths(model, comb_tree(depth=8, width=3), atol=1e-4, rtol=1e-4)
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3"])
+def test_nf4_store_equals_transformers_with_dequantized_weights(make_tiny_model, tmp_path, family):
+    """NF4 state prepared once per (layer, slot): a 4-bit store equals transformers on the dequantized weights."""
+    from transformers import AutoModelForCausalLM
+
+    from offspec.store.manifest import tensor_views
+    from offspec.store.nf4 import dequantize_nf4
+
+    src = make_tiny_model(family, num_layers=4, tokenizer=False)
+    store = convert_model(src, tmp_path / "nf4", bits=4, dtype="float32", progress=False)
+    man = read_manifest(store)
+    ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    quantized = 0
+    for i, entry in enumerate(man.layers):
+        buf = torch.frombuffer(bytearray((store / entry.file).read_bytes()), dtype=torch.uint8)
+        views = tensor_views(entry.tensors, buf)
+        for name, e in entry.tensors.items():
+            if e.quant is not None:
+                w = dequantize_nf4(views[name], views[name + ".absmax"], e.quant)
+                ref_model.model.layers[i].get_parameter(name).data.copy_(w)
+                quantized += 1
+    assert quantized >= 4 * 4
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    for name, plan in plans(store).items():
+        model = OffloadedModel(store, plan, cache_tokens=32)
+        try:
+            for _ in range(2):  # the second pass reuses each slot's prepared bindings
+                model.reset()
+                assert (model.forward(ids) - ref).abs().max().item() < 1e-4, f"{family} {name}"
+        finally:
+            model.close()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "bert"])
+def test_unsupported_model_type_fails_with_one_line_naming_the_supported_ones(tmp_path, model_type):
+    import json
+
+    from offspec.errors import ModelError
+    from offspec.models.registry import SUPPORTED_MODEL_TYPES, load_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 2}))
+    with pytest.raises(ModelError) as err:
+        load_config(tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and model_type in msg
+    assert all(t in msg for t in SUPPORTED_MODEL_TYPES)
+    with pytest.raises(ModelError):
+        convert_model(tmp_path, tmp_path / "out", progress=False)
