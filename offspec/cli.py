@@ -539,7 +539,9 @@ def plan(
     residency, minimum = plan_for_store(store, man, kind, dev_budget, host_budget, reserved, ctx_tokens,
                                         over_min=over_min)
     dev_budget = dev_budget if over_min is None else minimum + over_min
-    title = (f"{store.name}: {man.num_layers} layers, {man.model_type}, "
+    from offspec.models.registry import family_label
+
+    title = (f"{store.name}: {man.num_layers} layers, {family_label(man.model_type)}, "
              f"{'NF4' if man.bits == 4 else man.dtype}, on {kind} (KV cache for {ctx_tokens} tokens)")
     console.print_table(console.plan_table(residency, title, minimum, dev_budget, host_budget))
     for note in residency.notes:

@@ -21,6 +21,7 @@ class Family:
     """What offspec has to know about a family beyond what transformers' modules do themselves."""
 
     model_type: str
+    label: str  # the family as people name it
     masks_by_layer_type: bool = False  # the model forward takes {"full_attention": m, "sliding_attention": m}
     window_on_every_layer: bool = False  # config.sliding_window, when set, applies to every layer (one mask)
     logit_softcap: str | None = None  # config attribute c: logits = c * tanh(logits / c) (Gemma)
@@ -28,17 +29,17 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama"),
-    Family("mistral", window_on_every_layer=True),
-    Family("qwen2", masks_by_layer_type=True),
-    Family("qwen3", masks_by_layer_type=True),
-    Family("gemma2", masks_by_layer_type=True, logit_softcap="final_logit_softcapping"),
-    Family("gemma3_text", masks_by_layer_type=True, logit_softcap="final_logit_softcapping"),
-    Family("phi3", window_on_every_layer=True),
-    Family("olmo2"),
-    Family("granite", logit_divisor="logits_scaling"),
-    Family("smollm3", masks_by_layer_type=True),
-    Family("starcoder2", window_on_every_layer=True),
+    Family("llama", "Llama 1-3.x"),
+    Family("mistral", "Mistral", window_on_every_layer=True),
+    Family("qwen2", "Qwen2 / Qwen2.5", masks_by_layer_type=True),
+    Family("qwen3", "Qwen3", masks_by_layer_type=True),
+    Family("gemma2", "Gemma 2", masks_by_layer_type=True, logit_softcap="final_logit_softcapping"),
+    Family("gemma3_text", "Gemma 3 text", masks_by_layer_type=True, logit_softcap="final_logit_softcapping"),
+    Family("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini", window_on_every_layer=True),
+    Family("olmo2", "OLMo 2"),
+    Family("granite", "Granite", logit_divisor="logits_scaling"),
+    Family("smollm3", "SmolLM3", masks_by_layer_type=True),
+    Family("starcoder2", "StarCoder2", window_on_every_layer=True),
 )}  # fmt: skip
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -51,6 +52,12 @@ def family_of(model_type: str) -> Family:
         raise ModelError(f"unsupported architecture '{model_type}' (only dense decoder-only families run); "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return fam
+
+
+def family_label(model_type: str) -> str:
+    """'model_type (Family name)' for display; the bare model_type when it is not supported."""
+    fam = FAMILIES.get(model_type)
+    return f"{model_type} ({fam.label})" if fam else model_type
 
 
 def check_supported(model_type: str) -> None:

@@ -67,7 +67,7 @@ def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny):
 
     roomy = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1GiB", "--device", "cpu"])
     assert roomy.exit_code == 0, roomy.output
-    assert "0-3" in roomy.stdout and "minimum budget" in roomy.stdout
+    assert "0-3" in roomy.stdout and "minimum budget" in roomy.stdout and "Llama" in roomy.stdout  # its family
     # Just above the minimum (KV for the context + resident + 2 layer slots): layers stream from disk.
     from offspec.runtime.sizing import context_tokens, plan_for_store
     from offspec.store.manifest import read_manifest

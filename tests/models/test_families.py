@@ -188,3 +188,10 @@ def test_unsupported_model_type_fails_with_one_line_naming_the_supported_ones(tm
     assert all(t in msg for t in SUPPORTED_MODEL_TYPES)
     with pytest.raises(ModelError):
         convert_model(tmp_path, tmp_path / "out", progress=False)
+
+
+def test_family_label_names_the_family():
+    from offspec.models.registry import family_label
+
+    assert family_label("gemma3_text") == "gemma3_text (Gemma 3 text)"
+    assert family_label("mixtral") == "mixtral"

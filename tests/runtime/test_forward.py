@@ -103,7 +103,6 @@ def test_keep_subset_then_decode_equals_fresh_run(arch_store):
 
 
 def test_nf4_store_equals_transformers_with_dequantized_weights(tmp_path):
-    from offspec.runtime.streamer import read_into  # noqa: F401  (same reader the runtime uses)
     from offspec.store.manifest import tensor_views
     from offspec.store.nf4 import dequantize_nf4
 
