@@ -62,6 +62,19 @@ TINY_FAMILIES: dict[str, tuple[str, dict]] = {
                             "logits_scaling": 4.0}),
     "smollm3": ("smollm3", {"no_rope_layer_interval": 2}),  # layers without rotary
     "starcoder2": ("starcoder2", {"use_bias": True, "sliding_window": 6, "norm_epsilon": 1e-5}),  # biases, LayerNorm
+    "gemma": ("gemma", {"hidden_activation": "gelu_pytorch_tanh"}),  # embedding scaling
+    "glm": ("glm", {}),  # partial rotary, interleaved
+    "glm4": ("glm4", {}),  # sandwich norms, attention biases
+    "cohere": ("cohere", {"logit_scale": 0.5}),  # parallel attention/MLP, logit scale
+    "cohere2": ("cohere2", {"logit_scale": 0.5, "sliding_window": 4, "sliding_window_pattern": 2}),
+    "ministral": ("ministral", {"sliding_window": 4}),
+    "exaone4": ("exaone4", {"sliding_window": 4, "sliding_window_pattern": 2}),
+    "olmo": ("olmo", {}),  # LayerNorm without parameters
+    "olmo3": ("olmo3", {"sliding_window": 4}),
+    "phi": ("phi", {"partial_rotary_factor": 0.5, "qk_layernorm": True}),  # parallel block, lm_head bias
+    "helium": ("helium", {}),
+    "arcee": ("arcee", {}),  # ReLU^2 MLP
+    "seed_oss": ("seed_oss", {}),
 }
 
 

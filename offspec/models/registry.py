@@ -26,6 +26,7 @@ class Family:
     window_on_every_layer: bool = False  # config.sliding_window, when set, applies to every layer (one mask)
     logit_softcap: str | None = None  # config attribute c: logits = c * tanh(logits / c) (Gemma)
     logit_divisor: str | None = None  # config attribute d: logits = logits / d (Granite)
+    logit_multiplier: str | None = None  # config attribute m: logits = logits * m (Cohere)
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -40,6 +41,19 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("granite", "Granite", logit_divisor="logits_scaling"),
     Family("smollm3", "SmolLM3", masks_by_layer_type=True),
     Family("starcoder2", "StarCoder2", window_on_every_layer=True),
+    Family("gemma", "Gemma"),
+    Family("glm", "GLM-4 (0414 and earlier)"),
+    Family("glm4", "GLM-4-0414"),
+    Family("cohere", "Command R", logit_multiplier="logit_scale"),
+    Family("cohere2", "Command R7B / A", masks_by_layer_type=True, logit_multiplier="logit_scale"),
+    Family("ministral", "Ministral", masks_by_layer_type=True),
+    Family("exaone4", "EXAONE 4", masks_by_layer_type=True),
+    Family("olmo", "OLMo"),
+    Family("olmo3", "OLMo 3", masks_by_layer_type=True),
+    Family("phi", "Phi-1 / Phi-2"),
+    Family("helium", "Helium"),
+    Family("arcee", "Arcee (AFM)"),
+    Family("seed_oss", "Seed-OSS"),
 )}  # fmt: skip
 
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
@@ -105,6 +119,8 @@ def kv_geometry(config) -> tuple[int, int, int]:
 
 def final_logits(family: Family, config, logits: torch.Tensor) -> torch.Tensor:
     """What the family's ForCausalLM does after its lm_head (soft-capping, scaling)."""
+    if family.logit_multiplier:
+        logits = logits * getattr(config, family.logit_multiplier)
     if family.logit_divisor:
         logits = logits / getattr(config, family.logit_divisor)
     cap = getattr(config, family.logit_softcap, None) if family.logit_softcap else None
