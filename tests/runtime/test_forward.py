@@ -175,3 +175,21 @@ def test_an_interrupted_pass_hands_its_slot_back(arch_store, monkeypatch):
         assert om.forward(torch.tensor([[1, 2, 3]])).shape == (1, 3, 256)
     finally:
         om.close()
+
+
+def test_streamed_weights_are_bound_once_per_ring_slot(arch_store):
+    """Parameters of a streamed layer are built once per ring slot and reused, not rebuilt every pass."""
+    _, store = arch_store
+    plan = plans(store)["all-streamed"]
+    om = OffloadedModel(store, plan, cache_tokens=32)
+    try:
+        layer = om.layers[1]
+        seen = []  # held, so ids are never recycled
+        layer.register_forward_pre_hook(lambda m, a: seen.append(m.mlp.down_proj.weight))  # after the binding hook
+        passes = 3 * plan.ring_slots
+        for _ in range(passes):
+            om.reset()
+            om.forward(torch.tensor([[1, 2, 3]]))
+        assert len(seen) == passes and len({id(p) for p in seen}) <= plan.ring_slots
+    finally:
+        om.close()
