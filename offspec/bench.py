@@ -1,10 +1,12 @@
-"""The offload throughput benchmark: raw cold read bandwidth, plain and speculative streamed decoding, a peer.
+"""The offload throughput benchmark, measuring side: raw reads, plain and speculative streamed decoding, a peer.
 
-One run measures, on the same model, plan and prompts: the store's cold read bandwidth (preadv into
-one reused buffer), the target's pass time against tree size, plain streamed decoding, speculative
-decoding at each tree budget, and optionally transformers + accelerate offload as the baseline.
-Every decode figure excludes the prefill. `run_bench` returns every figure; `bench_command` prints,
-writes JSON and draws the plot.
+One run measures, on the same model, plan and prompts: the raw read speed of what one pass streams
+(preadv into one reused buffer, sampled several times through the run, interleaved with the passes,
+because a virtual disk is bimodal from read to read), the target's pass time against tree size, plain
+streamed decoding, speculative decoding at each tree budget, and optionally transformers + accelerate
+offload as the baseline. Prefill and generation throughput are reported apart (as llama-bench does).
+`run_bench` returns every figure; `bench_command` checks the output paths, runs, and hands the result
+to `offspec.bench_report` to print, write JSON and draw the plot.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import json
-import math
+import logging
 import os
 import platform
 import statistics
@@ -24,7 +26,6 @@ from typing import Callable
 from offspec.errors import ConfigError, ModelError
 
 DEFAULT_BUDGETS = "auto,16,64,256,1024"
-CURVE_SIZES = (1, 16, 64, 256, 1024)
 PEER_MAX_NEW_TOKENS = 8  # the peer reads every offloaded weight per token: keep it short
 _BUILTIN = Path(__file__).parent / "data" / "bench_prompts.json"
 _CODE_HINTS = ("```", "def ", "class ", "import ", "return ", "function ", "#include", "=>", "();", "{\n", "self.")
@@ -80,6 +81,14 @@ def load_prompts(path: str | Path | None) -> list[BenchPrompt]:
     if not out:
         raise ConfigError(f"--prompts {path}: no prompts in it")
     return out
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of one user turn, exactly as `offspec generate` and `chat` build them (chat template if any)."""
+    from offspec.chat import encode_prompt, render_prompt, uses_template
+
+    return encode_prompt(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": prompt}]),
+                         uses_template(tokenizer))
 
 
 def parse_budgets(text: str) -> list[int | None]:
@@ -165,10 +174,46 @@ def measure_read_gbps(blobs: list[tuple[Path, int]], repeats: int = 3, evict_pat
     return rec
 
 
+class ReadCeiling:
+    """The raw read speed of the blobs one pass streams, sampled several times through the run.
+
+    One read at the start is not a ceiling: a virtual disk is bimodal from read to read and the host may
+    cache what the guest evicts, so a pass can then "beat" it. `sample` is called between the run's
+    sections (interleaved with the passes); `summary` gives every run with when it was taken, the median,
+    min, best and spread (best / min). Cold (evicted before each read) unless the run is warm.
+    """
+
+    def __init__(self, blobs: list[tuple[Path, int]], evict_paths, buffer=None, cold: bool = True) -> None:
+        self.blobs, self.evict_paths, self.buffer, self.cold = blobs, list(evict_paths), buffer, cold
+        self.runs: list[dict] = []
+
+    def sample(self, when: str, repeats: int = 1) -> None:
+        if not self.blobs:
+            return
+        rec = measure_read_gbps(self.blobs, repeats, self.evict_paths, self.buffer, cold=self.cold)
+        self.runs += [{"when": when, "s": s, "gbps": g} for s, g in zip(rec["runs_s"], rec["gbps_runs"])]
+
+    def summary(self) -> dict:
+        g = [r["gbps"] for r in self.runs]
+        return {"files": len(self.blobs), "bytes": sum(n for _, n in self.blobs), "cold": self.cold,
+                "runs": self.runs, "gbps_runs": g, "gbps_median": statistics.median(g) if g else None,
+                "gbps_min": min(g) if g else None, "gbps_best": max(g) if g else None,
+                "spread": max(g) / min(g) if g and min(g) > 0 else None}
+
+
 # ---------------------------------------------------------------------- pass-time curve
-def pass_time_curve(model, sizes: tuple[int, ...] = CURVE_SIZES, repeats: int = 3, prefix: int = 32) -> list[dict]:
+def curve_sizes_for(budgets: list[int | None]) -> tuple[int, ...]:
+    """The planner's measured tree sizes (runtime.pass_curve.CURVE_SIZES) plus the larger budgets this run uses."""
+    from offspec.runtime.pass_curve import CURVE_SIZES
+
+    return tuple(sorted(set(CURVE_SIZES) | {b for b in budgets if b}))
+
+
+def pass_time_curve(model, sizes: tuple[int, ...] | None = None, repeats: int = 3, prefix: int = 32) -> list[dict]:
     """Seconds of one target forward of T tokens after a short prefill, per T: median and best over repeats."""
-    from offspec.runtime.pass_curve import measure_pass_curve
+    from offspec.runtime.pass_curve import CURVE_SIZES, measure_pass_curve
+
+    sizes = sizes or CURVE_SIZES
 
     runs: dict[int, list[float]] = {}
     for r in range(max(1, repeats)):
@@ -186,8 +231,8 @@ def pass_time_curve(model, sizes: tuple[int, ...] = CURVE_SIZES, repeats: int = 
 
 
 # ---------------------------------------------------------------------- decoding sections
-def _aggregate(records: list[dict], raw_gbps: float | None) -> dict:
-    """Figures of one configuration from its per-prompt records (decode only, prefill excluded)."""
+def _aggregate(records: list[dict]) -> dict:
+    """Figures of one configuration from its per-prompt records: generation (prefill excluded) and prefill apart."""
     tokens = sum(r["tokens"] for r in records)
     passes = sum(r["passes"] for r in records)
     pass_total = sum(r["target_pass_s"] * r["passes"] for r in records)
@@ -196,10 +241,14 @@ def _aggregate(records: list[dict], raw_gbps: float | None) -> dict:
     decode_s = sum(r["decode_s"] for r in records)
     tpp = tokens / passes if passes else 0.0
     per_pass = streamed / passes if passes else 0.0
-    limit = tpp * raw_gbps * 1e9 / per_pass if (raw_gbps and per_pass) else None
     tok_s = tokens / decode_s if decode_s > 0 else 0.0
+    prefill_tokens = sum(r["prefill_tokens"] for r in records)
+    prefill_s = sum(r["prefill_s"] for r in records)
     return {
         "prompts": len(records),
+        "prefill_tokens": prefill_tokens,
+        "prefill_s": prefill_s,
+        "prefill_tok_per_s": prefill_tokens / prefill_s if prefill_s > 0 else None,
         "tokens": tokens,
         "passes": passes,
         "decode_s": decode_s,
@@ -211,13 +260,13 @@ def _aggregate(records: list[dict], raw_gbps: float | None) -> dict:
         "streamed_gbps": streamed / pass_total / 1e9 if pass_total > 0 else 0.0,
         "mean_tree_size": sum(r["mean_tree_size"] * r["passes"] for r in records) / passes if passes else 0.0,
         "mean_budget": sum(r["budget"] * r["passes"] for r in records) / passes if passes else 0.0,
-        "limit_tok_per_s": limit,
-        "limit_fraction": tok_s / limit if limit else None,
+        "limit_tok_per_s": None,  # set by add_limits once the read ceiling is known (end of the run)
+        "limit_fraction": None,
     }
 
 
-def run_config(engine, prompts: list[BenchPrompt], prompt_ids: list[list[int]], cfg, raw_gbps: float | None,
-               evict_paths: list[Path], cold: bool, on_prompt: Callable[[int], None] | None = None) -> dict:
+def run_config(engine, prompts: list[BenchPrompt], prompt_ids: list[list[int]], cfg, evict_paths: list[Path],
+               cold: bool, on_prompt: Callable[[int], None] | None = None) -> dict:
     """Generate every prompt under cfg (cache reset, store evicted when cold); figures overall and by kind."""
     from offspec.generate import generate
 
@@ -234,13 +283,13 @@ def run_config(engine, prompts: list[BenchPrompt], prompt_ids: list[list[int]], 
             "kind": bp.kind, "prompt": bp.prompt[:80], "prompt_tokens": len(ids), "tokens": s.tokens,
             "passes": s.passes, "tokens_per_pass": s.tokens_per_pass, "tok_per_s": s.tok_per_s,
             "target_pass_s": s.target_pass_s, "draft_s": s.draft_s, "decode_s": s.decode_s,
-            "prefill_s": s.prefill_s, "streamed_bytes": s.streamed_bytes, "budget": s.budget,
+            "prefill_s": s.prefill_s, "prefill_tokens": s.prefill_tokens, "streamed_bytes": s.streamed_bytes, "budget": s.budget,
             "mean_tree_size": s.mean_tree_size, "finish": s.finish, "text": res.text,
         })
     engine.reset()
-    row = _aggregate(records, raw_gbps)
+    row = _aggregate(records)
     kinds = sorted({r["kind"] for r in records})
-    row["by_kind"] = {kind: _aggregate([r for r in records if r["kind"] == kind], raw_gbps) for kind in kinds}
+    row["by_kind"] = {kind: _aggregate([r for r in records if r["kind"] == kind]) for kind in kinds}
     row["records"] = records
     return row
 
@@ -358,10 +407,9 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
               warm: bool = False, budgets: str = DEFAULT_BUDGETS, prompts: str | Path | None = None,
               max_new_tokens: int = 64, repeats: int = 3, peer: str | None = None, no_spec: bool = False,
               temperature: float = 0.0, peer_max_new_tokens: int = PEER_MAX_NEW_TOKENS,
-              curve_sizes: tuple[int, ...] = CURVE_SIZES, console=None, progress: bool = True) -> dict:
+              curve_sizes: tuple[int, ...] | None = None, console=None, progress: bool = True) -> dict:
     """Run every section once on one engine and return all figures as a JSON-ready dict."""
-    from offspec.chat import encode_prompt
-    from offspec.config import RuntimeConfig, parse_size
+    from offspec.config import RuntimeConfig
     from offspec.generate import GenerationConfig
     from offspec.peers import PEER_NAMES
     from offspec.store.manifest import read_manifest
@@ -403,7 +451,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     streamed_blobs = store_blobs(loaded.target_store, manifest, plan.tiers)
     all_blobs = store_blobs(loaded.target_store, manifest)
     all_paths = [p for p, _ in all_blobs]
-    prompt_ids = [encode_prompt(loaded.tokenizer, [{"role": "user", "content": bp.prompt}]) for bp in bench_prompts]
+    ids_per_prompt = [prompt_ids(loaded.tokenizer, bp.prompt) for bp in bench_prompts]
     eos = tuple(getattr(engine, "eos_ids", ()) or ())
     seed = 0 if temperature > 0 else None
     configs: list[tuple[str, object]] = [("plain", GenerationConfig(max_new_tokens=max_new_tokens, spec=False,
@@ -412,26 +460,21 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
         configs.append(("auto" if b is None else str(b),
                         GenerationConfig(max_new_tokens=max_new_tokens, budget=b, temperature=temperature,
                                          seed=seed, stop_ids=eos)))
+    if curve_sizes is None:
+        curve_sizes = curve_sizes_for(budget_list)
     n_peer = len(bench_prompts) if peer else 0
     total_steps = 2 + len(configs) * len(bench_prompts) + n_peer
     result: dict = {"machine": machine_info(), "options": options,
                     "plan": _plan_info(plan, loaded.target_store, loaded.draft_store), "notes": notes}
     try:
         with _Steps(console, total_steps, progress) as step:
-            step("cold read bandwidth")
-            # 1. raw cold read bandwidth: what one pass streams, and the whole store
+            step("raw read bandwidth")
+            # 1. raw reads: what one pass streams (the ceiling, sampled again between every later section)
+            #    and the whole store once; warm runs read the page cache, so their ceiling is the warm read
             buf = target.streamer.buffers[0] if target.streamer is not None else None
-            streamed_read = measure_read_gbps(streamed_blobs, repeats, all_paths, buf)
-            whole_read = measure_read_gbps(all_blobs, repeats, all_paths, buf)
-            # the limit uses the best run: the disk's cold speed is bimodal from read to read
-            raw_gbps = streamed_read["gbps_best"] or whole_read["gbps_best"]
-            result["read"] = {"streamed": streamed_read, "store": whole_read}
-            if warm:  # warm passes read the page cache: their limit is the warm read speed
-                warm_read = measure_read_gbps(streamed_blobs, repeats, all_paths, buf, cold=False)
-                result["read"]["streamed_warm"] = warm_read
-                raw_gbps = warm_read["gbps_best"] or raw_gbps
-            result["read"]["gbps_for_limit"] = raw_gbps
-            result["read"]["limit_basis"] = "best run of the streamed blobs" + (" (warm)" if warm else " (cold)")
+            ceiling = ReadCeiling(streamed_blobs, all_paths, buf, cold=not warm)
+            ceiling.sample("start", repeats)
+            result["read"] = {"store": measure_read_gbps(all_blobs, 1, all_paths, buf)}
             step("pass-time curve", 1)
             # 2. the target's pass time against tree size
             engine.reset()
@@ -439,44 +482,55 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
                 evict(all_paths)
             result["curve"] = pass_time_curve(target, curve_sizes, repeats)
             engine.reset()
+            ceiling.sample("after the pass-time curve")
             step("decoding", 1)
-            # 3. plain decoding, then speculative decoding at each budget
+            # 3. plain decoding, then speculative decoding at each budget, each followed by a raw read
             rows = []
             for name, cfg in configs:
                 label = "plain decoding" if name == "plain" else f"budget {name}"
-                row = run_config(engine, bench_prompts, prompt_ids, cfg, raw_gbps, all_paths, cold=not warm,
+                row = run_config(engine, bench_prompts, ids_per_prompt, cfg, all_paths, cold=not warm,
                                  on_prompt=lambda k, label=label: step(f"{label}: prompt {k + 1}/{len(bench_prompts)}",
                                                                        1 if k else 0))
                 step(f"{label}: done", 1)
+                ceiling.sample(f"after {label}")
                 row["config"] = name
                 row["spec"] = name != "plain"
                 row["budget"] = None if name in ("plain", "auto") else int(name)
                 rows.append(row)
             result["configs"] = rows
+            result["read"]["ceiling"] = ceiling.summary()
             # 4. the peer, with the engine closed so both do not hold memory at once
             budget_bytes = peer_budget_bytes(plan)
             run_device = str(target.device)  # "auto" resolved
             # the peer computes in the dtype the target computes in (float32 on CPUs without native bf16)
             compute_dtype = str(target.dtype).removeprefix("torch.")
             source_store = loaded.target_store
-            loaded.close()
-            loaded = engine = target = None
+            _close(loaded)
+            del loaded, engine, target
             gc.collect()
             result["peer"] = None
             if peer:
                 step(f"peer {peer}: loading")
                 result["peer"] = _run_peer(
-                    source_store, bench_prompts, prompt_ids, store_dtype=dtype, compute_dtype=compute_dtype,
+                    source_store, bench_prompts, ids_per_prompt, store_dtype=dtype, compute_dtype=compute_dtype,
                     device=run_device, host_budget_bytes=rc.host_memory_bytes, budget_bytes=budget_bytes,
                     max_new=min(max(peer_max_new_tokens, 2), max(max_new_tokens, 2)), cold=not warm, eos=eos,
                     on_prompt=lambda k: step(f"peer {peer}: prompt {k + 1}/{len(bench_prompts)}", 1 if k else 0),
                     notes=notes, progress=progress)
                 step(f"peer {peer}: done", 1)
     finally:
-        if loaded is not None:  # on errors; after the decode sections it is already closed
-            loaded.close()
+        _close(locals().get("loaded"))  # on errors; after the decode sections it is already closed
+    add_limits(result)
     _add_speedups(result)
     return result
+
+
+def _close(loaded) -> None:
+    if loaded is None:
+        return
+    for m in (loaded.engine.target, loaded.engine.draft):
+        if m is not None and hasattr(m, "close"):
+            m.close()
 
 
 def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[list[int]], *, store_dtype: str,
@@ -487,7 +541,6 @@ def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[li
     Its checkpoint holds the weights in the store's dtype (as offspec's store does); it computes in the
     dtype the target computes in.
     """
-    from offspec.console import quiet_transformers
     from offspec.peers import peer_model_dir, run_accelerate_peer
 
     try:
@@ -496,7 +549,7 @@ def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[li
         notes.append("peer skipped: accelerate is not installed")
         return None
     model_dir = peer_model_dir(store, store_dtype, progress=progress)
-    with quiet_transformers():
+    with _quiet_transformers():
         rec = run_accelerate_peer(model_dir, prompt_ids, max_new, budget_bytes, compute_dtype, device,
                                   host_budget_bytes=host_budget_bytes, cold=cold, eos_ids=eos, on_prompt=on_prompt)
     for r, bp in zip(rec["prompts"], bench_prompts):
@@ -508,6 +561,59 @@ def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[li
         by_kind[kind] = {"tokens": toks, "decode_s": secs, "tok_per_s": toks / secs if secs > 0 else 0.0}
     rec["by_kind"] = by_kind
     return rec
+
+
+class _quiet_transformers:
+    """Silence transformers' info logging and loading bars while the peer loads (restored afterwards)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._lvl = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        self._acc = logging.getLogger("accelerate")
+        self._acc_lvl = self._acc.level
+        self._acc.setLevel(logging.ERROR)  # "Some parameters are on the meta device ..." is expected here
+        self._bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(self._lvl)
+        self._acc.setLevel(self._acc_lvl)
+        if self._bars:
+            hf_logging.enable_progress_bar()
+
+
+def add_limits(result: dict) -> None:
+    """Each configuration's limit (tok/pass x the read ceiling / bytes streamed per pass) and the fraction of it
+    reached; a figure above its ceiling is flagged on the row and explained in `notes` (a measurement problem)."""
+    read = result.get("read") or {}
+    ceiling = (read.get("ceiling") or {}).get("gbps_best")
+    read["gbps_for_limit"] = ceiling
+    read["limit_basis"] = ("best of the raw " + ("cold" if (read.get("ceiling") or {}).get("cold", True) else "warm")
+                           + " reads of the streamed layers, interleaved with the passes") if ceiling else None
+    notes = result.setdefault("notes", [])
+    for r in result.get("configs") or []:
+        for row in (r, *r["by_kind"].values()):
+            per_pass, tpp = row["streamed_bytes_per_pass"], row["tokens_per_pass"]
+            limit = tpp * ceiling * 1e9 / per_pass if (ceiling and per_pass) else None
+            row["limit_tok_per_s"] = limit
+            row["limit_fraction"] = row["tok_per_s"] / limit if limit else None
+            row["gbps_over_ceiling"] = bool(ceiling and per_pass and row["streamed_gbps"] > ceiling)
+        over = [f"{r['limit_fraction'] * 100:.0f}% of the limit"] if (r["limit_fraction"] or 0) > 1 else []
+        if r["gbps_over_ceiling"]:
+            over.append(f"passes streamed {r['streamed_gbps']:.2f} GB/s")
+        if over:
+            notes.append(f"{r['config']}: {' and '.join(over)}, above the raw read ceiling of {ceiling:.2f} GB/s: a "
+                         "measurement problem (the raw reads ran slower than the passes did: a bimodal disk or a "
+                         "host-side cache), not a real speed")
+    c = read.get("ceiling") or {}
+    if c.get("spread") and c["spread"] > 1.5:
+        notes.append(f"the raw read speed varied {c['spread']:.1f}x during the run ({c['gbps_min']:.2f}-"
+                     f"{c['gbps_best']:.2f} GB/s): fractions of the limit are uncertain by as much")
 
 
 def _add_speedups(result: dict) -> None:
@@ -528,161 +634,33 @@ def _add_speedups(result: dict) -> None:
                       "speedup_vs_peer": best["speedup_vs_peer"]} if best else None
 
 
-# ---------------------------------------------------------------------- output
-def _fmt(x, spec: str = ".2f", suffix: str = "") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return f"{x:{spec}}{suffix}"
-
-
-def _config_name(r: dict) -> str:
-    if r["config"] == "plain":
-        return "plain"
-    return f"auto ~{r['mean_budget']:.0f}" if r["config"] == "auto" else f"budget {r['config']}"
-
-
-def results_table(result: dict):
-    """One row per configuration (and the peer): tok/s, tokens/pass, pass and draft time, GB/s, limit, speed-ups."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title="decoding (prefill excluded)", title_justify="left", header_style="bold", box=box.SIMPLE_HEAD)
-    for col in ("config", "tok/s", "tok/pass", "pass s", "draft s", "GB/s", "limit", "%limit", "x plain", "x peer"):
-        table.add_column(col, justify="left" if col == "config" else "right", no_wrap=True)
-    for r in result.get("configs", []):
-        frac = r["limit_fraction"] * 100 if r["limit_fraction"] is not None else None
-        table.add_row(_config_name(r), _fmt(r["tok_per_s"]), _fmt(r["tokens_per_pass"]), _fmt(r["pass_s"], ".3f"),
-                      _fmt(r["draft_s_per_pass"], ".3f"), _fmt(r["streamed_gbps"]), _fmt(r["limit_tok_per_s"]),
-                      _fmt(frac, ".0f", "%"), _fmt(r["speedup_vs_plain"], ".2f", "x"),
-                      _fmt(r["speedup_vs_peer"], ".2f", "x"))
-    peer = result.get("peer")
-    if peer:
-        table.add_section()
-        table.add_row(f"peer {peer['name']}", _fmt(peer["tok_per_s"]), "1.00", _fmt(peer["s_per_token"], ".3f"),
-                      "-", "-", "-", "-", "-", "1.00x")
-    return table
-
-
-def kinds_table(result: dict):
-    """tok/s, tokens per pass and speed-up over plain decoding, split by prompt kind."""
-    from rich import box
-    from rich.table import Table
-
-    kinds = sorted({k for r in result.get("configs", []) for k in r["by_kind"]})
-    table = Table(title="by prompt kind (tok/s, tok/pass, x plain)", title_justify="left", header_style="bold",
-                  box=box.SIMPLE_HEAD)
-    table.add_column("config", no_wrap=True)
-    for k in kinds:
-        table.add_column(k, justify="right", no_wrap=True)
-    for r in result.get("configs", []):
-        cells = []
-        for k in kinds:
-            f = r["by_kind"].get(k)
-            cells.append(f"{_fmt(f['tok_per_s'])}  {_fmt(f['tokens_per_pass'])}  {_fmt(f['speedup_vs_plain'], '.2f', 'x')}"
-                         if f else "-")
-        table.add_row(_config_name(r), *cells)
-    peer = result.get("peer")
-    if peer:
-        table.add_section()
-        table.add_row(f"peer {peer['name']}", *[_fmt(peer["by_kind"].get(k, {}).get("tok_per_s")) for k in kinds])
-    return table
-
-
-def summary_lines(result: dict) -> list[str]:
-    """Plan, bandwidth and curve in a few lines."""
-    from offspec.runtime.plan import format_bytes
-
-    plan, read = result["plan"], result["read"]
-    lines = [
-        f"plan: {len(plan['layers']['device'])} layers in memory, {len(plan['layers']['host'])} pinned, "
-        f"{len(plan['layers']['disk'])} streamed; {format_bytes(plan['streamed_bytes_per_pass'])} streamed per pass",
-        f"cold read: streamed blobs {_fmt(read['streamed']['gbps_median'])} GB/s median, "
-        f"{_fmt(read['streamed']['gbps_best'])} best; whole store {_fmt(read['store']['gbps_median'])} GB/s median, "
-        f"{_fmt(read['store']['gbps_best'])} best ({format_bytes(read['store']['bytes'])})",
-    ]
-    if result.get("curve"):
-        lines.append("target pass: " + ", ".join(f"{c['tokens']} tok {c['pass_s_median']:.3f} s"
-                                                  for c in result["curve"]))
-    if result.get("peer"):
-        p = result["peer"]
-        lines.append(f"peer {p['name']}: {p['tok_per_s']:.3f} tok/s ({p['s_per_token']:.2f} s/token) "
-                     f"under {format_bytes(p['budget_bytes'])}, device map {p['device_map']}")
-    lines += [f"note: {n}" for n in result.get("notes", [])]
-    return lines
-
-
-def write_json(result: dict, path: str | Path) -> None:
-    Path(path).expanduser().write_text(json.dumps(result, indent=1, default=str) + "\n")
-
-
-def write_plot(result: dict, path: str | Path) -> None:
-    """Two panels against budget: tok/s and tokens per pass; plain decoding and the peer as horizontal lines."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install 'offspec[plot]'") from None
-    rows = result.get("configs", [])
-    spec = [r for r in rows if r["spec"]]
-    fixed = sorted((r for r in spec if r["budget"] is not None), key=lambda r: r["budget"])
-    auto = next((r for r in spec if r["config"] == "auto"), None)
-    plain = next((r for r in rows if r["config"] == "plain"), None)
-    peer = result.get("peer")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, ylabel in ((ax1, "tok_per_s", "tokens / s"), (ax2, "tokens_per_pass", "tokens per target pass")):
-        if fixed:
-            ax.plot([r["budget"] for r in fixed], [r[key] for r in fixed], "o-", label="speculative (fixed budget)")
-        if auto is not None:
-            ax.plot([max(auto["mean_budget"], 1)], [auto[key]], "r*", markersize=12,
-                    label=f"auto (mean budget {auto['mean_budget']:.0f})")
-        if plain is not None:
-            ax.axhline(plain[key], color="gray", linestyle="--", label="plain streamed decoding")
-        if peer and key == "tok_per_s":
-            ax.axhline(peer["tok_per_s"], color="black", linestyle=":", label=f"peer ({peer['name']})")
-        if fixed or auto:
-            ax.set_xscale("log", base=2)
-            ticks = sorted({r["budget"] for r in fixed})
-            if ticks:
-                ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.set_xlabel("tree budget (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-    ax1.legend(fontsize=8)
-    m = result.get("machine", {})
-    fig.suptitle(f"offspec bench: {Path(result['plan']['target_store']).name} on {m.get('cpu', '?')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def bench_command(model: str | None = None, draft: str | None = None, bits: int = 16, dtype: str = "bfloat16",
                   device: str = "cpu", device_memory: str | None = None, host_memory: str | None = None,
                   warm: bool = False, budgets: str = DEFAULT_BUDGETS, prompts: str | None = None,
                   max_new_tokens: int = 64, repeats: int = 3, peer: str | None = None, json_path: str | None = None,
                   plot_path: str | None = None, no_spec: bool = False, temperature: float = 0.0) -> dict:
-    """`offspec bench`: run, print the table on stderr, write --json and --plot."""
+    """`offspec bench`: check the output paths, run, print the summary and tables on stderr, write --json and --plot."""
     from rich.console import Console
 
+    from offspec import bench_report as report
+
+    report.check_output_paths(json_path, plot_path)  # fail before the long run, not after it
     console = Console(stderr=True)
     if not console.is_terminal:  # logs and pipes: room for the whole table
-        console = Console(stderr=True, width=140)
-    if plot_path:  # fail before the long run, not after it
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ConfigError("--plot needs matplotlib: pip install 'offspec[plot]'") from None
+        console = Console(stderr=True, width=150)
     result = run_bench(model, draft, bits, dtype, device, device_memory, host_memory, warm, budgets, prompts,
                        max_new_tokens, repeats, peer, no_spec, temperature, console=console)
-    for line in summary_lines(result):
+    for line in report.summary_lines(result):
         console.print(line, markup=False, highlight=False)
-    console.print(results_table(result))
-    console.print(kinds_table(result))
+    console.print(report.results_table(result))
+    legend = report.limit_legend(result)
+    if legend:
+        console.print(legend, markup=False, highlight=False, soft_wrap=True)  # one line, however narrow
+    console.print(report.kinds_table(result))
     if json_path:
-        write_json(result, json_path)
+        report.write_json(result, json_path)
         console.print(f"wrote {json_path}", markup=False)
     if plot_path:
-        write_plot(result, plot_path)
+        report.write_plot(result, plot_path)
         console.print(f"wrote {plot_path}", markup=False)
     return result

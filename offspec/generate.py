@@ -8,12 +8,13 @@ whose prompt extends the previous sequence (a chat turn) only prefills the new t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import torch
 
 from offspec.errors import ContextError, ModelError
+from offspec.runtime.timing import clock
 from offspec.speculative.sampling import SamplingParams, sample
 from offspec.speculative.stats import AcceptanceStats
 
@@ -146,7 +147,7 @@ class Engine:
         use_spec = cfg.spec and self.draft is not None
         budget_cap = self.context_tokens - 1
         # Prefill: everything but the last prompt token (the first root) enters the caches.
-        t0 = time.perf_counter()
+        t0 = clock(*self._devices())
         pending = self._sync(self.target, self.target_ids, prompt_ids)
         self._prefill(self.target, self.target_ids, pending[:-1])
         root = pending[-1]
@@ -154,7 +155,7 @@ class Engine:
             d_pending = self._sync(self.draft, self.draft_ids, prompt_ids)
             self._prefill(self.draft, self.draft_ids, d_pending[:-1])
             d_pending = d_pending[-1:]
-        yield StepEvent([], prefill=True, target_pass_s=time.perf_counter() - t0, tree_size=len(pending) - 1)
+        yield StepEvent([], prefill=True, target_pass_s=clock(*self._devices()) - t0, tree_size=len(pending) - 1)
         produced = 0
         stop = set(cfg.stop_ids)
         while produced < cfg.max_new_tokens:
@@ -185,12 +186,16 @@ class Engine:
             if event.finish:
                 return
 
+    def _devices(self) -> tuple:
+        """The devices whose queued work the timers wait for (runtime.timing: CUDA is asynchronous)."""
+        return (getattr(self.target, "device", None), getattr(self.draft, "device", None))
+
     def _plain_step(self, root: int, params: SamplingParams, gen) -> tuple[StepEvent, int]:
-        t0 = time.perf_counter()
+        t0 = clock(*self._devices())
         logits = self.target.forward(torch.tensor([[root]]), last_only=True)[0, -1]
         self.target_ids.append(root)
         tok = int(sample(logits, params, gen)) if params.temperature > 0 else int(logits.argmax())
-        ev = StepEvent([tok], tree_size=1, target_pass_s=time.perf_counter() - t0,
+        ev = StepEvent([tok], tree_size=1, target_pass_s=clock(*self._devices()) - t0,
                        streamed_bytes=self.target.stats.streamed_bytes)
         return ev, tok
 
@@ -236,12 +241,15 @@ class Engine:
         from offspec.speculative.specexec import advance_draft
         from offspec.speculative.verify import commit_target, forward_tree
 
+        # draft and target timed apart: the clock waits for queued device work at each boundary
+        t_draft = clock(*self._devices())
         grown = self._grow(d_pending, budget, cfg, params, gen)
+        t0 = clock(*self._devices())
+        grown = replace(grown, draft_s=t0 - t_draft)
         self.draft_ids.extend(d_pending)
-        t0 = time.perf_counter()
         start = self.target.cache.length
         logits = forward_tree(self.target, grown.tree)  # one streamed pass over the whole tree, [N, V]
-        pass_s = time.perf_counter() - t0
+        pass_s = clock(*self._devices()) - t0
         res = self._verify(grown.tree, logits, cfg, params, gen)
         commit_target(self.target, start, res)
         self.target_ids.extend([root] + res.tokens[:-1])

@@ -51,8 +51,8 @@ def peer_model_dir(store: Path, dtype: str, home: Path | None = None, progress: 
 
 def _export_gguf(src: Path, dtype: str, home: Path | None, progress: bool) -> Path:
     """Dequantize a GGUF once with transformers and save it as safetensors under OFFSPEC_HOME/peer/."""
+    from offspec.paths import offspec_home
     from offspec.store.convert import source_key
-    from offspec.store.resolve import offspec_home
 
     out = (home or offspec_home()) / "peer" / f"{src.stem}-{dtype}-{source_key(src, 16, dtype)[:12]}"
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):

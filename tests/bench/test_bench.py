@@ -1,4 +1,5 @@
-"""offspec bench on tiny random models: every figure present and sane, JSON, plot, prompt files, raw reads."""
+"""offspec bench on tiny random models: every figure present and sane, the read ceiling sampled through the run,
+figures above it flagged, output paths checked before the run, JSON, plot, prompt files, raw reads."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from offspec import bench
+from offspec import bench, bench_report
 from offspec.errors import ConfigError
 
-CONFIG_KEYS = ("tokens", "passes", "decode_s", "tok_per_s", "tokens_per_pass", "pass_s", "draft_s_per_pass",
+CONFIG_KEYS = ("prefill_tokens", "prefill_s", "prefill_tok_per_s", "gbps_over_ceiling", "tokens", "passes", "decode_s", "tok_per_s", "tokens_per_pass", "pass_s", "draft_s_per_pass",
                "streamed_bytes_per_pass", "streamed_gbps", "limit_tok_per_s", "limit_fraction", "speedup_vs_plain",
                "speedup_vs_peer", "by_kind", "records", "config", "spec", "budget", "mean_budget")
-POSITIVE = ("tokens", "passes", "decode_s", "tok_per_s", "tokens_per_pass", "pass_s", "streamed_bytes_per_pass",
+POSITIVE = ("prefill_tokens", "prefill_s", "prefill_tok_per_s", "tokens", "passes", "decode_s", "tok_per_s", "tokens_per_pass", "pass_s", "streamed_bytes_per_pass",
             "streamed_gbps", "limit_tok_per_s", "limit_fraction", "speedup_vs_plain", "speedup_vs_peer")
 
 
@@ -82,11 +83,9 @@ def test_parse_budgets():
         bench.parse_budgets(" , ")
 
 
-def test_encode_prompt_uses_the_chat_template(bench_tok):
+def test_prompt_ids_use_the_chat_template(bench_tok):
     tok = bench_tok
-    from offspec.chat import encode_prompt
-
-    ids = encode_prompt(tok, [{"role": "user", "content": "why is the sky blue"}])
+    ids = bench.prompt_ids(tok, "why is the sky blue")
     text = tok.decode(ids)
     assert text.startswith("<|im_start|> user") and text.endswith("<|im_start|> assistant")
 
@@ -147,11 +146,11 @@ def test_run_bench_reports_every_figure(result: dict):
         assert result["machine"][key]
     assert result["options"]["budgets"] == "auto,4" and result["options"]["max_new_tokens"] == 5
     read = result["read"]
-    assert read["streamed"]["bytes"] == per_pass and read["streamed"]["files"] == 6
+    assert read["ceiling"]["bytes"] == per_pass and read["ceiling"]["files"] == 6 and read["ceiling"]["cold"]
     assert read["store"]["bytes"] > per_pass and read["store"]["files"] == 7
-    for part in ("streamed", "store"):
+    for part in ("ceiling", "store"):
         assert _positive(read[part]["gbps_median"]) and _positive(read[part]["gbps_best"])
-    assert read["gbps_for_limit"] == read["streamed"]["gbps_best"]
+    assert read["gbps_for_limit"] == read["ceiling"]["gbps_best"]
     assert [c["tokens"] for c in result["curve"]] == [1, 8]
     assert all(_positive(c["pass_s_median"]) and _positive(c["streamed_gbps"]) for c in result["curve"])
 
@@ -169,6 +168,9 @@ def test_run_bench_reports_every_figure(result: dict):
         assert [rec["kind"] for rec in r["records"]] == ["code", "prose"]
         for rec in r["records"]:
             assert 1 <= rec["tokens"] <= 5 and rec["passes"] >= 1 and _positive(rec["prefill_s"])
+            assert rec["prefill_tokens"] == rec["prompt_tokens"] - 1  # the last prompt token is the first root
+        assert r["prefill_tokens"] == sum(rec["prefill_tokens"] for rec in r["records"])
+        assert r["prefill_tok_per_s"] == pytest.approx(r["prefill_tokens"] / r["prefill_s"])
     assert rows["plain"]["tokens_per_pass"] == 1.0 and rows["plain"]["draft_s_per_pass"] == 0.0
     assert rows["plain"]["speedup_vs_plain"] == pytest.approx(1.0)
     assert rows["4"]["mean_budget"] == pytest.approx(4.0)
@@ -197,13 +199,81 @@ def test_speculative_greedy_text_equals_plain_greedy(result: dict):
         assert [r["text"] for r in rows[name]["records"]] == plain, name
 
 
+def test_read_ceiling_is_sampled_between_the_sections(result: dict):
+    c = result["read"]["ceiling"]
+    # --repeats 2 at the start, then one read after the curve and after every configuration
+    assert [r["when"] for r in c["runs"]] == ["start", "start", "after the pass-time curve", "after plain decoding",
+                                              "after budget auto", "after budget 4"]
+    g = c["gbps_runs"]
+    assert g == [r["gbps"] for r in c["runs"]] and all(_positive(x) for x in g)
+    assert c["gbps_min"] == min(g) and c["gbps_best"] == max(g) and c["spread"] == pytest.approx(max(g) / min(g))
+
+
+def _with_ceiling(result: dict, gbps: float) -> dict:
+    """A copy of the run's result whose read ceiling is `gbps` (limits recomputed as the run does)."""
+    import copy
+
+    r = copy.deepcopy(result)
+    r["notes"] = []
+    c = r["read"]["ceiling"]
+    c["gbps_runs"] = [gbps, gbps]
+    c["gbps_min"] = c["gbps_best"] = c["gbps_median"] = gbps
+    c["spread"] = 1.0
+    bench.add_limits(r)
+    return r
+
+
+def test_figures_above_the_ceiling_are_flagged_in_the_table_and_the_notes(result: dict):
+    plain = next(r for r in result["configs"] if r["config"] == "plain")
+    low = _with_ceiling(result, plain["streamed_gbps"] / 4)  # a raw read 4x slower than the passes streamed
+    row = next(r for r in low["configs"] if r["config"] == "plain")
+    assert row["limit_fraction"] > 1 and row["gbps_over_ceiling"]
+    assert any(n.startswith("plain:") and "measurement problem" in n for n in low["notes"])
+    table = _render(bench_report.results_table(low))
+    line = next(ln for ln in table.splitlines() if ln.strip().startswith("plain"))
+    assert f"% {bench_report.LIMIT_FLAG}" in line
+
+    high = _with_ceiling(result, plain["streamed_gbps"] * 1000)  # a ceiling no pass comes near
+    assert all(r["limit_fraction"] < 1 and not r["gbps_over_ceiling"] for r in high["configs"])
+    assert not any("measurement problem" in n for n in high["notes"])
+    assert bench_report.LIMIT_FLAG not in _render(bench_report.results_table(high))
+
+
+def test_a_wide_ceiling_spread_is_noted(result: dict):
+    import copy
+
+    r = copy.deepcopy(result)
+    r["notes"] = []
+    c = r["read"]["ceiling"]
+    c["gbps_runs"], c["gbps_min"], c["gbps_best"], c["spread"] = [0.5, 1.5], 0.5, 1.5, 3.0
+    bench.add_limits(r)
+    assert any("varied 3.0x" in n for n in r["notes"])
+    assert any("spread 3.0x" in ln for ln in bench_report.summary_lines(r))
+
+
+def _render(table) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True, file=open(__import__("os").devnull, "w"))
+    console.print(table)
+    return console.export_text()
+
+
+def test_curve_sizes_extend_the_planner_sizes_with_the_run_budgets():
+    from offspec.runtime.pass_curve import CURVE_SIZES
+
+    sizes = bench.curve_sizes_for([None, 16, 4096])
+    assert set(CURVE_SIZES) <= set(sizes) and 4096 in sizes and list(sizes) == sorted(set(sizes))
+    assert bench.curve_sizes_for([]) == tuple(sorted(CURVE_SIZES))
+
+
 def test_json_and_plot_files(result: dict, tmp_path: Path):
     path = tmp_path / "bench.json"
-    bench.write_json(result, path)
+    bench_report.write_json(result, path)
     again = json.loads(path.read_text())
     assert again["configs"][0]["config"] == "plain" and again["peer"]["name"] == "accelerate"
     png = tmp_path / "bench.png"
-    bench.write_plot(result, png)
+    bench_report.write_plot(result, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -214,7 +284,10 @@ def test_bench_command_prints_and_writes(result: dict, tmp_path: Path, monkeypat
     captured = capsys.readouterr()
     assert captured.out == ""  # the table and the summary go to stderr
     assert "plain" in captured.err and "budget 4" in captured.err and "peer accelerate" in captured.err
-    assert json.loads(out_json.read_text())["read"]["streamed"]["files"] == 6
+    assert "pp tok/s" in captured.err and "tg tok/s" in captured.err
+    legend = [ln for ln in captured.err.splitlines() if ln.startswith("limit = ")]
+    assert len(legend) == 1 and "measurement problem" in legend[0]
+    assert json.loads(out_json.read_text())["read"]["ceiling"]["files"] == 6
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -223,7 +296,37 @@ def test_plot_without_matplotlib_is_a_clear_error(result: dict, tmp_path: Path, 
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ConfigError, match="matplotlib"):
-        bench.write_plot(result, tmp_path / "x.png")
+        bench_report.write_plot(result, tmp_path / "x.png")
+
+
+def _no_run(*a, **k):
+    raise AssertionError("the benchmark ran before its output paths were checked")
+
+
+@pytest.mark.parametrize("flag,path,words", [
+    ("json_path", "{tmp}/missing/r.json", ["--json", "does not exist"]),
+    ("plot_path", "{tmp}/missing/r.png", ["--plot", "does not exist"]),
+    ("json_path", "{tmp}", ["--json", "folder"]),
+    ("plot_path", "{tmp}/r.notanimage", ["--plot", ".notanimage"]),
+])
+def test_bad_output_paths_fail_before_the_run(tmp_path: Path, monkeypatch, flag, path, words):
+    monkeypatch.setattr(bench, "run_bench", _no_run)
+    with pytest.raises(ConfigError) as err:
+        bench.bench_command(model="m", **{flag: path.format(tmp=tmp_path)})
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_cli_bad_json_path_is_one_line_and_non_zero(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from offspec.cli import app
+
+    monkeypatch.setattr(bench, "run_bench", _no_run)
+    res = CliRunner().invoke(app, ["bench", "--model", "m", "--json", str(tmp_path / "nope" / "r.json")])
+    assert res.exit_code != 0 and res.stdout == "" and "Traceback" not in res.output
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and "--json" in lines[0] and "does not exist" in lines[0], res.stderr
 
 
 def test_bad_options_fail_before_loading():
@@ -255,6 +358,7 @@ def test_warm_run_without_draft_is_plain_only(bench_models, bench_home, streamin
     assert [c["config"] for c in r["configs"]] == ["plain"]
     assert any("no draft" in n for n in r["notes"])
     assert r["plan"]["layers"]["disk"] == list(range(6))
-    assert r["read"]["gbps_for_limit"] == r["read"]["streamed_warm"]["gbps_best"]
+    assert r["read"]["ceiling"]["cold"] is False  # a warm run's ceiling is the warm (page cache) read
+    assert r["read"]["gbps_for_limit"] == r["read"]["ceiling"]["gbps_best"]
     assert r["peer"] is None and r["best"] is None
     assert r["configs"][0]["by_kind"].keys() == {"code"}
