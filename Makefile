@@ -44,6 +44,7 @@ demo: install-demo
 	  "Write a Python function that checks whether a string is a palindrome."
 
 bench: install-demo
+	mkdir -p bench-out
 	$(BIN)/offspec bench --json bench-out/bench.json --plot bench-out/bench.png
 
 # Rewrite requirements.lock from the current venv (after a green `make test` and `make test-slow`).
