@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import json
-import logging
 import os
 import platform
 import statistics
@@ -411,7 +410,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     """Run every section once on one engine and return all figures as a JSON-ready dict."""
     from offspec.config import RuntimeConfig
     from offspec.generate import GenerationConfig
-    from offspec.peers import PEER_NAMES
+    from offspec.peers import PEER_NAMES, run_peer
     from offspec.store.manifest import read_manifest
 
     if max_new_tokens < 1:
@@ -511,8 +510,8 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             result["peer"] = None
             if peer:
                 step(f"peer {peer}: loading")
-                result["peer"] = _run_peer(
-                    source_store, bench_prompts, ids_per_prompt, store_dtype=dtype, compute_dtype=compute_dtype,
+                result["peer"] = run_peer(
+                    source_store, [bp.kind for bp in bench_prompts], ids_per_prompt, store_dtype=dtype, compute_dtype=compute_dtype,
                     device=run_device, host_budget_bytes=rc.host_memory_bytes, budget_bytes=budget_bytes,
                     max_new=min(max(peer_max_new_tokens, 2), max(max_new_tokens, 2)), cold=not warm, eos=eos,
                     on_prompt=lambda k: step(f"peer {peer}: prompt {k + 1}/{len(bench_prompts)}", 1 if k else 0),
@@ -531,60 +530,6 @@ def _close(loaded) -> None:
     for m in (loaded.engine.target, loaded.engine.draft):
         if m is not None and hasattr(m, "close"):
             m.close()
-
-
-def _run_peer(store: Path, bench_prompts: list[BenchPrompt], prompt_ids: list[list[int]], *, store_dtype: str,
-              compute_dtype: str, device: str, host_budget_bytes: int | None, budget_bytes: int, max_new: int,
-              cold: bool, eos: tuple[int, ...], on_prompt, notes: list[str], progress: bool) -> dict | None:
-    """The accelerate baseline on the same model, prompts and weight memory; None (noted) if it cannot run.
-
-    Its checkpoint holds the weights in the store's dtype (as offspec's store does); it computes in the
-    dtype the target computes in.
-    """
-    from offspec.peers import peer_model_dir, run_accelerate_peer
-
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        notes.append("peer skipped: accelerate is not installed")
-        return None
-    model_dir = peer_model_dir(store, store_dtype, progress=progress)
-    with _quiet_transformers():
-        rec = run_accelerate_peer(model_dir, prompt_ids, max_new, budget_bytes, compute_dtype, device,
-                                  host_budget_bytes=host_budget_bytes, cold=cold, eos_ids=eos, on_prompt=on_prompt)
-    for r, bp in zip(rec["prompts"], bench_prompts):
-        r["kind"] = bp.kind
-    by_kind = {}
-    for kind in sorted({bp.kind for bp in bench_prompts}):
-        rs = [r for r in rec["prompts"] if r["kind"] == kind]
-        toks, secs = sum(r["decode_tokens"] for r in rs), sum(r["decode_s"] for r in rs)
-        by_kind[kind] = {"tokens": toks, "decode_s": secs, "tok_per_s": toks / secs if secs > 0 else 0.0}
-    rec["by_kind"] = by_kind
-    return rec
-
-
-class _quiet_transformers:
-    """Silence transformers' info logging and loading bars while the peer loads (restored afterwards)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._lvl = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        self._acc = logging.getLogger("accelerate")
-        self._acc_lvl = self._acc.level
-        self._acc.setLevel(logging.ERROR)  # "Some parameters are on the meta device ..." is expected here
-        self._bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity(self._lvl)
-        self._acc.setLevel(self._acc_lvl)
-        if self._bars:
-            hf_logging.enable_progress_bar()
 
 
 def add_limits(result: dict) -> None:
