@@ -180,10 +180,16 @@ class ReadCeiling:
     cache what the guest evicts, so a pass can then "beat" it. `sample` is called between the run's
     sections (interleaved with the passes); `summary` gives every run with when it was taken, the median,
     min, best and spread (best / min). Cold (evicted before each read) unless the run is warm.
+
+    It reads into a buffer of its own: the streamer's staging slots hold layers prefetched for the next
+    pass, and overwriting one between passes would corrupt that pass.
     """
 
-    def __init__(self, blobs: list[tuple[Path, int]], evict_paths, buffer=None, cold: bool = True) -> None:
-        self.blobs, self.evict_paths, self.buffer, self.cold = blobs, list(evict_paths), buffer, cold
+    def __init__(self, blobs: list[tuple[Path, int]], evict_paths, cold: bool = True) -> None:
+        from offspec.runtime.streamer import alloc_staging
+
+        self.blobs, self.evict_paths, self.cold = blobs, list(evict_paths), cold
+        self.buffer = alloc_staging(max(n for _, n in blobs)) if blobs else None
         self.runs: list[dict] = []
 
     def sample(self, when: str, repeats: int = 1) -> None:
@@ -470,10 +476,9 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             step("raw read bandwidth")
             # 1. raw reads: what one pass streams (the ceiling, sampled again between every later section)
             #    and the whole store once; warm runs read the page cache, so their ceiling is the warm read
-            buf = target.streamer.buffers[0] if target.streamer is not None else None
-            ceiling = ReadCeiling(streamed_blobs, all_paths, buf, cold=not warm)
+            ceiling = ReadCeiling(streamed_blobs, all_paths, cold=not warm)
             ceiling.sample("start", repeats)
-            result["read"] = {"store": measure_read_gbps(all_blobs, 1, all_paths, buf)}
+            result["read"] = {"store": measure_read_gbps(all_blobs, 1, all_paths, ceiling.buffer)}
             step("pass-time curve", 1)
             # 2. the target's pass time against tree size
             engine.reset()

@@ -362,3 +362,28 @@ def test_warm_run_without_draft_is_plain_only(bench_models, bench_home, streamin
     assert r["read"]["gbps_for_limit"] == r["read"]["ceiling"]["gbps_best"]
     assert r["peer"] is None and r["best"] is None
     assert r["configs"][0]["by_kind"].keys() == {"code"}
+
+
+def test_raw_reads_between_passes_leave_the_prefetched_layers_alone(bench_models, bench_home, streaming_budget_no_draft):
+    """A ceiling sample between two passes must not touch the staging slots the reader has filled for the next."""
+    import torch
+
+    from offspec.runtime.model import open_model
+    from offspec.store.manifest import read_manifest
+    from offspec.store.resolve import resolve_model
+
+    store = resolve_model(str(bench_models[0]), 16, "bfloat16", progress=False)
+    model = open_model(store, device_memory_bytes=int(streaming_budget_no_draft), cache_tokens=4096)
+    try:
+        assert model.streamer is not None
+        ids = torch.tensor([[5, 6, 7, 8]])
+        want = model.forward(ids)
+        blobs = bench.store_blobs(store, read_manifest(store), model.plan.tiers)
+        ceiling = bench.ReadCeiling(blobs, [p for p, _ in bench.store_blobs(store, read_manifest(store))])
+        assert all(ceiling.buffer.data_ptr() != b.data_ptr() for b in model.streamer.buffers)
+        for _ in range(2):
+            ceiling.sample("between passes")
+            model.reset()
+            assert torch.equal(model.forward(ids), want)
+    finally:
+        model.close()
