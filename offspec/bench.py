@@ -84,10 +84,9 @@ def load_prompts(path: str | Path | None) -> list[BenchPrompt]:
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of one user turn, exactly as `offspec generate` and `chat` build them (chat template if any)."""
-    from offspec.chat import encode_prompt, render_prompt, uses_template
+    from offspec.chat import encode_prompt
 
-    return encode_prompt(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": prompt}]),
-                         uses_template(tokenizer))
+    return encode_prompt(tokenizer, [{"role": "user", "content": prompt}])
 
 
 def parse_budgets(text: str) -> list[int | None]:
@@ -509,8 +508,8 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             # the peer computes in the dtype the target computes in (float32 on CPUs without native bf16)
             compute_dtype = str(target.dtype).removeprefix("torch.")
             source_store = loaded.target_store
-            _close(loaded)
-            del loaded, engine, target
+            loaded.close()
+            loaded = engine = target = None
             gc.collect()
             result["peer"] = None
             if peer:
@@ -523,18 +522,11 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
                     notes=notes, progress=progress)
                 step(f"peer {peer}: done", 1)
     finally:
-        _close(locals().get("loaded"))  # on errors; after the decode sections it is already closed
+        if loaded is not None:  # on errors; after the decode sections it is already closed
+            loaded.close()
     add_limits(result)
     _add_speedups(result)
     return result
-
-
-def _close(loaded) -> None:
-    if loaded is None:
-        return
-    for m in (loaded.engine.target, loaded.engine.draft):
-        if m is not None and hasattr(m, "close"):
-            m.close()
 
 
 def add_limits(result: dict) -> None:

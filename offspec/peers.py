@@ -15,7 +15,6 @@ How it behaves in the installed versions (transformers 5.x, accelerate 1.x), rea
 from __future__ import annotations
 
 import gc
-import logging
 import shutil
 import tempfile
 import time
@@ -209,13 +208,15 @@ def run_peer(store: Path, kinds: list[str], prompt_ids: list[list[int]], *, stor
     Its checkpoint holds the weights in the store's dtype (as offspec's store does); it computes in the
     dtype the target computes in.
     """
+    from offspec.console import quiet_transformers
+
     try:
         import accelerate  # noqa: F401
     except ImportError:
         notes.append("peer skipped: accelerate is not installed")
         return None
     model_dir = peer_model_dir(store, store_dtype, progress=progress)
-    with _quiet_transformers():
+    with quiet_transformers():
         rec = run_accelerate_peer(model_dir, prompt_ids, max_new, budget_bytes, compute_dtype, device,
                                   host_budget_bytes=host_budget_bytes, cold=cold, eos_ids=eos, on_prompt=on_prompt)
     for r, kind in zip(rec["prompts"], kinds):
@@ -227,27 +228,3 @@ def run_peer(store: Path, kinds: list[str], prompt_ids: list[list[int]], *, stor
         by_kind[kind] = {"tokens": toks, "decode_s": secs, "tok_per_s": toks / secs if secs > 0 else 0.0}
     rec["by_kind"] = by_kind
     return rec
-
-
-class _quiet_transformers:
-    """Silence transformers' info logging and loading bars while the peer loads (restored afterwards)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._lvl = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        self._acc = logging.getLogger("accelerate")
-        self._acc_lvl = self._acc.level
-        self._acc.setLevel(logging.ERROR)  # "Some parameters are on the meta device ..." is expected here
-        self._bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity(self._lvl)
-        self._acc.setLevel(self._acc_lvl)
-        if self._bars:
-            hf_logging.enable_progress_bar()
