@@ -277,6 +277,9 @@ class OffloadedModel:
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
+        if self._copier is not None:  # CUDA: stop the thread that hands pinned slots back
+            self._copier.close()
+            self._copier = None
 
 
 def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,
