@@ -393,17 +393,37 @@ class _Steps:
                                style="dim")
 
 
-def _open(model, draft, want_spec: bool, rc, progress: bool):
+def _open(model, draft, want_spec: bool, rc, progress: bool, ngram: bool | None = None,
+          reserve_for: tuple[str, ...] = ()):
     """load_engine with budget_auto; if the calibrating planner cannot be built, without it (noted)."""
     from offspec.loader import load_engine
 
     try:
         return load_engine(model, draft, spec=want_spec, rc=rc, progress=progress,
-                           budget_auto=True), None
+                           budget_auto=True, ngram=ngram, reserve_for=reserve_for), None
     except (ImportError, AttributeError) as exc:
         note = f"auto budget planner unavailable ({type(exc).__name__}: {exc}); auto = the engine's default"
         return load_engine(model, draft, spec=want_spec, rc=rc, progress=progress,
-                           budget_auto=False), note
+                           budget_auto=False, ngram=ngram, reserve_for=reserve_for), note
+
+
+def _switch_drafter(loaded, base: str, hybrid: bool, rc, auto: bool) -> None:
+    """Give the engine the drafter `base` (+ n-grams if hybrid) on the same target plan; close the previous one."""
+    from dataclasses import replace
+
+    from offspec.loader import open_drafter
+
+    engine = loaded.engine
+    if engine.drafter is not None:
+        engine.drafter.close()
+    dp = replace(loaded.plans[base], ngram=hybrid)
+    engine.drafter = open_drafter(dp, engine.target, loaded.target_store, loaded.tokenizer, rc,
+                                  engine.target.cache.capacity)
+    engine.draft = getattr(engine.drafter, "draft_model", None)
+    if auto and engine.planner is not None:
+        from offspec.speculative.tree_size import make_planner
+
+        engine.planner = make_planner(engine.target, cost=engine.drafter.cost)
 
 
 def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16, dtype: str = "bfloat16",
@@ -411,8 +431,12 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
               warm: bool = False, budgets: str = DEFAULT_BUDGETS, prompts: str | Path | None = None,
               max_new_tokens: int = 64, repeats: int = 3, peer: str | None = None, no_spec: bool = False,
               temperature: float = 0.0, peer_max_new_tokens: int = PEER_MAX_NEW_TOKENS,
-              curve_sizes: tuple[int, ...] | None = None, console=None, progress: bool = True) -> dict:
-    """Run every section once on one engine and return all figures as a JSON-ready dict."""
+              curve_sizes: tuple[int, ...] | None = None, console=None, progress: bool = True,
+              drafters: str | None = None) -> dict:
+    """Run every section once on one engine and return all figures as a JSON-ready dict.
+
+    drafters: 'ngram,self,MODEL,self+ngram' compares drafters side by side on one target plan (the plan leaves
+    room for the largest of them), each at every budget of `budgets`."""
     from offspec.config import RuntimeConfig
     from offspec.generate import GenerationConfig
     from offspec.peers import PEER_NAMES, run_peer
@@ -427,6 +451,13 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     if peer is not None and peer not in PEER_NAMES:
         raise ConfigError(f"unknown --peer '{peer}' (use {', '.join(PEER_NAMES)})")
     budget_list = [] if no_spec else parse_budgets(budgets)
+    drafter_list: list[tuple[str, str | None, bool]] = []
+    if drafters is not None:
+        from offspec.loader import parse_drafters
+
+        if no_spec or draft is not None:
+            raise ConfigError("--drafters picks the drafters itself: drop --draft and --no-spec")
+        drafter_list = parse_drafters(drafters)
     bench_prompts = load_prompts(prompts)
     rc = RuntimeConfig.from_flags(device, device_memory, host_memory, warm, bits, dtype)
     if console is None:
@@ -437,18 +468,23 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
                "device_memory": device_memory, "host_memory": host_memory, "warm": warm, "budgets": budgets,
                "prompts": str(prompts) if prompts else None, "max_new_tokens": max_new_tokens, "repeats": repeats,
                "peer": peer, "no_spec": no_spec, "temperature": temperature,
-               "peer_max_new_tokens": peer_max_new_tokens}
+               "peer_max_new_tokens": peer_max_new_tokens, "drafters": drafters}
     notes: list[str] = []
     if progress:
         console.print(f"opening {model or 'the demo models'} (store conversion, verification and the planner's "
                       "pass-time calibration run once per store)", markup=False, highlight=False, style="dim")
-    loaded, note = _open(model, draft, not no_spec, rc, progress)
+    if drafter_list:
+        first = drafter_list[0]
+        loaded, note = _open(model, first[1], True, rc, progress, ngram=first[2] or None,
+                             reserve_for=tuple(dict.fromkeys(d[1] for d in drafter_list)))
+    else:
+        loaded, note = _open(model, draft, not no_spec, rc, progress)
     if note:
         notes.append(note)
     engine = loaded.engine
     target = engine.target
-    if budget_list and engine.draft is None:
-        notes.append("no draft model: speculative sections skipped (pass --draft)")
+    if budget_list and engine.drafter is None:
+        notes.append("no drafter: speculative sections skipped (pass --draft)")
         budget_list = []
     manifest = read_manifest(loaded.target_store)
     plan = target.plan
@@ -458,12 +494,14 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     ids_per_prompt = [prompt_ids(loaded.tokenizer, bp.prompt) for bp in bench_prompts]
     eos = tuple(getattr(engine, "eos_ids", ()) or ())
     seed = 0 if temperature > 0 else None
-    configs: list[tuple[str, object]] = [("plain", GenerationConfig(max_new_tokens=max_new_tokens, spec=False,
-                                                                     temperature=temperature, seed=seed, stop_ids=eos))]
-    for b in budget_list:
-        configs.append(("auto" if b is None else str(b),
-                        GenerationConfig(max_new_tokens=max_new_tokens, budget=b, temperature=temperature,
-                                         seed=seed, stop_ids=eos)))
+    configs: list[tuple[str, object, tuple | None]] = [
+        ("plain", GenerationConfig(max_new_tokens=max_new_tokens, spec=False, temperature=temperature, seed=seed,
+                                   stop_ids=eos), None)]
+    for d in drafter_list or [None]:
+        for b in budget_list:
+            configs.append(("auto" if b is None else str(b),
+                            GenerationConfig(max_new_tokens=max_new_tokens, budget=b, temperature=temperature,
+                                             seed=seed, stop_ids=eos), d))
     if curve_sizes is None:
         curve_sizes = curve_sizes_for(budget_list)
     n_peer = len(bench_prompts) if peer else 0
@@ -489,14 +527,21 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             step("decoding", 1)
             # 3. plain decoding, then speculative decoding at each budget, each followed by a raw read
             rows = []
-            for name, cfg in configs:
+            current = drafter_list[0] if drafter_list else None
+            for name, cfg, d in configs:
+                if d is not None and d != current:
+                    _switch_drafter(loaded, d[1], d[2], rc, any(b is None for b in budget_list))
+                    current = d
                 label = "plain decoding" if name == "plain" else f"budget {name}"
+                if name != "plain" and engine.drafter is not None:
+                    label = f"{engine.drafter_name} {label}"
                 row = run_config(engine, bench_prompts, ids_per_prompt, cfg, all_paths, cold=not warm,
                                  on_prompt=lambda k, label=label: step(f"{label}: prompt {k + 1}/{len(bench_prompts)}",
                                                                        1 if k else 0))
                 step(f"{label}: done", 1)
                 ceiling.sample(f"after {label}")
                 row["config"] = name
+                row["drafter"] = engine.drafter_name if name != "plain" else ""
                 row["spec"] = name != "plain"
                 row["budget"] = None if name in ("plain", "auto") else int(name)
                 rows.append(row)
@@ -580,7 +625,8 @@ def bench_command(model: str | None = None, draft: str | None = None, bits: int 
                   device: str = "cpu", device_memory: str | None = None, host_memory: str | None = None,
                   warm: bool = False, budgets: str = DEFAULT_BUDGETS, prompts: str | None = None,
                   max_new_tokens: int = 64, repeats: int = 3, peer: str | None = None, json_path: str | None = None,
-                  plot_path: str | None = None, no_spec: bool = False, temperature: float = 0.0) -> dict:
+                  plot_path: str | None = None, no_spec: bool = False, temperature: float = 0.0,
+                  drafters: str | None = None) -> dict:
     """`offspec bench`: check the output paths, run, print the summary and tables on stderr, write --json and --plot."""
     from rich.console import Console
 
@@ -591,7 +637,7 @@ def bench_command(model: str | None = None, draft: str | None = None, bits: int 
     if not console.is_terminal:  # logs and pipes: room for the whole table
         console = Console(stderr=True, width=150)
     result = run_bench(model, draft, bits, dtype, device, device_memory, host_memory, warm, budgets, prompts,
-                       max_new_tokens, repeats, peer, no_spec, temperature, console=console)
+                       max_new_tokens, repeats, peer, no_spec, temperature, console=console, drafters=drafters)
     for line in report.summary_lines(result):
         console.print(line, markup=False, highlight=False)
     console.print(report.results_table(result))

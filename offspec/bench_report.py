@@ -26,7 +26,8 @@ def _fmt(x, spec: str = ".2f", suffix: str = "") -> str:
 def _config_name(r: dict) -> str:
     if r["config"] == "plain":
         return "plain"
-    return f"auto ~{r['mean_budget']:.0f}" if r["config"] == "auto" else f"budget {r['config']}"
+    name = f"auto ~{r['mean_budget']:.0f}" if r["config"] == "auto" else f"budget {r['config']}"
+    return f"{r['drafter']} {name}" if r.get("drafter") else name
 
 
 # ---------------------------------------------------------------------- output paths

@@ -186,6 +186,7 @@ class ChatSession:
             t.prefill_tokens += s.prefill_tokens
             t.streamed_bytes += s.streamed_bytes
             t.budget += s.budget * s.passes
+        t.drafter = self.turns[-1].stats.drafter if self.turns else ""
         p = max(t.passes, 1)
         t.tokens_per_pass = t.tokens / p
         t.tok_per_s = t.tokens / t.decode_s if t.decode_s > 0 else 0.0

@@ -107,9 +107,16 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     help="Target model: a Hugging Face folder, a .gguf file, an offspec store or a hub id "
     "(default: the packaged demo model, with its draft).")]
 DraftOpt = Annotated[Optional[str], typer.Option(
-    "--draft", "-md", "-d", metavar="MODEL", rich_help_panel=MODEL_PANEL,
-    help="Draft model for speculative decoding; must share the target's tokenizer. "
-    "With --model and no --draft, decoding is plain.")]
+    "--draft", "-md", "-d", metavar="MODEL|self|ngram", rich_help_panel=MODEL_PANEL,
+    help="What drafts the trees: a draft model sharing the target's tokenizer; self (the target's own NF4 copy, "
+    "resident, built once next to its store); or ngram (continuations of earlier text, no model). "
+    "Default: the demo's draft for the demo model, ngram for any other --model.")]
+NgramOpt = Annotated[Optional[bool], typer.Option(
+    "--ngram/--no-ngram", rich_help_panel=MODEL_PANEL, show_default=False,
+    help="Add n-gram continuations to a model or self draft's tree (one tree, one budget), or refuse them.")]
+NgramCorpusOpt = Annotated[Optional[Path], typer.Option(
+    "--ngram-corpus", metavar="FILE", rich_help_panel=MODEL_PANEL,
+    help="A text file the n-gram index also matches against (tokenized once per run).")]
 NoSpecOpt = Annotated[bool, typer.Option(
     "--no-spec", rich_help_panel=MODEL_PANEL, help="Plain decoding: no draft, one token per streamed pass.")]
 BitsOpt = Annotated[int, typer.Option(
@@ -201,16 +208,18 @@ def _generation_config(max_new_tokens: int, temperature: float, top_p: float, to
 
 
 def _load(model: str | None, draft: str | None, spec: bool, rc, budget_auto: bool, ctx_size: int = CTX_TOKENS,
-          quiet: bool = False):
-    """Resolve (converting if needed), open and wire the models; a spinner on a terminal (not with --quiet)."""
-    from offspec.loader import load_engine
+          quiet: bool = False, ngram: bool | None = None, ngram_corpus: Path | None = None):
+    """Resolve (converting if needed), open and wire the models and the drafter; a spinner on a terminal
+    (not with --quiet)."""
+    from offspec.loader import check_draft_options, load_engine
 
     if ctx_size < 1:
         raise ConfigError(f"bad --ctx-size {ctx_size}: must be at least 1 token")
+    check_draft_options(model, draft, spec, ngram, ngram_corpus)  # before anything slow
     progress = console.stderr_is_tty() and not quiet
     with console.quiet_transformers(), console.phase("loading model", enabled=progress):
         return load_engine(model, draft, spec=spec, rc=rc, cache_tokens=ctx_size, progress=progress,
-                           budget_auto=budget_auto)
+                           budget_auto=budget_auto, ngram=ngram, ngram_corpus=ngram_corpus)
 
 
 def _set_threads(threads: str | None) -> None:
@@ -291,6 +300,13 @@ def _model_name(given: str | None, store) -> str | None:
     return given or Path(store).name
 
 
+def _draft_name(given: str | None, loaded) -> str | None:
+    """--draft as given (a model, self or ngram), the demo draft's store name, or None for plain decoding."""
+    if not loaded.drafter:
+        return None
+    return given or (Path(loaded.draft_store).name if loaded.draft_store else loaded.drafter)
+
+
 # ---------------------------------------------------------------------- commands
 @app.callback(invoke_without_command=True)
 def root(
@@ -322,6 +338,8 @@ def generate(
     model: ModelOpt = None,
     draft: DraftOpt = None,
     no_spec: NoSpecOpt = False,
+    ngram: NgramOpt = None,
+    ngram_corpus: NgramCorpusOpt = None,
     bits: BitsOpt = 16,
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
@@ -356,7 +374,7 @@ def generate(
     from offspec.conversations import Conversation
     from offspec.generate import GenerationStats, finalize_stats, stream_text
 
-    loaded = _load(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet)
+    loaded = _load(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet, ngram, ngram_corpus)
     try:
         tok, engine = loaded.tokenizer, loaded.engine
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -379,12 +397,13 @@ def generate(
                 console.write_text("\n")  # end the partial answer before the error line
             raise
         final = finalize_stats(stats)
-        model_name, draft_name = _model_name(model, loaded.target_store), _model_name(draft, loaded.draft_store)
+        model_name, draft_name = _model_name(model, loaded.target_store), _draft_name(draft, loaded)
         if json_out:
             import json
 
             obj = {"text": "".join(pieces), "prompt_ids": prompt_ids, "token_ids": token_ids,
-                   "stats": final.to_dict(), "model": model_name, "draft": draft_name}
+                   "stats": final.to_dict(), "model": model_name, "draft": draft_name,
+                   "drafter": loaded.drafter}
             if interrupted:
                 obj["interrupted"] = True
             console.write_text(json.dumps(obj, ensure_ascii=False) + "\n")
@@ -413,6 +432,8 @@ def chat(
     model: ModelOpt = None,
     draft: DraftOpt = None,
     no_spec: NoSpecOpt = False,
+    ngram: NgramOpt = None,
+    ngram_corpus: NgramCorpusOpt = None,
     bits: BitsOpt = 16,
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
@@ -452,10 +473,10 @@ def chat(
 
     log = _conversation_log(no_log)
     previous = load_conversation(load, ConversationLog()) if (load is not None or resume) else None
-    loaded = _load(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet)
+    loaded = _load(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet, ngram, ngram_corpus)
     interactive = console.stdin_is_tty()
     session = ChatSession(loaded.engine, loaded.tokenizer, cfg, system, raw=raw, on_change=_recorder(no_log))
-    name, draft_name = _model_name(model, loaded.target_store), _model_name(draft, loaded.draft_store)
+    name, draft_name = _model_name(model, loaded.target_store), _draft_name(draft, loaded)
     if previous is not None:
         session.load(previous)
         if system is not None:
@@ -464,7 +485,7 @@ def chat(
     session.conversation.options = _options(cfg)
     try:
         if interactive and not quiet:
-            with_draft = f" with draft {draft_name}" if loaded.draft_store else ""
+            with_draft = f" drafting with {loaded.drafter}" if loaded.drafter else ""
             resumed = f", continuing {len(session.messages)} messages" if previous is not None else ""
             console.status_line(f"chatting with {name}{with_draft}{resumed}; /help for commands, Ctrl-D to leave")
         reader = TerminalInput(log.home / "chat_history" if log else None) if interactive else PipeInput()
@@ -532,10 +553,18 @@ def plan(
     progress = console.stderr_is_tty()
     with console.quiet_transformers():
         store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
-        draft_store = resolve_model(draft, 16, rc.dtype, progress=progress) if draft is not None else None
+        draft_store = (resolve_model(draft, 16, rc.dtype, progress=progress)
+                       if draft is not None and draft not in ("self", "ngram") else None)
     man = read_manifest(store)
     ctx_tokens = context_tokens(store, ctx_size)
     reserved = model_bytes(draft_store, ctx_tokens, kind) if draft_store is not None else 0
+    draft_label = "draft model (resident)"
+    if draft == "self":  # sized from the manifest: plan never builds the NF4 copy
+        from offspec.loader import self_draft_manifest
+        from offspec.runtime.sizing import nf4_copy_bytes
+
+        reserved = nf4_copy_bytes(store, self_draft_manifest(store), ctx_tokens, kind)
+        draft_label = "self-draft: NF4 copy (resident)"
     residency, minimum = plan_for_store(store, man, kind, dev_budget, host_budget, reserved, ctx_tokens,
                                         over_min=over_min)
     dev_budget = dev_budget if over_min is None else minimum + over_min
@@ -543,9 +572,14 @@ def plan(
 
     title = (f"{store.name}: {man.num_layers} layers, {family_label(man.model_type)}, "
              f"{'NF4' if man.bits == 4 else man.dtype}, on {kind} (KV cache for {ctx_tokens} tokens)")
-    console.print_table(console.plan_table(residency, title, minimum, dev_budget, host_budget))
+    console.print_table(console.plan_table(residency, title, minimum, dev_budget, host_budget, draft_label))
     for note in residency.notes:
         console.status_line(f"note: {note}")
+    if draft == "self":
+        console.status_line("note: the self-draft shares the target's embeddings, norm, lm_head and resident layers; "
+                            "its size counts every layer in NF4 (an upper bound)")
+    elif draft == "ngram":
+        console.status_line("note: n-gram drafting needs no model memory")
 
 
 def _plan_device_kind(device: str) -> str:
@@ -646,7 +680,8 @@ def logs(
              "  offspec bench --budgets auto,16,64,256 --max-new-tokens 64 --repeats 3\n\n"
              "  offspec bench --model ./Llama-3.1-8B-Instruct --draft ./Llama-3.2-1B-Instruct "
              "--peer accelerate --json bench.json --plot bench.png\n\n"
-             "  offspec bench --no-spec --device-memory 2GiB")
+             "  offspec bench --no-spec --device-memory 2GiB\n\n"
+             "  offspec bench --drafters ngram,self,self+ngram --budgets auto,256 --device-memory min+512MiB")
 def bench(
     model: ModelOpt = None,
     draft: Annotated[Optional[str], typer.Option(  # no -d: llama-bench's -d is the context depth
@@ -676,6 +711,10 @@ def bench(
     no_spec: Annotated[bool, typer.Option(
         "--no-spec", help="Only plain decoding and the raw streaming bandwidth.")] = False,
     temperature: TemperatureOpt = 0.0,
+    drafters: Annotated[Optional[str], typer.Option(
+        "--drafters", metavar="LIST",
+        help="Compare drafters side by side on one target plan, e.g. ngram,self,self+ngram,./draft-model "
+             "(each at every budget of --budgets).")] = None,
 ) -> None:
     """Measure offloaded throughput: plain decoding, speculative decoding per budget, disk bandwidth."""
     import offspec.bench
@@ -686,7 +725,7 @@ def bench(
             model=model, draft=draft, bits=bits, dtype=dtype, device=device, device_memory=device_memory,
             host_memory=host_memory, warm=warm, budgets=budgets, prompts=_str_or_none(prompts),
             max_new_tokens=max_new_tokens, repeats=repeats, peer=peer, json_path=_str_or_none(json_path),
-            plot_path=_str_or_none(plot_path), no_spec=no_spec, temperature=temperature,
+            plot_path=_str_or_none(plot_path), no_spec=no_spec, temperature=temperature, drafters=drafters,
         )
 
 

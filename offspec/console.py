@@ -139,7 +139,7 @@ def format_stats(stats: GenerationStats, interrupted: bool = False) -> str:
         f"{stats.tokens_per_pass:.2f} tokens/pass",
         f"{stats.passes} {'pass' if stats.passes == 1 else 'passes'}",
         f"{stats.target_pass_s:.3f} s/pass",
-        f"draft {stats.draft_s:.2f} s",
+        f"draft {stats.drafter + ' ' if stats.drafter else ''}{stats.draft_s:.2f} s",
         f"streamed {stats.streamed_gbps:.2f} GB/s",
         budget,
     ]
@@ -191,7 +191,7 @@ def layer_ranges(layers: list[int]) -> str:
 
 
 def plan_table(plan: ResidencyPlan, title: str, minimum_bytes: int, device_budget_bytes: int,
-               host_budget_bytes: int | None = None) -> Table:
+               host_budget_bytes: int | None = None, draft_label: str = "draft model (resident)") -> Table:
     """The residency plan: layer ranges and bytes per tier, the ring, streamed bytes per pass, the minimum budget."""
     table = Table(title=title, title_justify="left", show_header=True, header_style="bold")
     table.add_column("part")
@@ -209,7 +209,7 @@ def plan_table(plan: ResidencyPlan, title: str, minimum_bytes: int, device_budge
     table.add_row("resident (embeddings, norm, head)", "", "", format_bytes(plan.resident_bytes))
     table.add_row("KV cache", "", "", format_bytes(plan.kv_bytes))
     if plan.reserved_bytes:
-        table.add_row("draft model (resident)", "", "", format_bytes(plan.reserved_bytes))
+        table.add_row(draft_label, "", "", format_bytes(plan.reserved_bytes))
     table.add_row("staging ring", f"{plan.ring_slots} slots x {format_bytes(plan.slot_bytes)}", "",
                   format_bytes(plan.ring_bytes))
     table.add_section()

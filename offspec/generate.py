@@ -8,13 +8,14 @@ whose prompt extends the previous sequence (a chat turn) only prefills the new t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 
 from offspec.errors import ContextError, ModelError
 from offspec.runtime.timing import clock
+from offspec.speculative.drafters import Draft, Drafter, GrowOptions, ModelDrafter, prefill, sync_cache
 from offspec.speculative.sampling import SamplingParams, sample
 from offspec.speculative.stats import AcceptanceStats
 
@@ -33,6 +34,7 @@ class GenerationConfig:
     branch: int = 8  # children per expanded node
     max_depth: int = 32
     stop_ids: tuple[int, ...] = ()
+    ahead: bool = True  # while a streamed target pass runs, grow the next tree from the expected leaf
 
 
 @dataclass
@@ -49,6 +51,9 @@ class StepEvent:
     prefill: bool = False
     finish: str | None = None  # "stop" | "length" | None
     context_full: bool = False  # "length" because the context (--ctx-size) is full, not max_new_tokens
+    ahead_started: bool = False  # a tree for the next pass was grown during this pass
+    ahead_used: bool = False  # this pass verified a tree grown during the previous pass (its draft_s was hidden)
+    ahead_saved_s: float = 0.0
 
 
 @dataclass
@@ -75,6 +80,10 @@ class GenerationStats:
     finish: str = ""
     context_full: bool = False  # generation stopped at the context limit
     threads: int = 0  # torch CPU threads
+    drafter: str = ""  # what proposed the trees ("" = plain decoding)
+    ahead_started: int = 0  # trees grown during a target pass for the pass after it
+    ahead_used: int = 0  # of those, kept by verification and verified next
+    ahead_saved_s: float = 0.0  # drafting seconds the used ones hid behind target passes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,45 +97,24 @@ class GenerationResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class Engine:
-    """Drives a target OffloadedModel and an optional resident draft over their preallocated caches."""
+    """Drives a target OffloadedModel and a drafter (a resident draft model, an n-gram index, a hybrid, or none)."""
 
     def __init__(self, target, draft=None, tokenizer=None, budget_planner=None,
-                 context_tokens: int | None = None) -> None:
-        self.target, self.draft, self.tokenizer = target, draft, tokenizer
+                 context_tokens: int | None = None, drafter: Drafter | None = None) -> None:
+        self.target, self.tokenizer = target, tokenizer
         # positions a sequence may take: the KV cache size asked for (--ctx-size), within the model's context
         self.context_tokens = min(context_tokens or target.max_context, target.max_context)
+        if drafter is None and draft is not None:
+            drafter = ModelDrafter(draft)
+        self.drafter = drafter
+        self.draft = getattr(drafter, "draft_model", None)  # the draft model, if the drafter runs one
         self.target_ids: list[int] = []  # token ids held by the target's KV cache, in order
-        self.draft_ids: list[int] = []
         self.stats = AcceptanceStats()
         self.planner = budget_planner
         self._p_cache: tuple[int, list[float]] | None = None
 
-    # ------------------------------------------------------------------ cache bookkeeping
-    def _sync(self, model, held: list[int], ids: list[int], keep_last: int = 1) -> list[int]:
-        """Crop model's cache to its common prefix with ids (leaving >= keep_last tokens pending); return pending."""
-        c = min(_common_prefix(held, ids), len(ids) - keep_last)
-        model.cache.crop(c)
-        del held[c:]
-        return ids[c:]
-
-    def _prefill(self, model, held: list[int], tokens: list[int]) -> None:
-        """Run tokens (all but none left pending) through the model causally, in chunks."""
-        chunk = 512
-        for s in range(0, len(tokens), chunk):
-            part = tokens[s : s + chunk]
-            model.forward(torch.tensor([part]), last_only=True)
-            held.extend(part)
-
-    def check_context(self, n_prompt: int, max_new: int) -> None:
+    def check_context(self, n_prompt: int) -> None:
         limit = self.context_tokens
         if n_prompt >= limit:
             if limit < self.target.max_context:
@@ -139,22 +127,20 @@ class Engine:
         """Yield one StepEvent for the prefill, then one per target pass, until stop or max_new_tokens."""
         if not prompt_ids:
             raise ModelError("empty prompt")
-        self.check_context(len(prompt_ids), cfg.max_new_tokens)
+        self.check_context(len(prompt_ids))
         gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
         if gen is None and cfg.temperature > 0:
             gen = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
         params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
-        use_spec = cfg.spec and self.draft is not None
+        drafter = self.drafter if cfg.spec else None
         budget_cap = self.context_tokens - 1
         # Prefill: everything but the last prompt token (the first root) enters the caches.
         t0 = clock(*self._devices())
-        pending = self._sync(self.target, self.target_ids, prompt_ids)
-        self._prefill(self.target, self.target_ids, pending[:-1])
+        pending = sync_cache(self.target, self.target_ids, prompt_ids)
+        prefill(self.target, self.target_ids, pending[:-1])
         root = pending[-1]
-        if use_spec:
-            d_pending = self._sync(self.draft, self.draft_ids, prompt_ids)
-            self._prefill(self.draft, self.draft_ids, d_pending[:-1])
-            d_pending = d_pending[-1:]
+        if drafter is not None:
+            drafter.start(list(prompt_ids))
         yield StepEvent([], prefill=True, target_pass_s=clock(*self._devices()) - t0, tree_size=len(pending) - 1)
         produced = 0
         stop = set(cfg.stop_ids)
@@ -163,13 +149,15 @@ class Engine:
             if room <= 0:
                 yield StepEvent([], finish="length", context_full=True)
                 return
-            budget = self._budget(cfg, min(room, 4096)) if use_spec else 0
-            if budget > 0:
-                event, root, d_pending = self._spec_step(root, d_pending, budget, cfg, params, gen)
-            else:  # plain decoding, or speculation that does not pay right now (the planner says 0)
+            budget = self._budget(cfg, min(room, 4096)) if drafter is not None else 0
+            draft = self._grow(drafter, budget, cfg, params, gen) if budget > 0 else None
+            if draft is not None and draft.tree.size > 1:
+                event, root = self._spec_step(root, draft, budget, cfg, params, gen, drafter)
+            else:  # plain decoding, speculation that does not pay right now (0), or a drafter with nothing to propose
                 event, root = self._plain_step(root, params, gen)
-                if use_spec:
-                    d_pending = d_pending + [root]  # the draft catches up at its next tree
+                if drafter is not None:
+                    drafter.commit([root])
+                    event.draft_s = draft.draft_s if draft is not None else 0.0
                     if self.planner is not None:
                         self.planner.observe_plain(event.target_pass_s)
             # Cut at a stop token or at max_new_tokens.
@@ -199,18 +187,15 @@ class Engine:
                        streamed_bytes=self.target.stats.streamed_bytes)
         return ev, tok
 
-    def _grow(self, d_pending: list[int], budget: int, cfg: GenerationConfig, params: SamplingParams, gen):
-        """Draft a tree: SpecExec best-first growth, or a Sequoia shape (sampled w/o replacement when sampling)."""
-        if cfg.tree == "sequoia":
-            from offspec.speculative.sequoia import fill_tree, optimal_tree_shape
-
-            shape = optimal_tree_shape(self._sequoia_p(cfg.branch), budget, cfg.max_depth)
-            return fill_tree(self.draft, d_pending, shape, sample=params.temperature > 0, sampling=params,
-                             generator=gen)
-        from offspec.speculative.specexec import grow_tree
-
-        return grow_tree(self.draft, d_pending, budget=budget, expand=cfg.expand, branch=cfg.branch,
-                         max_depth=cfg.max_depth)
+    def _grow(self, drafter: Drafter, budget: int, cfg: GenerationConfig, params: SamplingParams, gen) -> Draft:
+        """The drafter's tree for this pass."""
+        p = tuple(self._sequoia_p(cfg.branch)) if cfg.tree == "sequoia" else ()
+        opts = GrowOptions(cfg.tree, cfg.expand, cfg.branch, cfg.max_depth, params, gen, p)
+        t0 = clock(*self._devices())  # draft and target timed apart: the clock waits for queued device work
+        draft = drafter.grow(budget, opts)
+        if not draft.ahead:
+            draft.draft_s = clock(*self._devices()) - t0
+        return draft
 
     def _sequoia_p(self, width: int) -> list[float]:
         """Acceptance by child rank for Sequoia's DP: a prior until measured, then refreshed every 16 passes
@@ -222,53 +207,63 @@ class Engine:
             self._p_cache = (self.stats.passes, [round(x, 2) for x in self.stats.acceptance_p(width)])
         return self._p_cache[1]
 
-    def _verify(self, tree, logits: torch.Tensor, cfg: GenerationConfig, params: SamplingParams, gen):
+    def _verify(self, draft: Draft, logits: torch.Tensor, cfg: GenerationConfig, params: SamplingParams, gen):
         from offspec.speculative.verify import verify_greedy, verify_sample_match, verify_without_replacement
 
         if params.temperature <= 0:
-            return verify_greedy(tree, logits)
-        if cfg.tree == "sequoia":
-            return verify_without_replacement(tree, logits, params, gen)
-        return verify_sample_match(tree, logits, params, gen)
+            return verify_greedy(draft.tree, logits)
+        if cfg.tree == "sequoia" and draft.sampled:
+            return verify_without_replacement(draft.tree, logits, params, gen)
+        return verify_sample_match(draft.tree, logits, params, gen)  # lossless for any tree drawn apart from the target
 
     def _budget(self, cfg: GenerationConfig, room: int) -> int:
         """Drafted nodes for the next step: fixed, or the planner's choice (0 = a plain step)."""
         budget = cfg.budget if cfg.budget is not None else (self.planner.next_budget() if self.planner else 64)
         return min(budget, room)
 
-    def _spec_step(self, root: int, d_pending: list[int], budget: int, cfg: GenerationConfig,
-                   params: SamplingParams, gen) -> tuple[StepEvent, int, list[int]]:
-        from offspec.speculative.specexec import advance_draft
+    def _spec_step(self, root: int, draft: Draft, budget: int, cfg: GenerationConfig,
+                   params: SamplingParams, gen, drafter: Drafter) -> tuple[StepEvent, int]:
         from offspec.speculative.verify import commit_target, forward_tree
 
-        # draft and target timed apart: the clock waits for queued device work at each boundary
-        t_draft = clock(*self._devices())
-        grown = self._grow(d_pending, budget, cfg, params, gen)
+        ahead = False
+        if cfg.ahead and getattr(self.target, "streamer", None) is not None and hasattr(drafter, "draft_ahead"):
+            opts = GrowOptions(cfg.tree, cfg.expand, cfg.branch, cfg.max_depth, params, gen)
+            ahead = drafter.draft_ahead(draft, budget, opts)  # runs while the target's CPU waits on the disk
         t0 = clock(*self._devices())
-        grown = replace(grown, draft_s=t0 - t_draft)
-        self.draft_ids.extend(d_pending)
         start = self.target.cache.length
-        logits = forward_tree(self.target, grown.tree)  # one streamed pass over the whole tree, [N, V]
+        logits = forward_tree(self.target, draft.tree)  # one streamed pass over the whole tree, [N, V]
         pass_s = clock(*self._devices()) - t0
-        res = self._verify(grown.tree, logits, cfg, params, gen)
+        res = self._verify(draft, logits, cfg, params, gen)
         commit_target(self.target, start, res)
         self.target_ids.extend([root] + res.tokens[:-1])
-        next_pending = advance_draft(self.draft, grown, res.accepted, res.next_token)
-        self.draft_ids.extend(res.tokens[: len(res.tokens) - len(next_pending)])
-        n = grown.tree.size
-        self.stats.record(res, drafted=n - 1, draft_s=grown.draft_s, target_s=pass_s)
+        drafter.commit(list(res.tokens), draft, res.accepted)
+        n = draft.tree.size
+        self.stats.record(res, drafted=n - 1, draft_s=draft.draft_s, target_s=pass_s)
         if self.planner is not None:
-            self.planner.observe(grown, n, pass_s, len(res.accepted))
+            self.planner.observe(draft, n, pass_s, len(res.accepted))
         ev = StepEvent(list(res.tokens), tree_size=n, accepted=len(res.accepted), target_pass_s=pass_s,
-                       draft_s=grown.draft_s, streamed_bytes=self.target.stats.streamed_bytes, budget=budget)
-        return ev, res.next_token, next_pending
+                       draft_s=0.0 if draft.ahead else draft.draft_s, streamed_bytes=self.target.stats.streamed_bytes,
+                       budget=budget, ahead_started=ahead, ahead_used=draft.ahead)
+        if draft.ahead:
+            ev.ahead_saved_s = draft.draft_s
+        return ev, res.next_token
 
     def reset(self) -> None:
         self.target.cache.reset()
         self.target_ids.clear()
-        if self.draft is not None:
-            self.draft.cache.reset()
-            self.draft_ids.clear()
+        if self.drafter is not None:
+            self.drafter.reset()
+
+    def close(self) -> None:
+        """Stop the reader threads of the target and of a draft model."""
+        if self.drafter is not None:
+            self.drafter.close()
+        if hasattr(self.target, "close"):
+            self.target.close()
+
+    @property
+    def drafter_name(self) -> str:
+        return self.drafter.name if self.drafter is not None else ""
 
 
 # ---------------------------------------------------------------------- text layer
@@ -300,6 +295,7 @@ def stream_text(engine: Engine, prompt_ids: list[int], cfg: GenerationConfig,
     ts = TextStreamer(engine.tokenizer)
     t_start = time.perf_counter()
     budgets: list[int] = []
+    stats.drafter = engine.drafter_name if cfg.spec else ""
     for ev in engine.steps(prompt_ids, cfg):
         if ev.prefill:
             stats.prefill_s, stats.prefill_tokens = ev.target_pass_s, ev.tree_size
@@ -311,6 +307,9 @@ def stream_text(engine: Engine, prompt_ids: list[int], cfg: GenerationConfig,
             stats.draft_s += ev.draft_s
             stats.streamed_bytes += ev.streamed_bytes
             stats.mean_tree_size += ev.tree_size
+            stats.ahead_started += int(ev.ahead_started)
+            stats.ahead_used += int(ev.ahead_used)
+            stats.ahead_saved_s += ev.ahead_saved_s
             budgets.append(ev.budget)
         stats.tokens += len(ev.tokens)
         stats.decode_s = time.perf_counter() - t_start

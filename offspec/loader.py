@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from offspec.config import RuntimeConfig
-from offspec.errors import ModelError
+from offspec.errors import ConfigError, ModelError, OffspecError
 from offspec.generate import Engine
 
 PROBE_TEXT = "def main():\n    print('Hello, world!')  # Über 100 tokens? 日本語 ✓\n"
+
+
+DRAFT_KEYWORDS = ("ngram", "self")  # --draft values that name a drafter rather than a model
 
 
 @dataclass
 class Loaded:
     engine: Engine
     target_store: Path
-    draft_store: Path | None
+    draft_store: Path | None  # the draft model's store (the NF4 copy for --draft self; None for n-gram drafting)
     tokenizer: object
+    drafter: str = ""  # the drafter's name ("" = plain decoding)
+    plans: dict[str, DraftPlan] = field(default_factory=dict)  # drafters the plan left room for (reserve_for)
 
     def close(self) -> None:
-        """Stop the reader threads of both models."""
-        for m in (self.engine.target, self.engine.draft):
-            if m is not None:
-                m.close()
+        """Stop the reader threads of the target and of a draft model."""
+        self.engine.close()
+
+
+def draft_kind(model: str | None, draft: str | None, spec: bool = True) -> str:
+    """What drafts: "none", "ngram", "self" or "model". Without --draft: the demo's draft model for the demo,
+    n-gram drafting for any other --model (it costs milliseconds and falls back to plain steps)."""
+    if not spec:
+        return "none"
+    if draft is None:
+        return "model" if model is None else "ngram"
+    return draft if draft in DRAFT_KEYWORDS else "model"
+
+
+def check_draft_options(model: str | None, draft: str | None, spec: bool, ngram: bool | None,
+                        ngram_corpus: str | Path | None) -> None:
+    """ConfigError for combinations that make no sense (one line each)."""
+    if not spec and (draft is not None or ngram or ngram_corpus is not None):
+        raise ConfigError("--no-spec decodes plainly: it cannot be combined with --draft, --ngram or --ngram-corpus")
+    kind = draft_kind(model, draft, spec)
+    if kind == "ngram" and ngram is False:
+        raise ConfigError("--no-ngram leaves n-gram drafting nothing to draft with: "
+                          "give --draft MODEL or self, or --no-spec for plain decoding")
+    if ngram_corpus is not None and ngram is False:
+        raise ConfigError("--ngram-corpus adds n-gram candidates: it cannot be combined with --no-ngram")
 
 
 def load_tokenizer(store: Path):
@@ -78,49 +104,166 @@ def generation_eos(store: Path) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+@dataclass
+class DraftPlan:
+    """A drafter chosen but not opened yet: its kind, its model's store and the memory it will hold."""
+
+    kind: str  # "none" | "ngram" | "self" | "model"
+    store: Path | None = None  # the draft model's store (the NF4 copy for self)
+    reserved_bytes: int = 0
+    ngram: bool = False  # n-gram candidates next to a model or self draft (a hybrid)
+
+
+def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: RuntimeConfig, cache_tokens: int,
+               progress: bool, ngram: bool | None = None, corpus: bool = False, store: Path | None = None) -> DraftPlan:
+    """Resolve (converting once if needed) and size a drafter before the target is opened under what is left."""
+    from offspec.store.resolve import resolve_model
+
+    hybrid = kind in ("model", "self") and bool(ngram or corpus)
+    if kind == "model":
+        store = store or resolve_model(draft, 16, rc.dtype, progress=progress)
+        check_same_tokenizer(tokenizer, load_tokenizer(store), str(target_store.name), str(store.name))
+        from offspec.runtime.sizing import model_bytes
+
+        return DraftPlan(kind, store, model_bytes(store, cache_tokens, rc.device), hybrid)
+    if kind == "self":
+        from offspec.runtime.sizing import nf4_copy_bytes
+
+        store = self_draft_store(target_store, progress)  # converted once, before the target takes memory
+        reserved = nf4_copy_bytes(target_store, self_draft_manifest(target_store), cache_tokens, rc.device)
+        return DraftPlan(kind, store, reserved, hybrid)
+    return DraftPlan(kind)
+
+
+def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: RuntimeConfig, cache_tokens: int,
+                 ngram_corpus: str | Path | None = None):
+    """The drafter of a plan, opened next to the (already open) target; None for plain decoding."""
+    from offspec.paths import offspec_home
+    from offspec.speculative.drafters import HybridDrafter, ModelDrafter, NgramDrafter
+
+    if dp.kind == "none":
+        return None
+    index = None
+    if dp.kind == "ngram" or dp.ngram:
+        from offspec.speculative.ngram import NgramIndex
+
+        index = NgramIndex()
+        if ngram_corpus is not None:
+            index.add_datastore(corpus_ids(ngram_corpus, tokenizer))
+    if dp.kind == "ngram":
+        return NgramDrafter(index)
+    if dp.kind == "self":
+        from offspec.runtime.self_draft import open_self_draft
+
+        model = open_self_draft(target, dp.store, cache_tokens)
+    else:
+        from offspec.runtime.model import open_model
+
+        model = open_model(dp.store, rc.device, device_memory_bytes=dp.reserved_bytes + 1, cache_tokens=cache_tokens,
+                           warm=True)
+    shapes = offspec_home() / "sequoia" / f"{target_store.name}--{dp.store.name}.json"
+    drafter = ModelDrafter(model, name=dp.kind, shapes_path=shapes)
+    return drafter if index is None else HybridDrafter(drafter, NgramDrafter(index))
+
+
+def parse_drafters(text: str) -> list[tuple[str, str | None, bool]]:
+    """--drafters 'ngram,self,MODEL,self+ngram' -> [(kind, --draft value, hybrid)], in order."""
+    out = []
+    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+        hybrid = item.endswith("+ngram")
+        base = item[: -len("+ngram")] if hybrid else item
+        if base == "ngram" and hybrid:
+            raise ConfigError(f"bad --drafters entry '{item}': ngram already drafts with n-grams")
+        if not base:
+            raise ConfigError(f"bad --drafters entry '{item}'")
+        out.append((draft_kind("-", base), base, hybrid))
+    if not out:
+        raise ConfigError("--drafters needs at least one of ngram, self or a draft model")
+    return out
+
+
 def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                 rc: RuntimeConfig = RuntimeConfig(), cache_tokens: int = 4096, progress: bool = True,
-                budget_auto: bool = True) -> Loaded:
-    """Resolve target (and draft), open them under the budgets, and wire an Engine.
+                budget_auto: bool = True, ngram: bool | None = None,
+                ngram_corpus: str | Path | None = None, reserve_for: tuple[str, ...] = ()) -> Loaded:
+    """Resolve the target (and the draft), open them under the budgets, build the drafter, wire an Engine.
 
-    cache_tokens (--ctx-size) sizes both KV caches, capped at the target's context; the engine stops there."""
+    draft: a model, "self" (the target's NF4 copy) or "ngram"; ngram: add (True) or refuse (False) n-gram candidates
+    next to a model or self draft (None: only with --ngram-corpus); ngram_corpus: a text file for the index.
+    reserve_for: more --draft values the target's plan leaves room for (bench compares drafters on one plan);
+    their plans are in Loaded.plans. cache_tokens (--ctx-size) sizes the KV caches, capped at the target's
+    context; the engine stops there."""
     from offspec.runtime.model import open_model
     from offspec.store.resolve import resolve_model
 
+    check_draft_options(model, draft, spec, ngram, ngram_corpus)
+    kind = draft_kind(model, draft, spec)
+    demo_draft: Path | None = None
     if model is None:
-        from offspec.store.demo import demo_models
+        from offspec.store.demo import demo_models, demo_target_gguf
 
-        target_store, demo_draft = demo_models(rc.bits, rc.dtype)
-        if draft is None and spec:
-            draft_store: Path | None = demo_draft
+        if kind == "model" and draft is None:
+            target_store, demo_draft = demo_models(rc.bits, rc.dtype)
         else:
-            draft_store = resolve_model(draft, 16, rc.dtype, progress=progress) if (draft and spec) else None
+            target_store = resolve_model(str(demo_target_gguf()), rc.bits, rc.dtype, progress=progress)
     else:
         target_store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
-        draft_store = resolve_model(draft, 16, rc.dtype, progress=progress) if (draft and spec) else None
     from offspec.runtime.sizing import context_tokens
 
     cache_tokens = context_tokens(target_store, cache_tokens)
     tokenizer = load_tokenizer(target_store)
-    draft_model = None
-    reserved = 0
-    if draft_store is not None:
-        draft_tok = load_tokenizer(draft_store)
-        check_same_tokenizer(tokenizer, draft_tok, str(target_store.name), str(draft_store.name))
-        from offspec.runtime.sizing import model_bytes
-
-        d_total = model_bytes(draft_store, cache_tokens, rc.device)
-        draft_model = open_model(draft_store, rc.device, device_memory_bytes=d_total + 1, cache_tokens=cache_tokens,
-                                 warm=True)
-        reserved = d_total
+    dp = plan_draft(kind, draft, target_store, tokenizer, rc, cache_tokens, progress, ngram,
+                    ngram_corpus is not None, demo_draft)
+    plans = {d: plan_draft(draft_kind(model, d), d, target_store, tokenizer, rc, cache_tokens, progress)
+             for d in reserve_for}
+    reserved = max([dp.reserved_bytes] + [p.reserved_bytes for p in plans.values()])
     target = open_model(target_store, rc.device, rc.device_memory_bytes, rc.host_memory_bytes,
                         reserved_bytes=reserved, cache_tokens=cache_tokens, warm=rc.warm,
                         device_memory_over_min=rc.device_memory_over_min)
+    drafter = open_drafter(dp, target, target_store, tokenizer, rc, cache_tokens, ngram_corpus)
     planner = None
-    if draft_model is not None and budget_auto:
+    if drafter is not None and budget_auto:
         from offspec.speculative.tree_size import make_planner
 
-        planner = make_planner(target)
-    engine = Engine(target, draft_model, tokenizer, planner, context_tokens=cache_tokens)
+        planner = make_planner(target, cost=drafter.cost)
+    engine = Engine(target, None, tokenizer, planner, context_tokens=cache_tokens, drafter=drafter)
     engine.eos_ids = tuple(sorted(set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))))
-    return Loaded(engine, target_store, draft_store, tokenizer)
+    return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans)
+
+
+def self_draft_manifest(target_store: Path):
+    """The target's manifest, if its NF4 copy can be built: a 16-bit store whose source still exists."""
+    from offspec.store.manifest import read_manifest
+
+    man = read_manifest(target_store)
+    if man.bits == 4:
+        raise ConfigError("--draft self needs a 16-bit target: this store is already NF4, so its NF4 copy would be "
+                          "the target itself (use --bits 16)")
+    if not Path(man.source).exists():
+        raise ModelError(f"--draft self builds the target's NF4 copy from its source, and {man.source} is gone")
+    return man
+
+
+def self_draft_store(target_store: Path, progress: bool = True) -> Path:
+    """The NF4 store of the target's source (converted once, cached next to the target's store)."""
+    from offspec.store.resolve import resolve_model
+
+    man = self_draft_manifest(target_store)
+    try:
+        return resolve_model(man.source, 4, man.dtype, progress=progress)
+    except OffspecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a quantization failure is a model problem for the user
+        raise ModelError(f"--draft self: cannot quantize {man.source} to NF4 ({type(exc).__name__}: {exc})") from None
+
+
+def corpus_ids(path: str | Path, tokenizer) -> list[int]:
+    """The token ids of an --ngram-corpus file (tokenized once per run); ConfigError if missing or empty."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--ngram-corpus {path}: no such file")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    ids = list(tokenizer.encode(text, add_special_tokens=False)) if text.strip() else []
+    if len(ids) < 2:
+        raise ConfigError(f"--ngram-corpus {path} is empty: it needs some text to match against")
+    return ids

@@ -111,3 +111,40 @@ def test_demo_pair_speculative_greedy_equals_plain(tmp_path):
     spec = generate(e, ids, GenerationConfig(max_new_tokens=24, budget=64, stop_ids=e.eos_ids))
     assert spec.token_ids == plain.token_ids
     assert spec.stats.tokens_per_pass > 2
+
+
+@pytest.mark.slow
+def test_smollm2_every_drafter_greedy_equals_plain_greedy(smollm2, tmp_path_factory):
+    """SmolLM2 streamed: n-gram, self (its NF4 copy, sharing the resident parts) and their hybrid write the plain
+    greedy answer; the NF4 copy agrees with the target often enough to beat one token per pass."""
+    from offspec.loader import load_tokenizer
+    from offspec.runtime.model import open_model
+    from offspec.runtime.plan import minimum_budget_bytes
+    from offspec.runtime.self_draft import open_self_draft
+    from offspec.speculative.drafters import HybridDrafter, ModelDrafter, NgramDrafter
+    from offspec.store.convert import convert_model
+    from offspec.store.manifest import read_manifest
+
+    gguf, store = smollm2
+    nf4 = convert_model(gguf, tmp_path_factory.mktemp("smol4") / "nf4", bits=4, dtype="float32", progress=False)
+    tok = load_tokenizer(store)
+    ids = _prompt(tok, "Rename the variable x to count and return the code:\n\ndef f(items):\n    x = 0\n"
+                       "    for i in items:\n        x += i\n    return x\n")
+    man = read_manifest(store)
+    budget = minimum_budget_bytes(man.layer_bytes, man.resident.size, 8 << 20, 0) + 4 * max(man.layer_bytes)
+    target = open_model(store, device_memory_bytes=budget, cache_tokens=512)
+    plain = Engine(target, None, tok)
+    want = generate(plain, ids, GenerationConfig(max_new_tokens=32, spec=False)).token_ids
+    drafters = {"ngram": NgramDrafter(),
+                "self": ModelDrafter(open_self_draft(target, nf4, cache_tokens=512), name="self"),
+                "self+ngram": HybridDrafter(ModelDrafter(open_self_draft(target, nf4, cache_tokens=512)),
+                                            NgramDrafter())}
+    for name, drafter in drafters.items():
+        plain.reset()
+        engine = Engine(target, None, tok, drafter=drafter)
+        res = generate(engine, ids, GenerationConfig(max_new_tokens=32, budget=32))
+        assert res.token_ids == want, name
+        if name != "ngram":
+            assert res.stats.tokens_per_pass > 1.5, name
+        engine.reset()
+    target.close()

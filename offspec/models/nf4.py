@@ -33,9 +33,27 @@ class NF4Linear(nn.Module):
         self.weight: torch.Tensor | None = None  # packed uint8 view
         self.state = None  # bitsandbytes QuantState over the absmax view, dequantizing to the compute dtype
         self.bias: torch.Tensor | None = None
+        self._fused: tuple[torch.Tensor, object] | None = None  # bitsandbytes' CPU-packed weight and state
 
     def bind(self, packed: torch.Tensor, state) -> None:
         self.weight, self.state = packed, state
+
+    def pack_for_cpu(self) -> bool:
+        """Repack a resident weight once for bitsandbytes' fused AVX512-BF16 CPU kernel (bf16 activations):
+        no per-call dequantization. False (unchanged) where that kernel is missing or the shape does not tile."""
+        import copy
+
+        from offspec.store.nf4 import _bnb_functional
+
+        bnbf = _bnb_functional()
+        if self.weight is None or self.weight.device.type != "cpu" or not bnbf.has_avx512bf16():
+            return False
+        if self.info.shape[0] % 32 or self.info.shape[1] % 2:
+            return False
+        packed, state = bnbf._convert_weight_packed_for_cpu(self.weight, copy.copy(self.state))
+        self._fused = (packed, state)
+        self.weight = self.state = None  # the blob views go; the packed copy replaces them
+        return True
 
     def dequantized(self) -> torch.Tensor:
         """The weight [out, in] in the compute dtype (into a reused buffer on CUDA)."""
@@ -45,6 +63,12 @@ class NF4Linear(nn.Module):
         return _bnb_functional().dequantize_4bit(self.weight, self.state, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused is not None:
+            from offspec.store.nf4 import _bnb_functional
+
+            packed, state = self._fused
+            out = _bnb_functional().gemv_4bit(x.to(torch.bfloat16), packed, state=state).to(x.dtype)
+            return out + self.bias if self.bias is not None else out
         return F.linear(x, self.dequantized(), self.bias)
 
 

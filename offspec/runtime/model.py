@@ -42,7 +42,9 @@ class OffloadedModel:
 
     def __init__(self, store_dir: str | Path, plan: ResidencyPlan, device: torch.device | str = "cpu",
                  warm: bool = False, cache_tokens: int = 2048, manifest: Manifest | None = None,
-                 config=None, static_cache: bool = False) -> None:
+                 config=None, static_cache: bool = False, share: OffloadedModel | None = None) -> None:
+        """share: another model of the same architecture (the target, for its NF4 self-draft) whose embeddings,
+        norm, lm_head and memory-resident layers this one uses as they are (the same tensors, no second copy)."""
         self.store_dir = Path(store_dir)
         self.manifest = manifest or read_manifest(self.store_dir)
         self.config = config if config is not None else load_config(self.store_dir)
@@ -61,11 +63,16 @@ class OffloadedModel:
             quant = {n: e.quant for n, e in entry.tensors.items() if e.quant is not None}
             if quant:
                 swap_nf4_linears(self.layers[i], quant)
-        self._load_resident()
+        self._load_resident(share)
+        shared = set(share.memory_resident_layers()) if share is not None else set()
+        for i in shared:
+            self.layers[i] = share.layers[i]
         self._bindings: dict[tuple[int, int], LayerBinding] = {}  # (layer, ring slot) -> prepared weights
         self._host_bufs: dict[int, torch.Tensor] = {}  # CUDA: pinned host copies of host-tier layers
         ringed: list[int] = []  # layers bound through a ring slot each pass
         for i, tier in enumerate(plan.tiers):
+            if i in shared:
+                continue
             if tier == DISK or (tier == HOST and self.device.type == "cuda"):
                 ringed.append(i)
                 if tier == HOST:
@@ -137,7 +144,18 @@ class OffloadedModel:
         for dst, src in self._upcast_pairs[key]:
             dst.copy_(src)
 
-    def _load_resident(self) -> None:
+    def memory_resident_layers(self) -> list[int]:
+        """Layers whose weights this model keeps in device memory (RAM on the CPU) for good."""
+        return [i for i, t in enumerate(self.plan.tiers) if t == DEVICE or (t == HOST and self.device.type != "cuda")]
+
+    def _load_resident(self, share: OffloadedModel | None = None) -> None:
+        if share is not None:  # the same Parameter objects: embeddings, norm, lm_head (everything but the layers)
+            for root, other in ((self.decoder, share.decoder), (self.lm_head, share.lm_head)):
+                for name, p in other.named_parameters():
+                    if not name.startswith("layers."):
+                        mod_name, _, leaf = name.rpartition(".")
+                        (root.get_submodule(mod_name) if mod_name else root)._parameters[leaf] = p
+            return
         entry = self.manifest.resident
         # views keep their blob's storage alive; upcast copies let the stored bytes go
         views = self._upcast(tensor_views(entry.tensors, load_blob(self.store_dir, entry, self.device)))

@@ -90,3 +90,25 @@ def model_bytes(store_dir: str | Path, cache_tokens: int, device: str = "cpu") -
     resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
     weights = manifest.resident.size * resident_upcast + sum(manifest.layer_bytes) * upcast
     return int(weights) + kv_bytes_per_token(load_config(store_dir), compute) * cache_tokens
+
+
+def nf4_copy_bytes(store_dir: str | Path, manifest: Manifest, cache_tokens: int, device: str = "cpu") -> int:
+    """Memory of a store's resident NF4 copy (its self-draft), sized from the manifest without building it: every
+    2-D float layer weight packed (half a byte per element plus a float32 scale per 64), the other layer tensors in
+    the compute dtype, and the copy's own KV cache. Its embeddings, norm and lm_head are the target's (not counted)."""
+    from offspec.store.manifest import DTYPES
+
+    compute = pick_compute_dtype(manifest.torch_dtype, resolve_device(device))
+    total = 0
+    for blob in manifest.layers:
+        for name, e in blob.tensors.items():
+            n = math.prod(e.shape) if e.shape else 1
+            if e.quant is not None:
+                n = math.prod(e.quant.shape)
+            if name.endswith(".absmax"):
+                continue
+            if e.quant is not None or (len(e.shape) == 2 and name.endswith(".weight") and DTYPES[e.dtype].is_floating_point):
+                total += (n + 1) // 2 + (n + 63) // 64 * 4
+            else:
+                total += n * (compute.itemsize if DTYPES[e.dtype].is_floating_point else DTYPES[e.dtype].itemsize)
+    return total + kv_bytes_per_token(load_config(Path(store_dir)), compute) * cache_tokens

@@ -1,17 +1,17 @@
 """Speculative decoding with large draft trees: SpecExec growth, Sequoia shapes, verification, budget, stats."""
 
-from offspec.speculative.tree_size import expected_tokens_by_budget, expected_tokens_from_tree, interpolate_pass_s, pick_budget
+from offspec.speculative.tree_size import expected_tokens_by_budget, interpolate_pass_s, pick_budget
 from offspec.speculative.sampling import SamplingParams, probs, process_logits, sample
 from offspec.speculative.sequoia import (
     TreeShape,
-    best_expected_accepted,
-    estimate_acceptance,
     expected_accepted,
     fill_tree,
     load_shapes,
     optimal_tree_shape,
     save_shapes,
 )
+from offspec.speculative.drafters import Draft, Drafter, GrowOptions, HybridDrafter, ModelDrafter, NgramDrafter
+from offspec.speculative.ngram import NgramIndex
 from offspec.speculative.specexec import GrowResult, advance_draft, forward_nodes, forward_pending, grow_tree
 from offspec.speculative.stats import AcceptanceStats
 from offspec.speculative.tree import DraftTree
@@ -26,18 +26,22 @@ from offspec.speculative.verify import (
 
 __all__ = [
     "AcceptanceStats",
+    "Draft",
     "DraftTree",
+    "Drafter",
+    "GrowOptions",
+    "HybridDrafter",
+    "ModelDrafter",
+    "NgramDrafter",
+    "NgramIndex",
     "GrowResult",
     "SamplingParams",
     "TreeShape",
     "VerifyResult",
     "advance_draft",
-    "best_expected_accepted",
     "commit_target",
-    "estimate_acceptance",
     "expected_accepted",
     "expected_tokens_by_budget",
-    "expected_tokens_from_tree",
     "fill_tree",
     "forward_nodes",
     "forward_pending",

@@ -108,13 +108,6 @@ def optimal_tree_shape(p: Sequence[float], budget: int, max_depth: int) -> TreeS
     return TreeShape(_SHAPES[key][1])
 
 
-def best_expected_accepted(p: Sequence[float], max_budget: int, max_depth: int) -> list[float]:
-    """[b] = expected accepted drafted nodes of the optimal shape with budget b, b = 0..max_budget (one DP for all)."""
-    key = _key(p, max_budget, max_depth)
-    best = _table(key[0], max_budget, max_depth).best[: max_budget + 1]
-    return np.maximum.accumulate(np.where(np.isfinite(best), best, 0.0)).tolist()
-
-
 def _table(p: tuple[float, ...], budget: int, max_depth: int) -> _Table:
     """The cached DP table for (p, max_depth) if it covers budget, else a new one solved up to budget."""
     table = _TABLES.get((p, max_depth))
@@ -171,6 +164,11 @@ def _shape_from(table: _Table, total: int) -> tuple[int, ...]:
             left -= j
             k += 1
     return tuple(parents)
+
+
+def cached_shapes() -> int:
+    """How many optimal shapes this process holds (computed or loaded)."""
+    return len(_SHAPES)
 
 
 def save_shapes(path: str | Path) -> int:
@@ -256,48 +254,3 @@ def fill_tree(
         for s, t in zip(shape_kids, idx):
             to_tree[s] = t
     return GrowResult(tree, slots, cache_start, rounds, time.perf_counter() - t0)
-
-
-def estimate_acceptance(
-    target_logits: torch.Tensor,
-    draft_logits: torch.Tensor,
-    width: int,
-    temperature: float,
-    samples: int = 32,
-    generator: torch.Generator | None = None,
-) -> list[float]:
-    """Positional acceptance p[k] (k < width) from teacher-forced target/draft logits [T, V] over one calibration text.
-
-    temperature 0: fraction of positions where the target argmax is the draft's rank-k token. temperature > 0: Monte
-    Carlo over `samples` without-replacement draws of the draft's children per position (seeded, default seed 0), with
-    the exact accept/reject probabilities of verify_without_replacement along each draw.
-    """
-    t, vocab = target_logits.shape
-    width = min(width, vocab)
-    if t == 0:
-        return [0.0] * width
-    if temperature <= 0:
-        ranked = draft_logits.float().topk(width, dim=-1).indices  # [T, W]
-        hits = ranked == target_logits.float().argmax(dim=-1, keepdim=True)  # [T, W]
-        return hits.float().mean(dim=0).tolist()
-    gen = generator if generator is not None else torch.Generator(device=target_logits.device).manual_seed(0)
-    p_all = (target_logits.float() / temperature).softmax(dim=-1)  # [T, V]
-    q_all = (draft_logits.float() / temperature).softmax(dim=-1)  # [T, V]
-    total = torch.zeros(width, dtype=torch.float64, device=target_logits.device)
-    chunk = max(1, (1 << 22) // (vocab * samples))
-    for start in range(0, t, chunk):
-        r = p_all[start : start + chunk].repeat_interleave(samples, dim=0)  # [C * S, V]
-        q = q_all[start : start + chunk].repeat_interleave(samples, dim=0)  # [C * S, V]
-        order = gumbel_topk(q.log(), width, gen)  # [C * S, W]
-        alive = torch.ones(r.shape[0], device=r.device)  # prob. every earlier child was rejected
-        for k in range(width):
-            x = order[:, k : k + 1]  # [C * S, 1]
-            qx, rx = q.gather(-1, x)[:, 0], r.gather(-1, x)[:, 0]
-            accept = torch.where(qx > 0, (rx / qx.clamp_min(1e-30)).clamp_max(1.0), torch.zeros_like(qx))
-            total[k] += (alive * accept).sum().double()
-            alive = alive * (1.0 - accept)
-            r = (r - q).clamp_min(0.0)
-            r = r / r.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-            q = q.scatter(-1, x, 0.0)
-            q = q / q.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    return (total / (t * samples)).tolist()

@@ -179,3 +179,39 @@ class DraftTree:
 
     def __repr__(self) -> str:
         return f"DraftTree(size={self._size}, depth={int(self.depths.max())})"
+
+    def subtree(self, node: int) -> tuple[DraftTree, torch.Tensor]:
+        """The subtree under node as a new tree rooted at it (logprobs relative to it), and Long[N] old->new index."""
+        keep = torch.nonzero(self.ancestors[:, node]).reshape(-1)  # node and its descendants, ascending
+        remap = torch.full((self._size,), -1, dtype=torch.long)
+        remap[keep] = torch.arange(keep.shape[0])
+        k = keep.shape[0]
+        out = DraftTree(self._token_list[node], capacity=k)
+        parents = self._parents[keep]
+        out._tokens[:k] = self._tokens[keep]
+        out._parents[:k] = torch.where(remap[parents.clamp_min(0)] >= 0, remap[parents.clamp_min(0)], -1)
+        out._parents[0] = -1
+        out._depths[:k] = self._depths[keep] - self._depths[node]
+        out._logprobs[:k] = self._logprobs[keep] - self._logprobs[node]
+        out._ancestors[:k, :k] = self._ancestors[keep][:, keep]
+        out._size = k
+        out._token_list = out._tokens[:k].tolist()
+        out._parent_list = out._parents[:k].tolist()
+        out._children = [[] for _ in range(k)]
+        for j, p in enumerate(out._parent_list):
+            if p >= 0:
+                out._children[p].append(j)
+        remap_list = remap.tolist()
+        out.draft_probs = {remap_list[i]: q for i, q in self.draft_probs.items() if remap_list[i] >= 0}
+        return out, remap
+
+    def likeliest_path(self) -> list[int]:
+        """Drafted nodes from the root down, each the likeliest child of the previous (the path the drafter
+        expects the target to accept)."""
+        lp = self._logprobs
+        path, node = [], 0
+        while self._children[node]:
+            node = max(self._children[node], key=lambda c: (float(lp[c]), -c))
+            path.append(node)
+        return path
+

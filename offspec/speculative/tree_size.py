@@ -87,17 +87,42 @@ def expected_tokens_by_budget(tree: DraftTree, rank_p: Sequence[float] | None = 
     return [1.0] + (1.0 + reach[tree.best_nodes()].cumsum(0)).tolist()
 
 
-def expected_tokens_from_tree(tree: DraftTree, rank_p: Sequence[float] | None = None) -> float:
-    """Expected committed tokens of a tree: 1 + sum over drafted nodes of their estimated acceptance probability.
-
-    With rank_p (e.g. AcceptanceStats.acceptance_p) a node counts prod rank_p[rank] along its path; without it, the
-    draft's own cumulative probability exp(logprob) (calibrated only as far as the draft matches the target).
-    """
-    return 1.0 + float(_node_probs(tree, rank_p)[1:].sum())
-
-
 CANDIDATE_BUDGETS = (0, 8, 16, 32, 64, 128, 256, 512, 1024)  # 0 = a plain step (no draft)
 PROBE_EVERY = 8  # after this many plain steps, draft one tree again to refresh the estimates
+
+
+class DraftCost:
+    """A drafter's cost curve, seconds against budget, learned from its own trees: seconds per draft forward times
+    the forwards a tree needs (deep confident chains need one per level), plus seconds per node for bookkeeping-only
+    drafting (an n-gram tree needs no forward)."""
+
+    def __init__(self, expand: int = 32, max_depth: int = 32) -> None:
+        self.expand, self.max_depth = expand, max_depth
+        self.round_s: float | None = None
+        self.rounds_per_node: float | None = None  # draft rounds beyond the first, per drafted node
+        self.node_s: float | None = None
+
+    def observe(self, draft_s: float, rounds: int, nodes: int) -> None:
+        """Feed back one drafted tree: its seconds, its draft forwards (0: none) and its drafted nodes."""
+        if rounds <= 0:
+            per = draft_s / max(nodes, 1)
+            self.node_s = per if self.node_s is None else 0.7 * self.node_s + 0.3 * per
+            return
+        round_s = draft_s / rounds
+        self.round_s = round_s if self.round_s is None else 0.7 * self.round_s + 0.3 * round_s
+        per_node = max(rounds - 1, 0) / max(nodes, 1)
+        self.rounds_per_node = per_node if self.rounds_per_node is None else 0.7 * self.rounds_per_node + 0.3 * per_node
+
+    def rounds(self, budget: int) -> float:
+        """Expected draft forwards for a tree of `budget` nodes: learned, else the breadth-first 1 + budget / expand."""
+        if self.rounds_per_node is None:
+            return 1 + math.ceil(budget / self.expand)
+        return min(1 + self.rounds_per_node * budget, 1 + self.max_depth + math.ceil(budget / self.expand))
+
+    def seconds(self, budget: int) -> float:
+        if budget == 0:
+            return 0.0
+        return (self.round_s or 0.0) * self.rounds(budget) + (self.node_s or 0.0) * budget
 
 
 class BudgetPlanner:
@@ -108,18 +133,16 @@ class BudgetPlanner:
     """
 
     def __init__(self, pass_s: dict[int, float], expand: int = 32,
-                 candidates: tuple[int, ...] = CANDIDATE_BUDGETS, max_depth: int = 32) -> None:
+                 candidates: tuple[int, ...] = CANDIDATE_BUDGETS, max_depth: int = 32,
+                 cost: DraftCost | None = None) -> None:
         self.pass_s = dict(pass_s)
-        self.expand = expand
-        self.max_depth = max_depth
         self.candidates = candidates
+        self.cost = cost if cost is not None else DraftCost(expand, max_depth)  # the drafter's curve
         base = interpolate_pass_s(self.pass_s, 1)
         cheap = [b for b in candidates if interpolate_pass_s(self.pass_s, b + 1) <= 1.3 * base]
         self.budget = max(16, min(512, max(cheap, default=16)))
         self.best_spec_budget = self.budget
         self.plain_steps = 0
-        self.round_s: float | None = None
-        self.rounds_per_node: float | None = None  # draft rounds beyond the first, per drafted node
         self.curve: list[float] | None = None  # expected tokens by budget from the latest tree
         self.pred_sum = 0.0
         self.real_sum = 0.0
@@ -148,23 +171,13 @@ class BudgetPlanner:
         scale = self.real_sum / self.pred_sum if self.pred_sum > 0 else 1.0
         return 1.0 + (e - 1.0) * scale
 
-    def draft_rounds(self, budget: int) -> float:
-        """Expected draft forwards for a tree of `budget` nodes: learned from past trees (deep confident
-        chains need one round per level), else the breadth-first bound 1 + budget / expand."""
-        if self.rounds_per_node is None:
-            return 1 + math.ceil(budget / self.expand)
-        return min(1 + self.rounds_per_node * budget, 1 + self.max_depth + math.ceil(budget / self.expand))
-
     def draft_seconds(self, budget: int) -> float:
-        return 0.0 if budget == 0 else (self.round_s or 0.0) * self.draft_rounds(budget)
+        return self.cost.seconds(budget)
 
     def observe(self, grown, tree_size: int, pass_s: float, accepted: int) -> None:
         """Feed back one speculative step: the tree, the measured times and the accepted length."""
         self.pass_s[tree_size] = pass_s if tree_size not in self.pass_s else 0.7 * self.pass_s[tree_size] + 0.3 * pass_s
-        round_s = grown.draft_s / max(grown.rounds, 1)
-        self.round_s = round_s if self.round_s is None else 0.7 * self.round_s + 0.3 * round_s
-        per_node = max(grown.rounds - 1, 0) / max(tree_size - 1, 1)
-        self.rounds_per_node = per_node if self.rounds_per_node is None else 0.7 * self.rounds_per_node + 0.3 * per_node
+        self.cost.observe(grown.draft_s, grown.rounds, tree_size - 1)
         curve = expected_tokens_by_budget(grown.tree)
         self.pred_sum += curve[-1] - 1.0
         self.real_sum += accepted
@@ -174,8 +187,8 @@ class BudgetPlanner:
         self.best_spec_budget = pick_budget(self.pass_s, self.draft_seconds, self.expected_tokens, spec)
 
 
-def make_planner(target, expand: int = 32) -> BudgetPlanner:
-    """A planner fed with the target's measured (or cached) pass-time curve."""
+def make_planner(target, expand: int = 32, cost: DraftCost | None = None) -> BudgetPlanner:
+    """A planner fed with the target's measured (or cached) pass-time curve and the drafter's cost curve."""
     from offspec.runtime.pass_curve import load_or_measure_curve
 
-    return BudgetPlanner(load_or_measure_curve(target), expand=expand)
+    return BudgetPlanner(load_or_measure_curve(target), expand=expand, cost=cost)

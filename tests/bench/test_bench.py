@@ -349,18 +349,19 @@ def test_warm_read_does_not_evict(tmp_path: Path, monkeypatch):
     assert evicted == [] and rec["cold"] is False and len(rec["gbps_runs"]) == 2
 
 
-def test_warm_run_without_draft_is_plain_only(bench_models, bench_home, streaming_budget_no_draft, tmp_path: Path):
+def test_warm_run_without_draft_drafts_with_ngrams(bench_models, bench_home, streaming_budget_no_draft,
+                                                   tmp_path: Path):
     target, _ = bench_models
     prompts = tmp_path / "p.txt"
     prompts.write_text("def main ( ) : return\n")
     r = bench.run_bench(str(target), None, device_memory=streaming_budget_no_draft, warm=True, budgets="4",
                         prompts=str(prompts), max_new_tokens=3, repeats=1, curve_sizes=(1,), progress=False)
-    assert [c["config"] for c in r["configs"]] == ["plain"]
-    assert any("no draft" in n for n in r["notes"])
+    assert [(c["config"], c["drafter"]) for c in r["configs"]] == [("plain", ""), ("4", "ngram")]
     assert r["plan"]["layers"]["disk"] == list(range(6))
     assert r["read"]["ceiling"]["cold"] is False  # a warm run's ceiling is the warm (page cache) read
     assert r["read"]["gbps_for_limit"] == r["read"]["ceiling"]["gbps_best"]
-    assert r["peer"] is None and r["best"] is None
+    assert r["peer"] is None
+    assert r["configs"][1]["records"][0]["text"] == r["configs"][0]["records"][0]["text"]
     assert r["configs"][0]["by_kind"].keys() == {"code"}
 
 
@@ -387,3 +388,24 @@ def test_raw_reads_between_passes_leave_the_prefetched_layers_alone(bench_models
             assert torch.equal(model.forward(ids), want)
     finally:
         model.close()
+
+
+def test_drafters_side_by_side_on_one_plan(bench_models, bench_home, streaming_budget, tmp_path: Path):
+    from offspec.bench_report import _config_name
+
+    target, draft = bench_models
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("def main ( ) : return main ( ) : return\n")
+    r = bench.run_bench(str(target), None, device_memory=streaming_budget, warm=True, budgets="4",
+                        prompts=str(prompts), max_new_tokens=6, repeats=1, curve_sizes=(1,), progress=False,
+                        drafters=f"ngram,{draft},{draft}+ngram")
+    rows = r["configs"]
+    assert [(c["config"], c["drafter"]) for c in rows] == [("plain", ""), ("4", "ngram"), ("4", "model"),
+                                                          ("4", "model+ngram")]
+    assert len({c["records"][0]["text"] for c in rows}) == 1  # greedy: every drafter writes the plain text
+    assert r["plan"]["reserved_bytes"] > 0  # the plan left room for the draft model
+    assert _config_name(rows[1]) == "ngram budget 4"
+    with pytest.raises(ConfigError):
+        bench.run_bench(str(target), str(draft), drafters="ngram")
+    with pytest.raises(ConfigError):
+        bench.run_bench(str(target), drafters="ngram+ngram")

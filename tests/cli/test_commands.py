@@ -62,7 +62,7 @@ def test_models_on_an_empty_cache(runner, cli_app, tmp_path):
     assert res.exit_code == 0 and res.stdout == "" and "no converted models" in res.stderr
 
 
-def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny):
+def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny, monkeypatch):
     from offspec.runtime.plan import format_bytes
 
     roomy = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1GiB", "--device", "cpu"])
@@ -84,6 +84,18 @@ def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny):
     with_draft = runner.invoke(cli_app, ["plan", str(tiny.target), "--draft", str(tiny.draft), "--device-memory",
                                          "1GiB", "--device", "cpu"])
     assert with_draft.exit_code == 0 and "draft model" in with_draft.stdout
+    import offspec.store.resolve
+
+    real_convert, converted = offspec.store.resolve.convert_model, []
+    monkeypatch.setattr(offspec.store.resolve, "convert_model",
+                        lambda *a, **kw: converted.append(kw.get("bits")) or real_convert(*a, **kw))
+    self_draft = runner.invoke(cli_app, ["plan", str(tiny.target), "--draft", "self", "--device-memory", "1GiB",
+                                         "--device", "cpu"])
+    assert self_draft.exit_code == 0 and "self-draft: NF4 copy" in self_draft.stdout
+    from offspec.runtime.sizing import nf4_copy_bytes
+
+    assert format_bytes(nf4_copy_bytes(store, read_manifest(store), 4096, "cpu")) in self_draft.stdout
+    assert 4 not in converted  # sized from the manifest, not built
     too_small = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1KiB", "--device", "cpu"])
     assert too_small.exit_code != 0 and "minimum" in too_small.stderr and too_small.stdout == ""
 
@@ -105,7 +117,7 @@ def test_bench_passes_its_options_through(runner, cli_app, monkeypatch, tmp_path
         "host_memory": None, "warm": True, "budgets": "auto,8", "prompts": None, "max_new_tokens": 64, "repeats": 2,
         "peer": "accelerate", "json_path": str(tmp_path / "b.json"), "plot_path": str(tmp_path / "b.png"),
         "no_spec": True,
-        "temperature": 0.0,
+        "temperature": 0.0, "drafters": None,
     }
 
 

@@ -34,6 +34,12 @@ CASES = {
     "budget zero": (["hi", "--model", "{target}", "--budget", "0"], ["--budget"]),
     "bad dtype": (["hi", "--model", "{target}", "--dtype", "int3"], ["--dtype"]),
     "unknown option": (["hi", "--modle", "x"], ["--modle"]),
+    "no-spec with a drafter": (["hi", "--model", "{target}", "--no-spec", "--draft", "ngram"], ["--no-spec", "--draft"]),
+    "n-gram drafting without n-grams": (["hi", "--model", "{target}", "--draft", "ngram", "--no-ngram"], ["--no-ngram"]),
+    "empty n-gram corpus": (["hi", "--model", "{target}", "--ngram-corpus", "{tmp}/empty.txt"], ["--ngram-corpus", "empty"]),
+    "missing n-gram corpus": (["hi", "--model", "{target}", "--ngram-corpus", "{tmp}/none.txt"], ["no such file"]),
+    "self-draft of an NF4 target": (["hi", "--model", "{target}", "--bits", "4", "--draft", "self"],
+                                    ["--draft self", "NF4"]),
 }
 
 
@@ -55,6 +61,7 @@ def test_generate_errors_are_one_line(name, runner, cli_app, tiny, tmp_path):
     paths = {"tmp": tmp_path, "not_a_model": tiny.not_a_model, "truncated": tiny.truncated, "gpt2": tiny.gpt2,
              "target": tiny.target, "other_draft": tiny.other_draft, "short": tiny.short}
     args = [a.format(**paths) if "{" in a else a for a in args]
+    (tmp_path / "empty.txt").write_text("  \n")
     res = runner.invoke(cli_app, ["generate", *args, "-n", "2"])
     line = one_line_error(res)
     for word in words:

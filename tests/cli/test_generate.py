@@ -104,8 +104,24 @@ def test_sampling_with_a_seed_is_reproducible(runner, cli_app, tiny, temperature
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
 
 
-def test_a_model_without_a_draft_decodes_plainly(runner, cli_app, tiny):
-    res = run(runner, cli_app, "Hello", "--model", tiny.target, "-n", 3, "--json", "--dtype", "float32")
+def test_no_spec_decodes_plainly(runner, cli_app, tiny):
+    res = run(runner, cli_app, "Hello", "--model", tiny.target, "-n", 3, "--json", "--dtype", "float32", "--no-spec")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["draft"] is None and out["stats"]["budget"] == 0 and out["stats"]["tokens_per_pass"] == 1
+
+
+@pytest.mark.parametrize("extra,drafter", [([], "ngram"), (["--draft", "ngram"], "ngram"),
+                                           (["--draft", "self"], "self"), (["--draft", "self", "--ngram"], "self+ngram"),
+                                           (["--draft", "{draft}", "--ngram"], "model+ngram")])
+def test_every_drafter_from_the_command_line_equals_plain_greedy(runner, cli_app, tiny, extra, drafter):
+    """Without --draft a --model drafts with n-grams; every drafter's greedy output is the plain one."""
+    common = ["Say hello hello hello hello", "--model", tiny.target, "-n", 16, "--json", "--dtype", "float32",
+              "--raw"]
+    plain = json.loads(run(runner, cli_app, *common, "--no-spec").stdout)
+    extra = [str(tiny.draft) if e == "{draft}" else e for e in extra]
+    res = run(runner, cli_app, *common, "--budget", 8, *extra)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["drafter"] == drafter and out["token_ids"] == plain["token_ids"]
+    assert f"draft {drafter}" in res.stderr

@@ -1,8 +1,7 @@
-"""Sequoia DP vs brute force, shape cache, fill_tree, acceptance calibration."""
+"""Sequoia DP vs brute force, shape cache, fill_tree."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from offspec.speculative import sequoia
 from offspec.speculative.sampling import SamplingParams
 from offspec.speculative.sequoia import (
     TreeShape,
-    best_expected_accepted,
-    estimate_acceptance,
     expected_accepted,
     fill_tree,
     load_shapes,
@@ -84,7 +81,6 @@ def test_expected_value_non_decreasing_in_budget() -> None:
     values = [expected_accepted(optimal_tree_shape(p, b, 6), p) for b in range(0, 60)]
     assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
     assert values[-1] > values[10] > values[1] == pytest.approx(0.45)
-    assert best_expected_accepted(p, 59, 6) == pytest.approx(values)
     chain = optimal_tree_shape([0.8], 5, 10)
     assert chain.parents == (-1, 0, 1, 2, 3, 4)
     assert expected_accepted(chain, [0.8]) == pytest.approx(sum(0.8**k for k in range(1, 6)))
@@ -154,45 +150,3 @@ def test_speculative_greedy_with_sequoia_shape_equals_greedy() -> None:
     shape = optimal_tree_shape([0.6, 0.2, 0.1], 12, 5)
     out = speculative_generate(target, draft, [2, 7], 30, lambda d, pend: fill_tree(d, pend, shape), verify_greedy)
     assert out == plain_greedy(target, [2, 7], 30)
-
-
-def test_estimate_acceptance_greedy() -> None:
-    draft = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0], [1.0, 3.0, 2.0, 0.0], [1.0, 0.0, 0.0, 5.0]])
-    target = torch.tensor([[9.0, 0, 0, 0], [0, 0, 9.0, 0], [9.0, 0, 0, 0], [9.0, 0, 0, 0]])
-    # target argmax ranks under the draft: 0, 1, 2, 1 (position 4: the draft ranks token 0 second)
-    assert estimate_acceptance(target, draft, width=3, temperature=0.0) == pytest.approx([0.25, 0.5, 0.25])
-
-
-def exact_wor_acceptance(p: torch.Tensor, q: torch.Tensor, width: int) -> list[float]:
-    """P(accept at try k) for one position, enumerating every ordered draw of width children without replacement."""
-    out = [0.0] * width
-    for seq in itertools.permutations(range(p.shape[0]), width):
-        q_cur, r = q.double().clone(), p.double().clone()
-        prob_seq, alive, accepts = 1.0, 1.0, []
-        for x in seq:
-            prob_seq *= float(q_cur[x])
-            a = min(1.0, float(r[x] / q_cur[x])) if q_cur[x] > 0 else 0.0
-            accepts.append(alive * a)
-            alive *= 1.0 - a
-            residual = (r - q_cur).clamp_min(0)
-            r = residual / residual.sum() if residual.sum() > 0 else residual
-            q_cur[x] = 0
-            q_cur = q_cur / q_cur.sum()
-        for k, w in enumerate(accepts):
-            out[k] += prob_seq * w
-    return out
-
-
-def test_estimate_acceptance_sampled_matches_exact() -> None:
-    g = torch.Generator().manual_seed(3)
-    target = torch.randn(2, 4, generator=g) * 1.5
-    draft = target + torch.randn(2, 4, generator=g)
-    est = estimate_acceptance(target, draft, width=3, temperature=1.0, samples=4000)
-    exact = [0.0, 0.0, 0.0]
-    for t in range(2):
-        for k, v in enumerate(exact_wor_acceptance(target[t].softmax(-1), draft[t].softmax(-1), 3)):
-            exact[k] += v / 2
-    assert est == pytest.approx(exact, abs=0.015)
-    assert sum(est) <= 1.0 + 1e-6
-    same = estimate_acceptance(target, target, width=3, temperature=0.7, samples=16)
-    assert same == pytest.approx([1.0, 0.0, 0.0], abs=1e-5)

@@ -92,3 +92,19 @@ def test_best_nodes_rank_by_logprob_then_age() -> None:
     tree.add(2, [3], [-0.5])  # 3 ties with its parent 2: the parent comes first
     assert tree.best_nodes().tolist() == [2, 3, 1]
     assert tree.best_nodes(2).tolist() == [2, 3]
+
+
+def test_subtree_reroots_and_likeliest_path_follows_the_best_child() -> None:
+    tree = DraftTree(9)
+    tree.add(0, [5, 6], [-0.1, -0.2])  # 1, 2
+    tree.add(1, [1, 2], [-0.3, -0.9])  # 3, 4
+    tree.add(3, [7], [-0.5])  # 5
+    assert tree.likeliest_path() == [1, 3, 5]
+    sub, remap = tree.subtree(1)
+    assert remap.tolist() == [-1, 0, -1, 1, 2, 3]
+    assert sub.tokens.tolist() == [5, 1, 2, 7] and sub.parents.tolist() == [-1, 0, 0, 1]
+    assert sub.depths.tolist() == [0, 1, 1, 2]
+    assert sub.logprobs.tolist() == pytest.approx([0.0, -0.2, -0.8, -0.4])
+    assert sub.ancestors.tolist() == [[True, False, False, False], [True, True, False, False],
+                                      [True, False, True, False], [True, True, False, True]]
+    assert sub.children(0) == [1, 2] and sub.path_tokens(3) == [5, 1, 7]

@@ -9,7 +9,6 @@ import pytest
 from offspec.errors import ConfigError
 from offspec.speculative.tree_size import (
     expected_tokens_by_budget,
-    expected_tokens_from_tree,
     interpolate_pass_s,
     pick_budget,
     step_seconds,
@@ -62,11 +61,9 @@ def small_tree() -> DraftTree:
     return tree
 
 
-def test_expected_tokens_from_tree() -> None:
+def test_expected_tokens_by_budget() -> None:
     tree = small_tree()
-    assert expected_tokens_from_tree(tree) == pytest.approx(1 + 0.5 + 0.25 + 0.4)
+    assert expected_tokens_by_budget(tree)[-1] == pytest.approx(1 + 0.5 + 0.25 + 0.4)
     p = [0.6, 0.3]
-    assert expected_tokens_from_tree(tree, p) == pytest.approx(1 + 0.6 + 0.3 + 0.36)
     curve = expected_tokens_by_budget(tree, p)
     assert curve == pytest.approx([1.0, 1.6, 1.96, 2.26])  # nodes by logprob: 1, 3, 2
-    assert expected_tokens_by_budget(tree)[-1] == pytest.approx(expected_tokens_from_tree(tree))
