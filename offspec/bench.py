@@ -533,7 +533,7 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
                     _switch_drafter(loaded, d[1], d[2], rc, any(b is None for b in budget_list))
                     current = d
                 label = "plain decoding" if name == "plain" else f"budget {name}"
-                if name != "plain" and engine.drafter is not None:
+                if name != "plain" and drafter_list:
                     label = f"{engine.drafter_name} {label}"
                 row = run_config(engine, bench_prompts, ids_per_prompt, cfg, all_paths, cold=not warm,
                                  on_prompt=lambda k, label=label: step(f"{label}: prompt {k + 1}/{len(bench_prompts)}",

@@ -94,7 +94,11 @@ def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny, monkeypatch
     assert self_draft.exit_code == 0 and "self-draft: NF4 copy" in self_draft.stdout
     from offspec.runtime.sizing import nf4_copy_bytes
 
-    assert format_bytes(nf4_copy_bytes(store, read_manifest(store), 4096, "cpu")) in self_draft.stdout
+    from offspec.cli import CTX_TOKENS
+    from offspec.runtime.sizing import context_tokens
+
+    ctx = context_tokens(store, CTX_TOKENS)
+    assert format_bytes(nf4_copy_bytes(store, read_manifest(store), ctx, "cpu")) in self_draft.stdout
     assert 4 not in converted  # sized from the manifest, not built
     too_small = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1KiB", "--device", "cpu"])
     assert too_small.exit_code != 0 and "minimum" in too_small.stderr and too_small.stdout == ""
