@@ -91,8 +91,11 @@ def test_fused_cpu_kernel_matches_dequantize_then_linear():
     w = torch.randn(96, 128, generator=g).to(torch.bfloat16)
     packed, absmax = quantize_nf4(w)
     info = QuantInfo("nf4", 64, (96, 128), "bfloat16")
-    lin = NF4Linear(128, 96, True, info)
-    lin.weight, lin.absmax, lin.bias = packed, absmax, torch.randn(96, generator=g).to(torch.bfloat16)
+    from offspec.store.nf4 import nf4_quant_state
+
+    lin = NF4Linear(128, 96, info)
+    lin.bind(packed, nf4_quant_state(absmax, info))
+    lin.bias = torch.randn(96, generator=g).to(torch.bfloat16)
     x = torch.randn(5, 128, generator=g).to(torch.bfloat16)
     want = lin(x).float()
     assert lin.pack_for_cpu() and lin.weight is None
