@@ -254,3 +254,15 @@ def test_tree_pass_computes_the_lm_head_for_internal_nodes_only(stores):
     assert isinstance(got, TreeLogits) and len(got.rows) < tree.size
     for node in range(tree.size):
         assert torch.allclose(got[node], want[node], atol=1e-5)
+
+
+def test_end_of_text_ids_include_every_end_of_turn_token_the_vocabulary_has():
+    from conftest import tiny_tokenizer
+
+    from offspec.loader import stop_ids
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|eot_id|>"]})
+    vocab = tok.get_vocab()
+    want = {tok.eos_token_id, vocab["<|im_end|>"], vocab["<|endoftext|>"], vocab["<|eot_id|>"]}
+    assert set(stop_ids(tok)) == want
