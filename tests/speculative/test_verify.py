@@ -75,7 +75,6 @@ PROMPT = [2, 5, 1]
 VOCAB = 6
 TRIALS = 500  # seeds per case; a verification that drifts from the target (e.g. noise keyed by draw order) fails
 CASES = {
-    "t1": SamplingParams(1.0),
     "t0.8-p0.95-k4": SamplingParams(0.8, top_p=0.95, top_k=4),
     "min-p0.2": SamplingParams(1.2, min_p=0.2),
     "penalties": SamplingParams(1.0, repeat_penalty=1.8, presence_penalty=0.5, frequency_penalty=0.5),
@@ -120,7 +119,7 @@ def seeded_step(draft: FakeLM, targets: dict, ctx: list[int], params: SamplingPa
 
 
 @pytest.mark.parametrize("tree,case", [("specexec", "t0.8-p0.95-k4"), ("specexec", "min-p0.2"),
-                                       ("specexec", "penalties"), ("sequoia", "t1"), ("sequoia", "penalties")])
+                                       ("specexec", "penalties"), ("sequoia", "penalties")])
 def test_seeded_tree_verification_keeps_target_distribution(tree: str, case: str) -> None:
     """Over seeds, the first two tokens of tree verification with position-keyed noise follow the target (chi-square)."""
     params = CASES[case]
