@@ -130,7 +130,7 @@ WarmOpt = Annotated[bool, typer.Option(
     help="Let the page cache keep streamed layers (default: drop them, so each pass really reads the disk).")]
 MaxNewOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "--max-tokens", "-n", metavar="N", rich_help_panel=SAMPLING_PANEL,
-    help="Stop after N new tokens.")]
+    help="At most N new tokens (a hard limit, whatever the draft tree accepts).")]
 TemperatureOpt = Annotated[float, typer.Option(
     "--temp", "--temperature", metavar="T", rich_help_panel=SAMPLING_PANEL, help="0 = greedy.")]
 TopPOpt = Annotated[float, typer.Option(

@@ -261,7 +261,7 @@ def estimate_acceptance(
 
     temperature 0: fraction of positions where the target argmax is the draft's rank-k token. temperature > 0: Monte
     Carlo over `samples` without-replacement draws of the draft's children per position (seeded, default seed 0), with
-    the exact accept/reject probabilities of verify_without_replacement along each draw.
+    the exact accept/reject probabilities of Sequoia's without-replacement verification along each draw.
     """
     t, vocab = target_logits.shape
     width = min(width, vocab)
