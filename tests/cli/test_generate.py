@@ -174,16 +174,6 @@ def test_logprobs_in_json_from_the_raw_distribution(runner, cli_app, tiny):
     assert "--logprobs shows only in --json" in warned.stderr
 
 
-def test_context_full_keeps_finish_length_and_names_ctx_size(runner, cli_app, tiny):
-    res = run(runner, cli_app, "Hello " * 12, "--model", tiny.short, "--raw", "--no-spec", "-n", 200, "--dtype",
-              "float32", "--json")
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
-    assert out["stats"]["finish"] == "length" and out["stats"]["context_full"] and len(out["token_ids"]) < 200
-    notes = [line for line in res.stderr.splitlines() if "context is full" in line]
-    assert len(notes) == 1 and "--ctx-size" in notes[0]
-
-
 def test_a_model_without_a_draft_decodes_plainly(runner, cli_app, tiny):
     res = run(runner, cli_app, "Hello", "--model", tiny.target, "-n", 3, "--json", "--dtype", "float32")
     assert res.exit_code == 0, res.output
