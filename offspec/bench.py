@@ -237,33 +237,26 @@ def pass_time_curve(model, sizes: tuple[int, ...] | None = None, repeats: int = 
 # ---------------------------------------------------------------------- decoding sections
 def _aggregate(records: list[dict]) -> dict:
     """Figures of one configuration from its per-prompt records: generation (prefill excluded) and prefill apart."""
-    tokens = sum(r["tokens"] for r in records)
-    passes = sum(r["passes"] for r in records)
-    pass_total = sum(r["target_pass_s"] * r["passes"] for r in records)
-    draft_total = sum(r["draft_s"] for r in records)
-    streamed = sum(r["streamed_bytes"] for r in records)
-    decode_s = sum(r["decode_s"] for r in records)
-    tpp = tokens / passes if passes else 0.0
-    per_pass = streamed / passes if passes else 0.0
-    tok_s = tokens / decode_s if decode_s > 0 else 0.0
-    prefill_tokens = sum(r["prefill_tokens"] for r in records)
-    prefill_s = sum(r["prefill_s"] for r in records)
+    from offspec.generate import GenerationStats
+
+    total = GenerationStats.total(GenerationStats.from_dict(r) for r in records)
+    passes = total.passes
     return {
         "prompts": len(records),
-        "prefill_tokens": prefill_tokens,
-        "prefill_s": prefill_s,
-        "prefill_tok_per_s": prefill_tokens / prefill_s if prefill_s > 0 else None,
-        "tokens": tokens,
+        "prefill_tokens": total.prefill_tokens,
+        "prefill_s": total.prefill_s,
+        "prefill_tok_per_s": total.prefill_tokens / total.prefill_s if total.prefill_s > 0 else None,
+        "tokens": total.tokens,
         "passes": passes,
-        "decode_s": decode_s,
-        "tok_per_s": tok_s,
-        "tokens_per_pass": tpp,
-        "pass_s": pass_total / passes if passes else 0.0,
-        "draft_s_per_pass": draft_total / passes if passes else 0.0,
-        "streamed_bytes_per_pass": per_pass,
-        "streamed_gbps": streamed / pass_total / 1e9 if pass_total > 0 else 0.0,
-        "mean_tree_size": sum(r["mean_tree_size"] * r["passes"] for r in records) / passes if passes else 0.0,
-        "mean_budget": sum(r["budget"] * r["passes"] for r in records) / passes if passes else 0.0,
+        "decode_s": total.decode_s,
+        "tok_per_s": total.tok_per_s,
+        "tokens_per_pass": total.tokens_per_pass,
+        "pass_s": total.target_pass_s,
+        "draft_s_per_pass": total.draft_s / passes if passes else 0.0,
+        "streamed_bytes_per_pass": total.streamed_bytes / passes if passes else 0.0,
+        "streamed_gbps": total.streamed_gbps,
+        "mean_tree_size": total.mean_tree_size,
+        "mean_budget": total.budget,
         "limit_tok_per_s": None,  # set by add_limits once the read ceiling is known (end of the run)
         "limit_fraction": None,
     }
@@ -282,14 +275,8 @@ def run_config(engine, prompts: list[BenchPrompt], prompt_ids: list[list[int]], 
         if cold:
             evict(evict_paths)
         res = generate(engine, ids, cfg)
-        s = res.stats
-        records.append({
-            "kind": bp.kind, "prompt": bp.prompt[:80], "prompt_tokens": len(ids), "tokens": s.tokens,
-            "passes": s.passes, "tokens_per_pass": s.tokens_per_pass, "tok_per_s": s.tok_per_s,
-            "target_pass_s": s.target_pass_s, "draft_s": s.draft_s, "decode_s": s.decode_s,
-            "prefill_s": s.prefill_s, "prefill_tokens": s.prefill_tokens, "streamed_bytes": s.streamed_bytes, "budget": s.budget,
-            "mean_tree_size": s.mean_tree_size, "finish": s.finish, "text": res.text,
-        })
+        records.append({"kind": bp.kind, "prompt": bp.prompt[:80], "prompt_tokens": len(ids),
+                        **res.stats.to_dict(), "text": res.text})
     engine.reset()
     row = _aggregate(records)
     kinds = sorted({r["kind"] for r in records})
@@ -442,12 +429,9 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     from offspec.peers import PEER_NAMES, run_peer
     from offspec.store.manifest import read_manifest
 
-    if max_new_tokens < 1:
-        raise ConfigError(f"bad --max-new-tokens {max_new_tokens}: must be at least 1")
+    GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)  # the one check of these flags
     if repeats < 1:
         raise ConfigError(f"bad --repeats {repeats}: must be at least 1")
-    if temperature < 0:
-        raise ConfigError(f"bad --temperature {temperature}: must be >= 0")
     if peer is not None and peer not in PEER_NAMES:
         raise ConfigError(f"unknown --peer '{peer}' (use {', '.join(PEER_NAMES)})")
     budget_list = [] if no_spec else parse_budgets(budgets)
@@ -492,16 +476,16 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     all_blobs = store_blobs(loaded.target_store, manifest)
     all_paths = [p for p, _ in all_blobs]
     ids_per_prompt = [prompt_ids(loaded.tokenizer, bp.prompt) for bp in bench_prompts]
-    eos = tuple(getattr(engine, "eos_ids", ()) or ())
+    eos = engine.eos_ids
     seed = 0 if temperature > 0 else None
     configs: list[tuple[str, object, tuple | None]] = [
-        ("plain", GenerationConfig(max_new_tokens=max_new_tokens, spec=False, temperature=temperature, seed=seed,
-                                   stop_ids=eos), None)]
+        ("plain", GenerationConfig(max_new_tokens=max_new_tokens, spec=False, temperature=temperature, seed=seed),
+         None)]
     for d in drafter_list or [None]:
         for b in budget_list:
             configs.append(("auto" if b is None else str(b),
                             GenerationConfig(max_new_tokens=max_new_tokens, budget=b, temperature=temperature,
-                                             seed=seed, stop_ids=eos), d))
+                                             seed=seed), d))
     if curve_sizes is None:
         curve_sizes = curve_sizes_for(budget_list)
     n_peer = len(bench_prompts) if peer else 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from offspec.console import plural
 from offspec.conversations import Conversation, load_conversation, new_id, now_iso, save_conversation
 from offspec.errors import ConfigError
-from offspec.generate import GenerationConfig, GenerationStats, StepEvent, finalize_stats, stream_text
+from offspec.generate import GenerationConfig, GenerationStats, StepEvent, stream_text
 
 INTERRUPTED = "interrupted"  # key set to True on an assistant message cut short by Ctrl-C
 
@@ -81,8 +81,6 @@ class ChatSession:
     on_change: Callable[[Conversation], None] | None = None
 
     def __post_init__(self) -> None:
-        if not self.cfg.stop_ids and getattr(self.engine, "eos_ids", None):
-            self.cfg = replace(self.cfg, stop_ids=tuple(self.engine.eos_ids))
         if not self.messages and self.system:
             self.messages.append({"role": "system", "content": self.system})
         elif self.system is None:
@@ -134,8 +132,9 @@ class ChatSession:
         msg: dict = {"role": "assistant", "content": text}
         if interrupted:
             msg[INTERRUPTED] = True
+            stats.finish = "interrupted"
         self.messages.append(msg)
-        result = TurnResult(text, finalize_stats(stats), interrupted)
+        result = TurnResult(text, stats, interrupted)
         self.turns.append(result)
         self._changed()
         return result
@@ -174,26 +173,7 @@ class ChatSession:
     # ------------------------------------------------------------------ reports
     def totals(self) -> GenerationStats:
         """Session-wide sums (tokens, passes, seconds) and the means they imply."""
-        t = GenerationStats()
-        for r in self.turns:
-            s = r.stats
-            t.tokens += s.tokens
-            t.passes += s.passes
-            t.target_pass_s += s.target_pass_s * s.passes
-            t.draft_s += s.draft_s
-            t.decode_s += s.decode_s
-            t.prefill_s += s.prefill_s
-            t.prefill_tokens += s.prefill_tokens
-            t.streamed_bytes += s.streamed_bytes
-            t.budget += s.budget * s.passes
-        t.drafter = self.turns[-1].stats.drafter if self.turns else ""
-        p = max(t.passes, 1)
-        t.tokens_per_pass = t.tokens / p
-        t.tok_per_s = t.tokens / t.decode_s if t.decode_s > 0 else 0.0
-        t.streamed_gbps = t.streamed_bytes / t.target_pass_s / 1e9 if t.target_pass_s > 0 else 0.0
-        t.target_pass_s /= p
-        t.budget /= p
-        return t
+        return GenerationStats.total(r.stats for r in self.turns)
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation record as JSON (the same record the log keeps)."""

@@ -12,7 +12,6 @@ from offspec import console
 
 console.quiet_libraries()  # before transformers / bitsandbytes are imported
 
-from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any, Optional  # noqa: E402
 
@@ -138,22 +137,42 @@ WarmOpt = Annotated[bool, typer.Option(
     help="Let the page cache keep streamed layers (default: drop them, so each pass really reads the disk).")]
 MaxNewOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "--max-tokens", "-n", metavar="N", rich_help_panel=SAMPLING_PANEL,
-    help="Stop after N new tokens.")]
+    help="At most N new tokens (a hard limit, whatever the draft tree accepts).")]
 TemperatureOpt = Annotated[float, typer.Option(
     "--temp", "--temperature", metavar="T", rich_help_panel=SAMPLING_PANEL, help="0 = greedy.")]
 TopPOpt = Annotated[float, typer.Option(
     "--top-p", metavar="P", rich_help_panel=SAMPLING_PANEL, help="Nucleus sampling mass (1 = off).")]
 TopKOpt = Annotated[int, typer.Option(
     "--top-k", metavar="K", rich_help_panel=SAMPLING_PANEL, help="Sample among the K likeliest tokens (0 = off).")]
+MinPOpt = Annotated[float, typer.Option(
+    "--min-p", metavar="P", rich_help_panel=SAMPLING_PANEL,
+    help="Drop tokens less likely than P times the likeliest one (0 = off).")]
 SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", "-s", metavar="S", rich_help_panel=SAMPLING_PANEL, help="Random seed for sampling.")]
+    "--seed", "-s", metavar="S", rich_help_panel=SAMPLING_PANEL,
+    help="Sampling seed: the same seed gives the same text, with or without speculation "
+         "(default: a random one, shown in the stats).")]
+RepeatPenaltyOpt = Annotated[float, typer.Option(
+    "--repeat-penalty", metavar="X", rich_help_panel=SAMPLING_PANEL,
+    help="Penalise tokens seen in the last --repeat-last-n tokens (1 = off).")]
+RepeatLastNOpt = Annotated[int, typer.Option(
+    "--repeat-last-n", metavar="N", rich_help_panel=SAMPLING_PANEL,
+    help="How many recent tokens the penalties look at (-1 = the whole context, 0 = none).")]
+PresencePenaltyOpt = Annotated[float, typer.Option(
+    "--presence-penalty", metavar="X", rich_help_panel=SAMPLING_PANEL,
+    help="Subtract X from tokens seen in the window (0 = off).")]
+FrequencyPenaltyOpt = Annotated[float, typer.Option(
+    "--frequency-penalty", metavar="X", rich_help_panel=SAMPLING_PANEL,
+    help="Subtract X per occurrence in the window (0 = off).")]
+StopOpt = Annotated[Optional[list[str]], typer.Option(
+    "--stop", "-r", metavar="TEXT", rich_help_panel=SAMPLING_PANEL,
+    help="Stop before this text (repeatable); it is not printed.")]
 BudgetOpt = Annotated[str, typer.Option(
     "--budget", metavar="auto|N", rich_help_panel=SAMPLING_PANEL,
     help="Draft tree size per target pass: auto (fitted to measured pass and draft times) or 1..4096.")]
 TreeOpt = Annotated[str, typer.Option(
     "--tree", metavar="specexec|sequoia", rich_help_panel=SAMPLING_PANEL,
-    help="How the draft tree is grown: specexec (best-first, verified by sample-and-match) or sequoia "
-         "(DP-optimal shape; children sampled without replacement when --temperature > 0).")]
+    help="How the draft tree is grown: specexec (best-first over the draft's probabilities) or sequoia "
+         "(DP-optimal shape from measured acceptance). Either way the text is the target's own.")]
 SystemOpt = Annotated[Optional[str], typer.Option(
     "--system", "--system-prompt", "-sys", metavar="TEXT", help="System message put before the conversation.")]
 ThreadsOpt = Annotated[Optional[str], typer.Option(
@@ -188,23 +207,12 @@ def _check_device(device: str) -> None:
     resolve_device(device)
 
 
-def _generation_config(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-                       budget: str, spec: bool, tree: str = "specexec"):
-    if max_new_tokens < 1:
-        raise ConfigError(f"bad --max-new-tokens {max_new_tokens}: must be at least 1")
-    if temperature < 0:
-        raise ConfigError(f"bad --temperature {temperature}: must be 0 (greedy) or more")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"bad --top-p {top_p}: must be in (0, 1]")
-    if top_k < 0:
-        raise ConfigError(f"bad --top-k {top_k}: must be 0 (off) or more")
-    if tree not in ("specexec", "sequoia"):
-        raise ConfigError(f"bad --tree '{tree}': use specexec or sequoia")
+def _generation_config(budget: str, spec: bool, tree: str, stop: list[str] | None, **sampling: Any):
+    """A validated GenerationConfig (its checks, and SamplingParams', are the only ones)."""
     parsed_budget = parse_budget(budget)
     from offspec.generate import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                            seed=seed, budget=parsed_budget, spec=spec, tree=tree)
+    return GenerationConfig(budget=parsed_budget, spec=spec, tree=tree, stop=tuple(stop or ()), **sampling)
 
 
 def _load(model: str | None, draft: str | None, spec: bool, rc, budget_auto: bool, ctx_size: int = CTX_TOKENS,
@@ -254,20 +262,20 @@ def _read_prompt(prompt: str | None, prompt_opt: str | None = None, file: Path |
         raise ConfigError("give the prompt once: PROMPT, -p/--prompt TEXT or -f/--file FILE")
     if file is not None and str(file) != "-":
         try:
-            text = Path(file).expanduser().read_text()
+            data = Path(file).expanduser().read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read --file {file}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"--file {file} is not UTF-8 text") from None
+        text = decode_prompt(data, f"--file {file}")
         if not text.strip():
             raise ConfigError(f"--file {file} is empty")
         return text
     prompt = prompt if prompt is not None else prompt_opt
     if prompt is not None and prompt != "-":
-        return prompt
+        return _check_utf8(prompt, "the PROMPT argument" if prompt_opt is None else "--prompt")
     if prompt is None and file is None and console.stdin_is_tty():
         raise ConfigError("no prompt: pass PROMPT, -p TEXT or -f FILE, or pipe text on stdin (- reads stdin)")
-    text = sys.stdin.read()
+    buffer = getattr(sys.stdin, "buffer", None)
+    text = decode_prompt(buffer.read(), "stdin") if buffer is not None else _check_utf8(sys.stdin.read(), "stdin")
     if not text.strip():
         raise ConfigError("empty prompt on stdin")
     return text
@@ -292,6 +300,38 @@ def _options(cfg) -> dict:
     from dataclasses import asdict
 
     return {k: v for k, v in asdict(cfg).items() if k != "stop_ids"}
+
+
+def decode_prompt(data: bytes, source: str) -> str:
+    """Prompt bytes (stdin, a file) as text; one clear error when they are not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"the prompt from {source} is not valid UTF-8 (byte 0x{data[exc.start]:02x} at "
+                          f"offset {exc.start}); convert it first, e.g. with iconv -t UTF-8") from None
+
+
+def _check_utf8(text: str, source: str) -> str:
+    """Text that came through the OS as undecodable bytes (surrogate escapes) is an error, not a traceback."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise ConfigError(f"the prompt from {source} is not valid UTF-8") from None
+    return decode_prompt(data, source)
+
+
+def _logprob_json(tokenizer, lp) -> dict:
+    """One generated token's log-probabilities for --json --logprobs."""
+    def text(t: int) -> str:
+        return tokenizer.decode([t]) if tokenizer is not None else ""
+
+    return {"token": lp.token, "text": text(lp.token), "logprob": lp.logprob,
+            "top": [{"token": t, "text": text(t), "logprob": v} for t, v in lp.top]}
 
 
 def _model_name(given: str | None, store) -> str | None:
@@ -352,7 +392,17 @@ def generate(
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    repeat_last_n: RepeatLastNOpt = 64,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
+    stop: StopOpt = None,
+    logprobs: Annotated[int, typer.Option(
+        "--logprobs", metavar="N", rich_help_panel=SAMPLING_PANEL,
+        help="With --json: each token's log-probability and the N likeliest alternatives, from the model's raw "
+             "distribution (before penalties, temperature and truncation).")] = 0,
     budget: BudgetOpt = "auto",
     tree: TreeOpt = "specexec",
     system: SystemOpt = None,
@@ -366,25 +416,30 @@ def generate(
     """Complete one prompt, streaming the answer to stdout and the speed to stderr."""
     _check_output_flags(quiet, verbose)
     rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
-    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec, tree)
+    cfg = _generation_config(budget, not no_spec, tree, stop, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, repeat_penalty=repeat_penalty,
+                             repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+                             frequency_penalty=frequency_penalty, logprobs=logprobs)
     _check_device(rc.device)
     _set_threads(threads)
     text = _read_prompt(prompt, prompt_opt, file)
+    if logprobs and not json_out:
+        console.status_line("warning: --logprobs shows only in --json output")
     from offspec.chat import INTERRUPTED, encode_prompt
     from offspec.conversations import Conversation
-    from offspec.generate import GenerationStats, finalize_stats, stream_text
+    from offspec.generate import GenerationStats, stream_text
 
     loaded = _load(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet, ngram, ngram_corpus)
     try:
         tok, engine = loaded.tokenizer, loaded.engine
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         prompt_ids = encode_prompt(tok, messages, raw)
-        cfg = replace(cfg, stop_ids=tuple(engine.eos_ids))
-        stats, token_ids, pieces, interrupted = GenerationStats(), [], [], False
+        stats, token_ids, pieces, token_logprobs, interrupted = GenerationStats(), [], [], [], False
         on_step = console.StepPrinter() if verbose else None
         try:
             for ev in stream_text(engine, prompt_ids, cfg, stats):
                 token_ids.extend(ev.step.tokens)
+                token_logprobs.extend(ev.step.logprobs)
                 pieces.append(ev.text)
                 if not json_out:
                     console.write_text(ev.text)
@@ -392,27 +447,31 @@ def generate(
                     on_step(ev.step, stats)
         except KeyboardInterrupt:
             interrupted = True
+            stats.finish = "interrupted"
         except BaseException:
             if pieces and not json_out:
                 console.write_text("\n")  # end the partial answer before the error line
             raise
-        final = finalize_stats(stats)
         model_name, draft_name = _model_name(model, loaded.target_store), _draft_name(draft, loaded)
         if json_out:
             import json
 
             obj = {"text": "".join(pieces), "prompt_ids": prompt_ids, "token_ids": token_ids,
-                   "stats": final.to_dict(), "model": model_name, "draft": draft_name,
+                   "stats": stats.to_dict(), "model": model_name, "draft": draft_name,
                    "drafter": loaded.drafter}
+            if engine.stats.passes:
+                obj["acceptance"] = engine.stats.as_dict()
+            if cfg.logprobs:
+                obj["logprobs"] = [_logprob_json(tok, lp) for lp in token_logprobs]
             if interrupted:
                 obj["interrupted"] = True
             console.write_text(json.dumps(obj, ensure_ascii=False) + "\n")
         else:
             console.write_text("\n")
-        if final.context_full:
+        if stats.context_full:
             console.error_line(console.context_full_line(engine.context_tokens))
         if not quiet:
-            console.status_line(console.format_stats(final, interrupted))
+            console.status_line(console.format_stats(stats, interrupted))
         answer = {"role": "assistant", "content": "".join(pieces)} | ({INTERRUPTED: True} if interrupted else {})
         _recorder(no_log)(Conversation(messages + [answer], "generate", model_name, draft_name, _options(cfg)))
     finally:
@@ -446,7 +505,13 @@ def chat(
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
     top_k: TopKOpt = 0,
+    min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = 1.0,
+    repeat_last_n: RepeatLastNOpt = 64,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
+    stop: StopOpt = None,
     budget: BudgetOpt = "auto",
     tree: TreeOpt = "specexec",
     system: SystemOpt = None,
@@ -464,7 +529,10 @@ def chat(
     if load is not None and resume:
         raise ConfigError("--load and --continue both pick the conversation: give one")
     rc = _runtime_config(device, device_memory, host_memory, warm, bits, dtype)
-    cfg = _generation_config(max_new_tokens, temperature, top_p, top_k, seed, budget, not no_spec, tree)
+    cfg = _generation_config(budget, not no_spec, tree, stop, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, repeat_penalty=repeat_penalty,
+                             repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
+                             frequency_penalty=frequency_penalty)
     _check_device(rc.device)
     _set_threads(threads)
     from offspec.chat import ChatSession

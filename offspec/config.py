@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -75,3 +76,54 @@ class RuntimeConfig:
             raise ConfigError(f"bad --bits {self.bits}: use 16 or 4")
         if self.dtype not in DTYPE_CHOICES:
             raise ConfigError(f"bad --dtype '{self.dtype}': use one of {', '.join(DTYPE_CHOICES)}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen (the one home of their checks; messages name the command-line flags).
+
+    Order of application: penalties over the last repeat_last_n tokens, then temperature, top-k, top-p, min-p.
+    temperature 0 = greedy (penalties still apply); top_k 0, top_p 1, min_p 0, penalties 1/0/0 = off.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64  # -1 = the whole context, 0 = no penalties
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        def finite(flag: str, value: float) -> None:
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"bad {flag} {value}: must be a finite number")
+
+        for flag, value in (("--temperature", self.temperature), ("--top-p", self.top_p), ("--min-p", self.min_p),
+                            ("--repeat-penalty", self.repeat_penalty), ("--presence-penalty", self.presence_penalty),
+                            ("--frequency-penalty", self.frequency_penalty)):
+            finite(flag, value)
+        if self.temperature < 0:
+            raise ConfigError(f"bad --temperature {self.temperature}: must be 0 (greedy) or more")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"bad --top-p {self.top_p}: must be in (0, 1] (1 = off); "
+                              "for the likeliest token alone use --top-k 1")
+        if self.top_k < 0:
+            raise ConfigError(f"bad --top-k {self.top_k}: must be 0 (off) or more")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ConfigError(f"bad --min-p {self.min_p}: must be in [0, 1) (0 = off)")
+        if self.repeat_penalty <= 0:
+            raise ConfigError(f"bad --repeat-penalty {self.repeat_penalty}: must be more than 0 (1 = off)")
+        if self.repeat_last_n < -1:
+            raise ConfigError(f"bad --repeat-last-n {self.repeat_last_n}: must be -1 (whole context), 0 (off) or more")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (and has a window to look at)."""
+        on = self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return on and self.repeat_last_n != 0

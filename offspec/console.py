@@ -131,22 +131,33 @@ def plural(n: int, word: str) -> str:
 
 
 def format_stats(stats: GenerationStats, interrupted: bool = False) -> str:
-    """One line: tokens, tok/s, tokens per target pass, passes, mean pass seconds, draft seconds, GB/s, budget."""
-    budget = f"budget {stats.budget:.0f}" if stats.budget else "plain decoding"
+    """One line: tokens, tok/s, tokens per target pass, passes, mean pass seconds, then what applies: draft seconds,
+    streamed GB/s, budget, prefill, seed, peak memory next to the plan."""
     parts = [
         plural(stats.tokens, "token"),
         f"{stats.tok_per_s:.2f} tok/s",
         f"{stats.tokens_per_pass:.2f} tokens/pass",
         f"{stats.passes} {'pass' if stats.passes == 1 else 'passes'}",
         f"{stats.target_pass_s:.3f} s/pass",
-        f"draft {stats.drafter + ' ' if stats.drafter else ''}{stats.draft_s:.2f} s",
-        f"streamed {stats.streamed_gbps:.2f} GB/s",
-        budget,
     ]
+    if stats.draft_s > 0 or stats.drafter:
+        parts.append(f"draft {stats.drafter + ' ' if stats.drafter else ''}{stats.draft_s:.2f} s")
+    if stats.streamed_bytes > 0:
+        parts.append(f"streamed {stats.streamed_gbps:.2f} GB/s")
+    parts.append(f"budget {stats.budget:.0f}" if stats.budget else "plain decoding")
     if stats.threads:
         parts.append(plural(stats.threads, "thread"))
     if stats.prefill_tokens:
         parts.append(f"prefill {stats.prefill_tokens} tokens in {stats.prefill_s:.2f} s")
+    if stats.seed is not None:
+        parts.append(f"seed {stats.seed}")
+    if stats.peak_rss_bytes:
+        peak = f"peak RSS {format_bytes(stats.peak_rss_bytes)}"
+        if stats.peak_device_bytes:
+            peak += f", peak device {format_bytes(stats.peak_device_bytes)}"
+        if stats.planned_bytes:
+            peak += f" (the memory plan holds {format_bytes(stats.planned_bytes)}: weights, KV cache and buffers only)"
+        parts.append(peak)
     line = ", ".join(parts)
     return ("interrupted: " + line) if interrupted else line
 

@@ -7,34 +7,74 @@ whose prompt extends the previous sequence (a chat turn) only prefills the new t
 
 from __future__ import annotations
 
+import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from offspec.errors import ContextError, ModelError
+from offspec.config import SamplingParams
+from offspec.errors import ConfigError, ContextError, ModelError
 from offspec.runtime.timing import clock
 from offspec.speculative.drafters import Draft, Drafter, GrowOptions, ModelDrafter, prefill, sync_cache
-from offspec.speculative.sampling import SamplingParams, sample
+from offspec.speculative.sampling import TreeSampler, top_logprobs
 from offspec.speculative.stats import AcceptanceStats
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
+    """One generation's settings; invalid values raise ConfigError (naming the command-line flag)."""
+
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int | None = None
+    seed: int | None = None  # None: a random seed when sampling, reported in the stats
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()  # stop strings (the text ends before the first one)
+    logprobs: int = 0  # top-N log-probabilities of each token from the target's raw distribution (0 = off)
     budget: int | None = None  # None = auto (hardware-aware)
     spec: bool = True
-    tree: str = "specexec"  # specexec: best-first growth, sample-and-match | sequoia: DP shape, w/o replacement
+    tree: str = "specexec"  # specexec: best-first growth | sequoia: DP shape
     expand: int = 32  # draft nodes expanded per growth round
     branch: int = 8  # children per expanded node
     max_depth: int = 32
-    stop_ids: tuple[int, ...] = ()
-    ahead: bool = True  # while a streamed target pass runs, grow the next tree from the expected leaf
+    stop_ids: tuple[int, ...] = ()  # token ids that end the text, besides the engine's end-of-text ids
+    ahead: bool = True  # greedy runs: while a streamed target pass runs, grow the next tree from the expected leaf
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"bad --max-new-tokens {self.max_new_tokens}: must be at least 1")
+        if self.tree not in TREES:
+            raise ConfigError(f"bad --tree '{self.tree}': use {' or '.join(TREES)}")
+        if self.logprobs < 0:
+            raise ConfigError(f"bad --logprobs {self.logprobs}: must be 0 (off) or more")
+        if any(not s for s in self.stop):
+            raise ConfigError("bad --stop '': a stop string must not be empty")
+        self.sampling  # noqa: B018 - validates the sampling parameters
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k, self.min_p, self.repeat_penalty,
+                              self.repeat_last_n, self.presence_penalty, self.frequency_penalty)
+
+
+TREES = ("specexec", "sequoia")
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the target's raw distribution, and the top-N alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -50,7 +90,10 @@ class StepEvent:
     budget: int = 0
     prefill: bool = False
     finish: str | None = None  # "stop" | "length" | None
-    context_full: bool = False  # "length" because the context (--ctx-size) is full, not max_new_tokens
+    committed: int = 0  # tokens this pass committed within the limit, end-of-text included
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token (when asked)
+    context_full: bool = False  # finish "length" because the context has no room left
+    seed: int | None = None  # the prefill event: the sampling seed in use
     ahead_started: bool = False  # a tree for the next pass was grown during this pass
     ahead_used: bool = False  # this pass verified a tree grown during the previous pass (its draft_s was hidden)
     ahead_saved_s: float = 0.0
@@ -64,29 +107,104 @@ class TextEvent:
 
 @dataclass
 class GenerationStats:
-    tokens: int = 0
-    passes: int = 0
-    tokens_per_pass: float = 0.0
-    tok_per_s: float = 0.0
-    target_pass_s: float = 0.0  # mean seconds of one decode pass of the target
+    """Sums over one generation (or several, merged); the per-pass and per-second figures are properties."""
+
+    tokens: int = 0  # tokens in the answer
+    committed: int = 0  # tokens the passes committed, end-of-text included (plain decoding: one per pass)
+    passes: int = 0  # target decode passes
+    target_s: float = 0.0  # total seconds of the target's decode passes
     draft_s: float = 0.0  # total seconds spent drafting
     decode_s: float = 0.0
     prefill_s: float = 0.0
     prefill_tokens: int = 0
     streamed_bytes: int = 0  # bytes read from disk by decode passes
-    streamed_gbps: float = 0.0
-    budget: float = 0.0  # mean tree budget per pass (0 = plain decoding)
-    mean_tree_size: float = 0.0
-    finish: str = ""
-    context_full: bool = False  # generation stopped at the context limit
+    tree_nodes: int = 0  # tree nodes over all passes (1 per plain pass)
+    budget_total: int = 0  # drafted-node budgets over all passes (0 per plain pass)
+    finish: str = ""  # "stop" | "length" | "interrupted"
+    context_full: bool = False
+    seed: int | None = None  # the sampling seed (None when greedy)
+    planned_bytes: int = 0  # what the memory plan holds: weights, KV cache, ring, draft
+    peak_rss_bytes: int = 0  # the process's peak resident memory
+    peak_device_bytes: int = 0  # peak CUDA memory allocated (0 on the CPU)
     threads: int = 0  # torch CPU threads
     drafter: str = ""  # what proposed the trees ("" = plain decoding)
     ahead_started: int = 0  # trees grown during a target pass for the pass after it
     ahead_used: int = 0  # of those, kept by verification and verified next
     ahead_saved_s: float = 0.0  # drafting seconds the used ones hid behind target passes
 
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.committed / self.passes if self.passes else 0.0
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def target_pass_s(self) -> float:
+        """Mean seconds of one target decode pass."""
+        return self.target_s / self.passes if self.passes else 0.0
+
+    @property
+    def streamed_gbps(self) -> float:
+        return self.streamed_bytes / self.target_s / 1e9 if self.target_s > 0 else 0.0
+
+    @property
+    def budget(self) -> float:
+        """Mean tree budget per pass (0 = plain decoding)."""
+        return self.budget_total / self.passes if self.passes else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        return self.tree_nodes / self.passes if self.passes else 0.0
+
+    def add_step(self, ev: StepEvent) -> None:
+        """Count one decode event."""
+        if ev.tree_size:
+            self.passes += 1
+            self.target_s += ev.target_pass_s
+            self.draft_s += ev.draft_s
+            self.streamed_bytes += ev.streamed_bytes
+            self.tree_nodes += ev.tree_size
+            self.budget_total += ev.budget
+            self.ahead_started += int(ev.ahead_started)
+            self.ahead_used += int(ev.ahead_used)
+            self.ahead_saved_s += ev.ahead_saved_s
+        self.tokens += len(ev.tokens)
+        self.committed += ev.committed
+        if ev.finish:
+            self.finish = ev.finish
+        self.context_full = self.context_full or ev.context_full
+
+    def merge(self, other: GenerationStats) -> None:
+        """Add other's sums (a chat session's turns, a benchmark's prompts); peaks take the maximum."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name.startswith("peak_") or f.name in ("planned_bytes", "threads"):
+                setattr(self, f.name, max(mine, theirs))
+            elif isinstance(mine, (int, float)) and not isinstance(mine, bool) and f.name != "seed":
+                setattr(self, f.name, mine + theirs)
+        self.finish, self.seed = other.finish or self.finish, other.seed
+        self.drafter = other.drafter or self.drafter
+        self.context_full = self.context_full or other.context_full
+
+    @classmethod
+    def total(cls, parts: Iterable[GenerationStats]) -> GenerationStats:
+        out = cls()
+        for p in parts:
+            out.merge(p)
+        return out
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The sums and the means, JSON-ready."""
+        out = asdict(self)
+        for name in ("tokens_per_pass", "tok_per_s", "target_pass_s", "streamed_gbps", "budget", "mean_tree_size"):
+            out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GenerationStats:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass
@@ -95,16 +213,59 @@ class GenerationResult:
     prompt_ids: list[int]
     token_ids: list[int]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+def random_seed() -> int:
+    """A fresh 32-bit seed (reported, so the run can be replayed)."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def peak_memory() -> tuple[int, int]:
+    """(peak RSS of this process, peak CUDA memory allocated) in bytes."""
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+    except ImportError:  # Windows
+        import psutil
+
+        rss = psutil.Process().memory_info().rss
+    device = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
+    return int(rss), int(device)
+
+
+class StopStrings:
+    """Finds the first stop string in the text of the generated tokens, token by token."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]) -> None:
+        if stops and tokenizer is None:
+            raise ConfigError("--stop needs the model's tokenizer")
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.tail = 4 * max((len(s) for s in stops), default=0) + 8  # tokens whose text can hold a stop string
+
+    def push(self, token: int) -> bool:
+        """Add a token; True when the text now holds a stop string."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids[-self.tail :], skip_special_tokens=True)
+        return any(s in text for s in self.stops)
 
 
 class Engine:
-    """Drives a target OffloadedModel and a drafter (a resident draft model, an n-gram index, a hybrid, or none)."""
+    """Drives a target OffloadedModel and a drafter (a resident draft model, an n-gram index, a hybrid, or none).
+
+    eos_ids: the token ids that end a text (from the tokenizer and the generation config; see loader.stop_ids).
+    """
 
     def __init__(self, target, draft=None, tokenizer=None, budget_planner=None,
-                 context_tokens: int | None = None, drafter: Drafter | None = None) -> None:
+                 context_tokens: int | None = None, eos_ids: Iterable[int] = (),
+                 drafter: Drafter | None = None) -> None:
         self.target, self.tokenizer = target, tokenizer
         # positions a sequence may take: the KV cache size asked for (--ctx-size), within the model's context
         self.context_tokens = min(context_tokens or target.max_context, target.max_context)
+        self.eos_ids: tuple[int, ...] = tuple(sorted(set(int(i) for i in eos_ids)))
         if drafter is None and draft is not None:
             drafter = ModelDrafter(draft)
         self.drafter = drafter
@@ -124,14 +285,16 @@ class Engine:
 
     # ------------------------------------------------------------------ steps
     def steps(self, prompt_ids: list[int], cfg: GenerationConfig) -> Iterator[StepEvent]:
-        """Yield one StepEvent for the prefill, then one per target pass, until stop or max_new_tokens."""
+        """Yield one StepEvent for the prefill, then one per target pass, until a stop or max_new_tokens.
+
+        End-of-text, stop strings and max_new_tokens are enforced here, inside a pass's accepted path too: no tree
+        ever makes the answer longer than max_new_tokens.
+        """
         if not prompt_ids:
             raise ModelError("empty prompt")
         self.check_context(len(prompt_ids))
-        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        if gen is None and cfg.temperature > 0:
-            gen = torch.Generator().manual_seed(int(time.time_ns() % (1 << 62)))
-        params = SamplingParams(cfg.temperature, cfg.top_p, cfg.top_k)
+        params = cfg.sampling
+        seed = None if params.greedy else (cfg.seed if cfg.seed is not None else random_seed())
         drafter = self.drafter if cfg.spec else None
         budget_cap = self.context_tokens - 1
         # Prefill: everything but the last prompt token (the first root) enters the caches.
@@ -141,34 +304,31 @@ class Engine:
         root = pending[-1]
         if drafter is not None:
             drafter.start(list(prompt_ids))
-        yield StepEvent([], prefill=True, target_pass_s=clock(*self._devices()) - t0, tree_size=len(pending) - 1)
+        yield StepEvent([], prefill=True, target_pass_s=clock(*self._devices()) - t0, tree_size=len(pending) - 1,
+                        seed=seed)
         produced = 0
-        stop = set(cfg.stop_ids)
+        stop_ids = set(self.eos_ids) | set(cfg.stop_ids)
+        stops = StopStrings(self.tokenizer, cfg.stop) if cfg.stop else None
         while produced < cfg.max_new_tokens:
             room = budget_cap - len(self.target_ids) - 1
             if room <= 0:
                 yield StepEvent([], finish="length", context_full=True)
                 return
-            budget = self._budget(cfg, min(room, 4096)) if drafter is not None else 0
-            draft = self._grow(drafter, budget, cfg, params, gen) if budget > 0 else None
+            left = cfg.max_new_tokens - produced
+            budget = self._budget(cfg, min(room, 4096)) if drafter is not None and left > 1 else 0
+            sampler = TreeSampler(params, seed, self.target_ids, len(self.target_ids))  # the root sits after them
+            opts = self._grow_options(cfg, min(cfg.max_depth, left - 1), sampler)
+            draft = self._grow(drafter, budget, opts) if budget > 0 else None
             if draft is not None and draft.tree.size > 1:
-                event, root = self._spec_step(root, draft, budget, cfg, params, gen, drafter)
+                event, root = self._spec_step(root, draft, budget, cfg, opts, sampler, drafter)
             else:  # plain decoding, speculation that does not pay right now (0), or a drafter with nothing to propose
-                event, root = self._plain_step(root, params, gen)
+                event, root = self._plain_step(root, cfg, params, seed)
                 if drafter is not None:
-                    drafter.commit([root])
+                    drafter.commit([root])  # the drafter catches up at its next tree
                     event.draft_s = draft.draft_s if draft is not None else 0.0
-                    if self.planner is not None:
+                    if self.planner is not None and left > 1:
                         self.planner.observe_plain(event.target_pass_s)
-            # Cut at a stop token or at max_new_tokens.
-            toks = event.tokens
-            for j, tok in enumerate(toks):
-                if tok in stop:
-                    event.tokens, event.finish = toks[:j], "stop"
-                    break
-            if produced + len(event.tokens) >= cfg.max_new_tokens and event.finish is None:
-                event.tokens = event.tokens[: cfg.max_new_tokens - produced]
-                event.finish = "length"
+            _cut(event, left, stop_ids, stops)
             produced += len(event.tokens)
             yield event
             if event.finish:
@@ -178,19 +338,28 @@ class Engine:
         """The devices whose queued work the timers wait for (runtime.timing: CUDA is asynchronous)."""
         return (getattr(self.target, "device", None), getattr(self.draft, "device", None))
 
-    def _plain_step(self, root: int, params: SamplingParams, gen) -> tuple[StepEvent, int]:
+    def _plain_step(self, root: int, cfg: GenerationConfig, params: SamplingParams,
+                    seed: int | None) -> tuple[StepEvent, int]:
         t0 = clock(*self._devices())
+        sampler = TreeSampler(params, seed, self.target_ids, len(self.target_ids))
         logits = self.target.forward(torch.tensor([[root]]), last_only=True)[0, -1]
         self.target_ids.append(root)
-        tok = int(sample(logits, params, gen)) if params.temperature > 0 else int(logits.argmax())
+        tok = sampler.choose(logits, [root])
         ev = StepEvent([tok], tree_size=1, target_pass_s=clock(*self._devices()) - t0,
                        streamed_bytes=self.target.stats.streamed_bytes)
+        if cfg.logprobs:
+            ev.logprobs = [TokenLogprob(tok, *top_logprobs(logits, tok, cfg.logprobs))]
         return ev, tok
 
-    def _grow(self, drafter: Drafter, budget: int, cfg: GenerationConfig, params: SamplingParams, gen) -> Draft:
-        """The drafter's tree for this pass."""
+    def _grow_options(self, cfg: GenerationConfig, max_depth: int, sampler: TreeSampler) -> GrowOptions:
+        """How this step's tree grows: the draft ranks children by the target's rule and noise when that differs
+        from the draft's own logits (sampling, penalties)."""
         p = tuple(self._sequoia_p(cfg.branch)) if cfg.tree == "sequoia" else ()
-        opts = GrowOptions(cfg.tree, cfg.expand, cfg.branch, cfg.max_depth, params, gen, p)
+        rank = sampler.rank_logits if sampler.ranks_draft else None
+        return GrowOptions(cfg.tree, cfg.expand, cfg.branch, max_depth, rank, p)
+
+    def _grow(self, drafter: Drafter, budget: int, opts: GrowOptions) -> Draft:
+        """The drafter's tree for this pass."""
         t0 = clock(*self._devices())  # draft and target timed apart: the clock waits for queued device work
         draft = drafter.grow(budget, opts)
         if not draft.ahead:
@@ -207,37 +376,30 @@ class Engine:
             self._p_cache = (self.stats.passes, [round(x, 2) for x in self.stats.acceptance_p(width)])
         return self._p_cache[1]
 
-    def _verify(self, draft: Draft, logits: torch.Tensor, cfg: GenerationConfig, params: SamplingParams, gen):
-        from offspec.speculative.verify import verify_greedy, verify_sample_match, verify_without_replacement
-
-        if params.temperature <= 0:
-            return verify_greedy(draft.tree, logits)
-        if cfg.tree == "sequoia" and draft.sampled:
-            return verify_without_replacement(draft.tree, logits, params, gen)
-        return verify_sample_match(draft.tree, logits, params, gen)  # lossless for any tree drawn apart from the target
-
     def _budget(self, cfg: GenerationConfig, room: int) -> int:
         """Drafted nodes for the next step: fixed, or the planner's choice (0 = a plain step)."""
         budget = cfg.budget if cfg.budget is not None else (self.planner.next_budget() if self.planner else 64)
         return min(budget, room)
 
-    def _spec_step(self, root: int, draft: Draft, budget: int, cfg: GenerationConfig,
-                   params: SamplingParams, gen, drafter: Drafter) -> tuple[StepEvent, int]:
-        from offspec.speculative.verify import commit_target, forward_tree
+    def _spec_step(self, root: int, draft: Draft, budget: int, cfg: GenerationConfig, opts: GrowOptions,
+                   sampler: TreeSampler, drafter: Drafter) -> tuple[StepEvent, int]:
+        from offspec.speculative.verify import commit_target, forward_tree, verify_tree
 
         ahead = False
-        if cfg.ahead and getattr(self.target, "streamer", None) is not None and hasattr(drafter, "draft_ahead"):
-            opts = GrowOptions(cfg.tree, cfg.expand, cfg.branch, cfg.max_depth, params, gen)
+        # An early tree only for runs whose ranking does not depend on the next step's sampler (greedy, no penalties).
+        if (cfg.ahead and opts.rank_logits is None and getattr(self.target, "streamer", None) is not None
+                and hasattr(drafter, "draft_ahead")):
             ahead = drafter.draft_ahead(draft, budget, opts)  # runs while the target's CPU waits on the disk
+        tree = draft.tree
         t0 = clock(*self._devices())
         start = self.target.cache.length
-        logits = forward_tree(self.target, draft.tree)  # one streamed pass over the whole tree, [N, V]
+        logits = forward_tree(self.target, tree)  # one streamed pass over the whole tree, [N, V]
         pass_s = clock(*self._devices()) - t0
-        res = self._verify(draft, logits, cfg, params, gen)
+        res = verify_tree(tree, lambda node: sampler.choose(logits[node], tree.path_tokens(node)))
         commit_target(self.target, start, res)
         self.target_ids.extend([root] + res.tokens[:-1])
         drafter.commit(list(res.tokens), draft, res.accepted)
-        n = draft.tree.size
+        n = tree.size
         self.stats.record(res, drafted=n - 1, draft_s=draft.draft_s, target_s=pass_s)
         if self.planner is not None:
             self.planner.observe(draft, n, pass_s, len(res.accepted))
@@ -246,6 +408,10 @@ class Engine:
                        budget=budget, ahead_started=ahead, ahead_used=draft.ahead)
         if draft.ahead:
             ev.ahead_saved_s = draft.draft_s
+        if cfg.logprobs:
+            rows = [0, *res.accepted]  # token i was chosen from node rows[i]'s logits
+            ev.logprobs = [TokenLogprob(t, *top_logprobs(logits[r], t, cfg.logprobs))
+                           for r, t in zip(rows, res.tokens)]
         return ev, res.next_token
 
     def reset(self) -> None:
@@ -266,12 +432,34 @@ class Engine:
         return self.drafter.name if self.drafter is not None else ""
 
 
+def _cut(event: StepEvent, left: int, stop_ids: set[int], stops: StopStrings | None) -> None:
+    """Cut event's tokens at end-of-text (dropped), at a completed stop string, or at `left` tokens; set finish
+    and the committed count (end-of-text included)."""
+    toks = event.tokens
+    keep, eos = len(toks), False
+    for j, tok in enumerate(toks):
+        if tok in stop_ids:
+            keep, eos, event.finish = j, True, "stop"
+            break
+        if stops is not None and stops.push(tok):
+            keep, event.finish = j + 1, "stop"
+            break
+        if j + 1 == left:
+            keep, event.finish = j + 1, "length"
+            break
+    event.tokens = toks[:keep]
+    event.logprobs = event.logprobs[:keep]
+    event.committed = keep + int(eos)
+
+
 # ---------------------------------------------------------------------- text layer
 class TextStreamer:
-    """Incremental detokenization: emits only text that is final (no half UTF-8 characters)."""
+    """Incremental detokenization: emits only text that is final (no half UTF-8 characters, and no text that may
+    still turn out to be the start of a stop string); the final text ends before the first stop string."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, stops: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
+        self.stops = stops
         self.ids: list[int] = []
         self.emitted = 0
 
@@ -280,70 +468,62 @@ class TextStreamer:
         if self.tokenizer is None:
             return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not final and text.endswith("\ufffd"):
+        end = len(text)
+        if self.stops:
+            found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+            if found:
+                end = min(found)
+            elif not final:
+                end -= _held_back(text, self.stops)
+        if not final and text[:end].endswith("\ufffd"):
             return ""
-        out = text[self.emitted :]
-        self.emitted = len(text)
+        out = text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
         return out
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of text that is the start of a stop string."""
+    for n in range(min(len(text), max(len(s) for s in stops) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
 
 
 def stream_text(engine: Engine, prompt_ids: list[int], cfg: GenerationConfig,
                 stats: GenerationStats | None = None) -> Iterator[TextEvent]:
-    """Yield TextEvents as tokens are committed; fills `stats` as it goes (also when interrupted)."""
+    """Yield TextEvents as tokens are committed; fills `stats` as it goes (finish "interrupted" after Ctrl-C)."""
     stats = stats if stats is not None else GenerationStats()
+    plan = getattr(engine.target, "plan", None)
+    stats.planned_bytes = int(getattr(plan, "device_bytes", 0) or 0)
     stats.threads = torch.get_num_threads()
-    ts = TextStreamer(engine.tokenizer)
-    t_start = time.perf_counter()
-    budgets: list[int] = []
+    ts = TextStreamer(engine.tokenizer, cfg.stop)
     stats.drafter = engine.drafter_name if cfg.spec else ""
-    for ev in engine.steps(prompt_ids, cfg):
-        if ev.prefill:
-            stats.prefill_s, stats.prefill_tokens = ev.target_pass_s, ev.tree_size
-            t_start = time.perf_counter()
-            continue
-        if ev.tree_size:
-            stats.passes += 1
-            stats.target_pass_s += ev.target_pass_s
-            stats.draft_s += ev.draft_s
-            stats.streamed_bytes += ev.streamed_bytes
-            stats.mean_tree_size += ev.tree_size
-            stats.ahead_started += int(ev.ahead_started)
-            stats.ahead_used += int(ev.ahead_used)
-            stats.ahead_saved_s += ev.ahead_saved_s
-            budgets.append(ev.budget)
-        stats.tokens += len(ev.tokens)
-        stats.decode_s = time.perf_counter() - t_start
-        if ev.finish:
-            stats.finish = ev.finish
-            stats.context_full = ev.context_full
-        _finish_stats(stats, budgets)
-        text = ts.push(ev.tokens, final=ev.finish is not None)
-        yield TextEvent(text, ev)
-
-
-def _finish_stats(stats: GenerationStats, budgets: list[int]) -> None:
-    p = max(stats.passes, 1)
-    stats.tokens_per_pass = stats.tokens / p
-    stats.tok_per_s = stats.tokens / stats.decode_s if stats.decode_s > 0 else 0.0
-    stats.budget = sum(budgets) / len(budgets) if budgets else 0.0
-    stats.streamed_gbps = stats.streamed_bytes / stats.target_pass_s / 1e9 if stats.target_pass_s > 0 else 0.0
-
-
-def finalize_stats(stats: GenerationStats) -> GenerationStats:
-    """Turn running sums into the reported means (target_pass_s and mean_tree_size per pass)."""
-    p = max(stats.passes, 1)
-    out = GenerationStats(**stats.to_dict())
-    out.target_pass_s = stats.target_pass_s / p
-    out.mean_tree_size = stats.mean_tree_size / p
-    return out
+    t_start = time.perf_counter()
+    try:
+        for ev in engine.steps(prompt_ids, cfg):
+            if ev.prefill:
+                stats.prefill_s, stats.prefill_tokens, stats.seed = ev.target_pass_s, ev.tree_size, ev.seed
+                t_start = time.perf_counter()
+                continue
+            stats.add_step(ev)
+            stats.decode_s = time.perf_counter() - t_start
+            stats.peak_rss_bytes, stats.peak_device_bytes = peak_memory()
+            text = ts.push(ev.tokens, final=ev.finish is not None)
+            yield TextEvent(text, ev)
+    except KeyboardInterrupt:
+        stats.finish = "interrupted"
+        raise
 
 
 def generate(engine: Engine, prompt_ids: list[int], cfg: GenerationConfig) -> GenerationResult:
-    """Run to completion; return the text, the token ids and the stats."""
+    """Run to completion; return the text, the token ids, the stats (and the log-probabilities when asked)."""
     stats = GenerationStats()
     ids: list[int] = []
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     for ev in stream_text(engine, prompt_ids, cfg, stats):
         ids.extend(ev.step.tokens)
+        logprobs.extend(ev.step.logprobs)
         parts.append(ev.text)
-    return GenerationResult("".join(parts), list(prompt_ids), ids, finalize_stats(stats))
+    return GenerationResult("".join(parts), list(prompt_ids), ids, stats, logprobs)

@@ -73,8 +73,11 @@ def check_same_tokenizer(target_tok, draft_tok, target_name: str, draft_name: st
         )
 
 
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")  # ChatML/Qwen, GPT-style, Llama 3: each ends a text
+
+
 def stop_ids(tokenizer, config=None) -> tuple[int, ...]:
-    """EOS ids from the tokenizer and the generation config."""
+    """End-of-text ids: the tokenizer's eos, the model config's, and the end-of-turn tokens the vocabulary has."""
     ids: set[int] = set()
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -84,10 +87,8 @@ def stop_ids(tokenizer, config=None) -> tuple[int, ...]:
     elif isinstance(eos, (list, tuple)):
         ids.update(int(e) for e in eos)
     if tokenizer is not None:
-        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            tid = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
-            if tid is not None and name == "<|im_end|>":
-                ids.add(int(tid))
+        vocab = tokenizer.get_vocab()
+        ids.update(int(vocab[name]) for name in END_OF_TURN if name in vocab)
     return tuple(sorted(ids))
 
 
@@ -182,6 +183,21 @@ def parse_drafters(text: str) -> list[tuple[str, str | None, bool]]:
     return out
 
 
+def check_budget_fits_machine(rc: RuntimeConfig) -> None:
+    """ConfigError when --device-memory asks for more than the machine has (the plan would promise memory that
+    is not there)."""
+    if rc.device_memory_bytes is None:
+        return
+    from offspec.runtime.device import resolve_device
+    from offspec.runtime.memory import machine_memory
+    from offspec.runtime.plan import format_bytes
+
+    total, what = machine_memory(resolve_device(rc.device))
+    if rc.device_memory_bytes > total:
+        raise ConfigError(f"bad --device-memory {format_bytes(rc.device_memory_bytes)}: this machine has "
+                          f"{format_bytes(total)} of {what} (omit it to fit the budget to free memory)")
+
+
 def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                 rc: RuntimeConfig = RuntimeConfig(), cache_tokens: int = 4096, progress: bool = True,
                 budget_auto: bool = True, ngram: bool | None = None,
@@ -196,6 +212,7 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     from offspec.runtime.model import open_model
     from offspec.store.resolve import resolve_model
 
+    check_budget_fits_machine(rc)
     check_draft_options(model, draft, spec, ngram, ngram_corpus)
     kind = draft_kind(model, draft, spec)
     demo_draft: Path | None = None
@@ -226,8 +243,8 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         from offspec.speculative.tree_size import make_planner
 
         planner = make_planner(target, cost=drafter.cost)
-    engine = Engine(target, None, tokenizer, planner, context_tokens=cache_tokens, drafter=drafter)
-    engine.eos_ids = tuple(sorted(set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))))
+    eos = set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))
+    engine = Engine(target, None, tokenizer, planner, context_tokens=cache_tokens, eos_ids=eos, drafter=drafter)
     return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans)
 
 

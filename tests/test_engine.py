@@ -1,4 +1,7 @@
-"""Engine oracles on tiny random models: speculative greedy equals plain greedy, token for token."""
+"""Engine oracles on tiny random models: speculative output equals plain output token for token, greedy and seeded;
+limits, end-of-text and stop strings hold inside accepted paths; stats and log-probabilities."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ def stores(make_tiny_model, tmp_path_factory):
     return target, draft
 
 
-def _engine(target_store, draft_store=None, streamed=True):
+def _engine(target_store, draft_store=None, streamed=True, eos_ids=(), auto=False):
     from offspec.loader import load_tokenizer
     from offspec.runtime.plan import minimum_budget_bytes
     from offspec.store.manifest import read_manifest
@@ -30,7 +33,13 @@ def _engine(target_store, draft_store=None, streamed=True):
     target = open_model(target_store, device_memory_bytes=budget, cache_tokens=64)
     assert not streamed or target.streamer is not None  # every layer streams
     draft = open_model(draft_store, cache_tokens=64) if draft_store else None
-    return Engine(target, draft, load_tokenizer(target_store))
+    planner = None
+    if auto:  # the auto budget, fed with this machine's measured pass times (they vary from run to run)
+        from offspec.runtime.pass_curve import measure_pass_curve
+        from offspec.speculative.tree_size import BudgetPlanner
+
+        planner = BudgetPlanner(measure_pass_curve(target, sizes=(1, 8, 24)), expand=8)
+    return Engine(target, draft, load_tokenizer(target_store), planner, eos_ids=eos_ids)
 
 
 PROMPTS = [[5, 17, 33, 90, 12], [7], list(range(40, 70))]
@@ -78,15 +87,179 @@ def test_second_call_reuses_the_cached_prefix(stores):
     assert generate(fresh, convo, GenerationConfig(max_new_tokens=8, budget=16)).token_ids == second.token_ids
 
 
-def test_seeded_sampling_is_reproducible(stores):
+SAMPLED = {
+    "t0.9-p0.95-k40": dict(temperature=0.9, top_p=0.95, top_k=40),
+    "min-p-penalties": dict(temperature=1.1, min_p=0.02, repeat_penalty=1.4, presence_penalty=0.3,
+                            frequency_penalty=0.2, repeat_last_n=8),
+    "greedy-penalties": dict(temperature=0.0, repeat_penalty=1.5, frequency_penalty=0.5),
+}
+SPEC_SETUPS = [  # (drafter, budget, tree, expand, branch)
+    ("draft", 1, "specexec", 1, 1), ("draft", 8, "specexec", 4, 2), ("draft", 48, "specexec", 16, 4),
+    ("draft", "auto", "specexec", 8, 4), ("draft", 24, "sequoia", 32, 4), ("draft", "auto", "sequoia", 32, 3),
+    ("self", 6, "specexec", 2, 2), ("self", 30, "sequoia", 32, 3),
+    ("ngram", 12, "specexec", 8, 4), ("nf4-self", 8, "specexec", 4, 2), ("nf4-self+ngram", 16, "sequoia", 32, 3),
+]
+
+
+def _seeded_engine(target_store, draft_store, nf4_store, drafter: str, auto: bool) -> Engine:
+    """An engine for one SPEC_SETUPS row: a separate draft, the target itself, n-grams, or the target's NF4 copy."""
+    from offspec.runtime.self_draft import open_self_draft
+    from offspec.speculative.drafters import HybridDrafter, ModelDrafter, NgramDrafter
+
+    if drafter in ("draft", "self"):
+        return _engine(target_store, draft_store if drafter == "draft" else target_store, auto=auto)
+    engine = _engine(target_store, auto=auto)
+    if drafter == "ngram":
+        engine.drafter = NgramDrafter(min_n=1)
+    else:
+        engine.drafter = ModelDrafter(open_self_draft(engine.target, nf4_store, cache_tokens=64), name="self")
+        if drafter.endswith("+ngram"):
+            engine.drafter = HybridDrafter(engine.drafter, NgramDrafter(min_n=1))
+    return engine
+
+
+@pytest.mark.parametrize("case", list(SAMPLED))
+def test_seeded_speculative_output_equals_seeded_plain_output(stores, nf4_store, case):
+    """The seed fixes the text: any budget (auto too), tree shape or drafter gives plain decoding's tokens."""
     target_store, draft_store = stores
-    cfg = GenerationConfig(max_new_tokens=16, temperature=0.8, top_p=0.95, seed=7, budget=16)
-    a = generate(_engine(target_store, draft_store), [1, 2, 3], cfg)
-    b = generate(_engine(target_store, draft_store), [1, 2, 3], cfg)
-    assert a.token_ids == b.token_ids and len(a.token_ids) == 16
-    wr = generate(_engine(target_store, draft_store), [1, 2, 3],
-                  GenerationConfig(max_new_tokens=16, temperature=0.8, seed=7, budget=16, tree="sequoia"))
-    assert len(wr.token_ids) == 16
+    plain = _engine(target_store)
+    seed, prompt = 3 + len(case), PROMPTS[len(case) % 2]  # a different seed and prompt per case
+    cfg = GenerationConfig(max_new_tokens=20, seed=seed, **SAMPLED[case])
+    want = generate(plain, prompt, replace(cfg, spec=False)).token_ids
+    assert len(want) == 20
+    for drafter, budget, tree, expand, branch in SPEC_SETUPS:
+        spec = _seeded_engine(target_store, draft_store, nf4_store, drafter, auto=budget == "auto")
+        got = generate(spec, prompt, replace(cfg, budget=None if budget == "auto" else budget, tree=tree,
+                                             expand=expand, branch=branch, max_depth=6))
+        assert got.token_ids == want, (drafter, budget, tree)
+        if drafter == "self":  # the target as its own draft proposes the target's choices: long accepted paths
+            assert got.stats.passes < 20 / 2
+    plain.reset()
+    other = generate(plain, prompt, replace(cfg, seed=seed + 1, spec=False))
+    if cfg.temperature > 0:
+        assert other.token_ids != want  # another seed, another text
+
+
+
+def test_without_a_seed_the_random_seed_is_reported_and_replays(stores):
+    target_store, draft_store = stores
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0)
+    first = generate(_engine(target_store, draft_store), [1, 2, 3], replace(cfg, budget=8))
+    assert first.stats.seed is not None
+    again = generate(_engine(target_store), [1, 2, 3], replace(cfg, seed=first.stats.seed, spec=False))
+    assert again.token_ids == first.token_ids
+    assert generate(_engine(target_store), [1, 2, 3], GenerationConfig(max_new_tokens=2)).stats.seed is None
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5])
+def test_max_new_tokens_is_a_hard_limit_inside_an_accepted_path(stores, limit):
+    """The target as its own draft accepts whole chains; end-of-text past the limit must not lift the cut."""
+    target_store, _ = stores
+    free = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=12, spec=False)).token_ids
+    eos = next(t for t in free[limit + 1:] if t not in free[: limit + 1])  # an end-of-text beyond the limit
+    engine = _engine(target_store, target_store, eos_ids=[eos])
+    cfg = GenerationConfig(max_new_tokens=limit, budget=8, expand=2, branch=1, max_depth=8)
+    res = generate(engine, PROMPTS[0], cfg)
+    assert res.token_ids == free[:limit]
+    assert res.stats.finish == "length"
+    for tree in ("specexec", "sequoia"):
+        events = [e for e in _engine(target_store, target_store).steps(PROMPTS[0], replace(cfg, tree=tree))
+                  if not e.prefill]
+        assert sum(len(e.tokens) for e in events) == limit
+
+
+def test_end_of_text_inside_an_accepted_path_stops_there_and_counts_as_a_token(stores):
+    target_store, _ = stores
+    free = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=12, spec=False)).token_ids
+    k = next(i for i in range(2, 12) if free[i] not in free[:i])
+    cfg = GenerationConfig(max_new_tokens=12, budget=8, expand=2, branch=1, max_depth=8)
+    res = generate(_engine(target_store, target_store, eos_ids=[free[k]]), PROMPTS[0], cfg)
+    assert res.token_ids == free[:k] and res.stats.finish == "stop"
+    plain = generate(_engine(target_store, eos_ids=[free[k]]), PROMPTS[0], replace(cfg, spec=False))
+    assert plain.token_ids == free[:k]
+    assert plain.stats.passes == k + 1 and plain.stats.tokens_per_pass == 1.0  # end-of-text is its pass's token
+
+
+def test_stop_strings_end_the_text_before_them_also_inside_an_accepted_path(stores):
+    target_store, _ = stores
+    tok = _engine(target_store).tokenizer
+    free = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=16, spec=False))
+    text = free.text
+    stop = next(text[i : i + 2] for i in range(3, len(text) - 2) if text[i : i + 2].strip()
+                and text.find(text[i : i + 2]) == i)
+    cut = text.index(stop)
+    cfg = GenerationConfig(max_new_tokens=16, stop=(stop, "never-seen-text"))
+    plain = generate(_engine(target_store), PROMPTS[0], replace(cfg, spec=False))
+    spec = generate(_engine(target_store, target_store), PROMPTS[0], replace(cfg, budget=12, expand=2, branch=1))
+    for res in (plain, spec):
+        assert res.text == text[:cut] and res.stats.finish == "stop"
+        assert stop in tok.decode(res.token_ids) and stop not in tok.decode(res.token_ids[:-1])
+    assert spec.token_ids == plain.token_ids
+
+
+def test_text_streamer_never_shows_part_of_a_stop_string(stores):
+    from offspec.generate import TextStreamer
+
+    tok = _engine(stores[0]).tokenizer
+    ids = tok.encode("abcXYZdef", add_special_tokens=False)
+    ts = TextStreamer(tok, ("XYZ",))
+    shown = [ts.push([i]) for i in ids[:4]]  # "abcX": X may start the stop string
+    assert "".join(shown) == "abc"
+    assert ts.push(ids[4:5]) == ""  # "abcXY"
+    assert ts.push(ids[5:6], final=True) == ""  # "abcXYZ": the stop string is complete and never shown
+    ts = TextStreamer(tok, ("XYZ",))
+    assert ts.push(tok.encode("abcXYq", add_special_tokens=False)) + ts.push([], final=True) == "abcXYq"
+
+
+def test_logprobs_come_from_the_raw_distribution_and_match_plain_decoding(stores):
+    target_store, draft_store = stores
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0.9, repeat_penalty=1.3, seed=5, logprobs=3)
+    plain = generate(_engine(target_store), PROMPTS[0], replace(cfg, spec=False))
+    spec = generate(_engine(target_store, draft_store), PROMPTS[0], replace(cfg, budget=16))
+    assert spec.token_ids == plain.token_ids and len(plain.logprobs) == len(plain.token_ids) == 10
+    ref = _engine(target_store, streamed=False)
+    ctx = list(PROMPTS[0])
+    for lp_plain, lp_spec, token in zip(plain.logprobs, spec.logprobs, plain.token_ids):
+        raw = torch.log_softmax(ref.target.forward(torch.tensor([ctx]))[0, -1].float(), -1)
+        ref.target.cache.reset()
+        assert lp_plain.token == lp_spec.token == token
+        assert lp_plain.logprob == pytest.approx(float(raw[token]), abs=1e-4)
+        assert lp_spec.logprob == pytest.approx(lp_plain.logprob, abs=1e-4)
+        assert [t for t, _ in lp_plain.top] == raw.topk(3).indices.tolist() == [t for t, _ in lp_spec.top]
+        ctx.append(token)
+
+
+def test_hitting_the_context_keeps_finish_length_and_says_so(make_tiny_model, tmp_path):
+    from transformers import AutoConfig
+
+    folder = make_tiny_model("llama", num_layers=2, seed=3)
+    short = tmp_path / "short"
+    import shutil
+
+    shutil.copytree(folder, short)
+    config = AutoConfig.from_pretrained(short)
+    config.max_position_embeddings = 24
+    config.save_pretrained(short)
+    store = convert_model(short, tmp_path / "s", dtype="float32", progress=False)
+    engine = _engine(store, streamed=False)  # two layers: the smallest streaming budget would hold them both
+    res = generate(engine, list(range(5, 15)), GenerationConfig(max_new_tokens=100, spec=False))
+    assert res.stats.finish == "length" and res.stats.context_full
+    assert 0 < len(res.token_ids) < 100
+
+
+def test_plain_stats_are_per_pass_and_merge_into_sums(stores):
+    from offspec.generate import GenerationStats
+
+    target_store, draft_store = stores
+    a = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=6, spec=False)).stats
+    b = generate(_engine(target_store, draft_store), PROMPTS[0], GenerationConfig(max_new_tokens=9, budget=8)).stats
+    assert a.tokens_per_pass == 1.0 and a.budget == 0 and a.draft_s == 0
+    total = GenerationStats.total([a, b])
+    assert (total.tokens, total.passes) == (a.tokens + b.tokens, a.passes + b.passes)
+    assert total.target_pass_s == pytest.approx((a.target_s + b.target_s) / (a.passes + b.passes))
+    assert b.budget_total > 0 and total.budget == pytest.approx(b.budget_total / (a.passes + b.passes))
+    assert GenerationStats.from_dict(total.to_dict()) == total
+    assert total.peak_rss_bytes > 0
 
 
 def test_tree_pass_computes_the_lm_head_for_internal_nodes_only(stores):
@@ -172,16 +345,19 @@ def test_ngram_drafter_speculates_on_repeated_text(stores):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_trees_grown_during_the_target_pass_are_used_when_their_leaf_is_accepted(stores, temperature):
-    """The target as its own draft: the expected leaf is nearly always accepted, so most trees come from the
-    previous pass; the output is the same as without drafting ahead (greedy: plain greedy; seeded sampling: the
-    same tokens with and without it)."""
+    """The target as its own draft: the expected leaf is nearly always accepted, so most greedy trees come from the
+    previous pass; the output is the same as without drafting ahead (greedy: plain greedy; seeded sampling, which
+    does not draft ahead: the same tokens with and without the option)."""
     target_store, _ = stores
     base = dict(max_new_tokens=30, budget=6, expand=2, branch=2, max_depth=4, temperature=temperature, seed=5)
     on = generate(_engine(target_store, target_store), PROMPTS[0], GenerationConfig(**base))
     off = generate(_engine(target_store, target_store), PROMPTS[0], GenerationConfig(**base, ahead=False))
     assert on.token_ids == off.token_ids
-    assert off.stats.ahead_started == 0 and on.stats.ahead_started >= on.stats.passes - 1
-    if temperature == 0.0:
+    assert off.stats.ahead_started == 0
+    if temperature > 0:  # the next tree's ranking needs the next step's noise: no early trees when sampling
+        assert on.stats.ahead_started == 0
+    else:
+        assert on.stats.ahead_started >= on.stats.passes - 1
         plain = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=30, spec=False))
         assert on.token_ids == plain.token_ids
         assert on.stats.ahead_used >= on.stats.passes // 2 and on.stats.ahead_saved_s > 0
@@ -194,3 +370,15 @@ def test_a_missed_early_tree_is_dropped_cleanly(stores):
     plain = generate(_engine(target_store), PROMPTS[2], GenerationConfig(max_new_tokens=30, spec=False))
     assert spec.token_ids == plain.token_ids
     assert spec.stats.ahead_started > spec.stats.ahead_used
+
+
+def test_end_of_text_ids_include_every_end_of_turn_token_the_vocabulary_has():
+    from conftest import tiny_tokenizer
+
+    from offspec.loader import stop_ids
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|eot_id|>"]})
+    vocab = tok.get_vocab()
+    want = {tok.eos_token_id, vocab["<|im_end|>"], vocab["<|endoftext|>"], vocab["<|eot_id|>"]}
+    assert set(stop_ids(tok)) == want

@@ -14,3 +14,10 @@ def default_budgets(device: torch.device) -> tuple[int, int]:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.85), host
     return host, host
+
+
+def machine_memory(device: torch.device) -> tuple[int, str]:
+    """(total bytes, what they are) of the memory a --device-memory budget on device draws from."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory), f"memory on {device}"
+    return int(psutil.virtual_memory().total), "RAM"

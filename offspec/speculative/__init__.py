@@ -1,7 +1,7 @@
 """Speculative decoding with large draft trees: SpecExec growth, Sequoia shapes, verification, budget, stats."""
 
 from offspec.speculative.tree_size import expected_tokens_by_budget, interpolate_pass_s, pick_budget
-from offspec.speculative.sampling import SamplingParams, probs, process_logits, sample
+from offspec.speculative.sampling import SamplingParams, choose, gumbel_noise, probs, process_logits
 from offspec.speculative.sequoia import (
     TreeShape,
     expected_accepted,
@@ -20,8 +20,7 @@ from offspec.speculative.verify import (
     commit_target,
     forward_tree,
     verify_greedy,
-    verify_sample_match,
-    verify_without_replacement,
+    verify_tree,
 )
 
 __all__ = [
@@ -39,6 +38,7 @@ __all__ = [
     "TreeShape",
     "VerifyResult",
     "advance_draft",
+    "choose",
     "commit_target",
     "expected_accepted",
     "expected_tokens_by_budget",
@@ -47,15 +47,14 @@ __all__ = [
     "forward_pending",
     "forward_tree",
     "grow_tree",
+    "gumbel_noise",
     "interpolate_pass_s",
     "load_shapes",
     "optimal_tree_shape",
     "pick_budget",
     "probs",
     "process_logits",
-    "sample",
     "save_shapes",
     "verify_greedy",
-    "verify_sample_match",
-    "verify_without_replacement",
+    "verify_tree",
 ]

@@ -24,8 +24,7 @@ from typing import Protocol
 import torch
 
 from offspec.speculative.ngram import MIN_N, MIN_PROB, NgramIndex, propose
-from offspec.speculative.sampling import SamplingParams
-from offspec.speculative.specexec import CausalLM, GrowResult, advance_draft, grow_tree
+from offspec.speculative.specexec import CausalLM, GrowResult, RankLogits, advance_draft, grow_tree
 from offspec.speculative.tree import DraftTree
 from offspec.speculative.tree_size import DraftCost
 
@@ -34,26 +33,23 @@ log = logging.getLogger("offspec")
 
 @dataclass(frozen=True)
 class GrowOptions:
-    """How a tree is grown: shape policy, expansion width, depth, and the sampling the target will use."""
+    """How a tree is grown: shape policy, expansion width, depth, and how a model draft ranks children."""
 
     tree: str = "specexec"  # specexec: best-first | sequoia: DP shape (model drafters only)
     expand: int = 32
     branch: int = 8
     max_depth: int = 32
-    sampling: SamplingParams = SamplingParams()
-    generator: torch.Generator | None = None
+    rank_logits: RankLogits | None = None  # the target's rule and noise (None: the draft's own logits)
     sequoia_p: tuple[float, ...] = ()  # acceptance by child rank for Sequoia shapes
 
 
 @dataclass
 class Draft:
-    """A proposed tree and what it cost; `sampled` trees (children drawn without replacement from
-    tree.draft_probs) may be verified the Sequoia way, every other tree by sample-and-match."""
+    """A proposed tree and what it cost (any tree is verified by following the target's choice)."""
 
     tree: DraftTree
     draft_s: float
     rounds: int = 0  # draft model forwards (0: bookkeeping only)
-    sampled: bool = False
     grown: GrowResult | None = None  # a model drafter's cache bookkeeping
     ngram_nodes: int = 0  # nodes the n-gram index contributed
     ahead: bool = False  # grown during the previous target pass (its draft_s was hidden behind that pass)
@@ -144,16 +140,13 @@ class ModelDrafter:
             shape = optimal_tree_shape(opts.sequoia_p or (0.5,), budget, opts.max_depth)
             if self.shapes is not None:
                 self.shapes.save()
-            sampled = not opts.sampling.greedy
-            grown = fill_tree(self.model, self.pending, shape, sample=sampled, sampling=opts.sampling,
-                              generator=opts.generator)
+            grown = fill_tree(self.model, self.pending, shape, opts.rank_logits)
         else:
-            sampled = False
             grown = grow_tree(self.model, self.pending, budget=budget, expand=opts.expand, branch=opts.branch,
-                              max_depth=opts.max_depth)
+                              max_depth=opts.max_depth, rank_logits=opts.rank_logits)
         self.held.extend(self.pending)
         self.pending = []
-        return Draft(grown.tree, grown.draft_s, grown.rounds, sampled, grown)
+        return Draft(grown.tree, grown.draft_s, grown.rounds, grown)
 
     def commit(self, tokens: list[int], draft: Draft | None = None, accepted: list[int] | None = None) -> None:
         if self._ahead is not None and self._ahead.base is draft:
@@ -171,7 +164,7 @@ class ModelDrafter:
     def draft_ahead(self, draft: Draft, budget: int, opts: GrowOptions) -> bool:
         """Start growing, in a thread, the tree that follows draft's likeliest leaf (call right before the target
         pass that verifies draft; `commit` keeps it if verification accepts that leaf). False if not started."""
-        if opts.tree != "specexec" or draft.grown is None or self._ahead is not None:
+        if opts.tree != "specexec" or opts.rank_logits is not None or draft.grown is None or self._ahead is not None:
             return False
         path = draft.tree.likeliest_path()
         if not path:
@@ -218,7 +211,7 @@ class ModelDrafter:
         self.pending = []
         cached = [r[early.cached_nodes[s]] for s in kept[1:]]
         grown = GrowResult(sub, cached, early.cache_start + 1, early.rounds, early.draft_s)
-        self._ready = Draft(sub, early.draft_s, early.rounds, False, grown, ahead=True)
+        self._ready = Draft(sub, early.draft_s, early.rounds, grown, ahead=True)
 
     def _fit(self, ready: Draft, budget: int) -> Draft:
         """The kept early tree cut to its `budget` likeliest nodes (the draft cache keeps the slots that remain)."""
@@ -234,7 +227,7 @@ class ModelDrafter:
         else:
             self.model.cache.crop(g.cache_start)
         grown = GrowResult(tree, [r[g.cached_nodes[s]] for s in slots], g.cache_start, g.rounds, g.draft_s)
-        return Draft(tree, ready.draft_s, ready.rounds, False, grown, ahead=True)
+        return Draft(tree, ready.draft_s, ready.rounds, grown, ahead=True)
 
     def _drop_ready(self) -> None:
         """Forget a kept early tree (its root stays cached); wait for a running one and undo it."""
@@ -326,7 +319,7 @@ class NgramDrafter:
         tree = DraftTree(ctx[-1], capacity=budget + 1)
         parents, tokens, scores = propose(self.index, ctx, budget, opts.max_depth, self.min_n, opts.branch, self.min_prob)
         add_levels(tree, parents, tokens, scores)
-        return Draft(tree, time.perf_counter() - t0, 0, False, None, len(tokens))
+        return Draft(tree, time.perf_counter() - t0, 0, None, len(tokens))
 
     def commit(self, tokens: list[int], draft: Draft | None = None, accepted: list[int] | None = None) -> None:
         self.index.extend(tokens)
@@ -433,7 +426,6 @@ class HybridDrafter:
                                    self.ngram.min_n, opts.branch, self.ngram.min_prob)
         d.draft_s += time.perf_counter() - t0
         d.ngram_nodes = added
-        d.sampled = d.sampled and added == 0  # n-gram children are not draws from the draft: sample-and-match then
         return d
 
     def draft_ahead(self, draft: Draft, budget: int, opts: GrowOptions) -> bool:

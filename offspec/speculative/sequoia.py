@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from offspec.errors import ConfigError
-from offspec.speculative.sampling import SamplingParams, gumbel_topk, process_logits
-from offspec.speculative.specexec import CausalLM, GrowResult, forward_nodes, forward_pending
+from offspec.speculative.specexec import CausalLM, GrowResult, RankLogits, forward_nodes, forward_pending
 from offspec.speculative.tree import DraftTree
 
 
@@ -193,16 +192,13 @@ def fill_tree(
     draft: CausalLM,
     pending: list[int],
     shape: TreeShape,
-    sample: bool = False,
-    sampling: SamplingParams | None = None,
-    generator: torch.Generator | None = None,
+    rank_logits: RankLogits | None = None,
 ) -> GrowResult:
     """Grow a tree of the given shape level by level (one batched draft forward per level).
 
-    The draft distribution q is softmax(process_logits(logits, sampling)) (temperature 1 when sampling is None or greedy).
-    sample=False: each node's rank-k child is q's k-th most likely token. sample=True: children are drawn without
-    replacement from q (in draw order) and tree.draft_probs[node] = q for verify_without_replacement; a node gets
-    fewer children than the shape says only when q has fewer nonzero tokens (their subtrees are dropped).
+    Each node's rank-k child is the k-th best token of rank_logits(tree, nodes, logits) (default: the draft's
+    logits); with the engine's sampling rule that is the draft's perturbed top-k under the position's noise.
+    Tokens the ranking makes impossible (-inf) are not drafted: their subtrees are dropped.
     """
     t0 = time.perf_counter()
     root_logits = forward_pending(draft, pending)
@@ -218,7 +214,6 @@ def fill_tree(
     slots: list[int] = []
     rounds = 1
     max_depth = max(depths)
-    use = sampling if sampling is not None and not sampling.greedy else SamplingParams(temperature=1.0)
     for d in range(max_depth):
         level = [s for s in range(shape.size) if depths[s] == d and counts[s] > 0 and to_tree[s] >= 0]
         if not level:
@@ -230,26 +225,21 @@ def fill_tree(
             logits = forward_nodes(draft, tree, nodes, slots, cache_start)  # [E, V]
             slots.extend(nodes)
             rounds += 1
-        logq = torch.log_softmax(process_logits(logits, use), dim=-1)  # [E, V]
+        if rank_logits is not None:
+            logits = rank_logits(tree, nodes, logits)
+        logq = torch.log_softmax(logits.float(), dim=-1)  # [E, V]
         c_max = min(max(counts[s] for s in level), logq.shape[-1])
-        if sample:
-            toks = gumbel_topk(logq, c_max, generator)  # [E, c_max]
-            support = (logq > float("-inf")).sum(dim=-1).tolist()
-        else:
-            toks = logq.topk(c_max, dim=-1).indices
-            support = [logq.shape[-1]] * len(level)
-        vals = logq.gather(-1, toks).clamp_max(0.0).cpu()  # [E, c_max]
-        toks = toks.cpu()
+        vals, toks = logq.topk(c_max, dim=-1)  # [E, c_max]
+        vals, toks = vals.clamp_max(0.0).cpu(), toks.cpu()
+        support = torch.isfinite(vals).sum(dim=-1).tolist()  # tokens the ranking leaves possible, per row
         par, tok, cum, shape_kids = [], [], [], []
         for row, s in enumerate(level):
-            c = min(counts[s], c_max, support[row])
+            c = min(counts[s], support[row])  # fewer children than the shape says only when fewer are possible
             base = float(tree.logprobs[to_tree[s]])
             par += [to_tree[s]] * c
             tok += toks[row, :c].tolist()
             cum += (base + vals[row, :c]).tolist()
             shape_kids += range(first_child[s], first_child[s] + c)
-            if sample:
-                tree.draft_probs[to_tree[s]] = logq[row].exp()
         idx = tree.add(torch.tensor(par, dtype=torch.long), tok, cum).tolist()
         for s, t in zip(shape_kids, idx):
             to_tree[s] = t

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,12 +84,16 @@ def forward_nodes(draft: CausalLM, tree: DraftTree, nodes: list[int], slots: lis
     return draft.forward(ids, pos, mask)[0].float()
 
 
+RankLogits = Callable[[DraftTree, list[int], torch.Tensor], torch.Tensor]
+
+
 def _add_best_children(
-    tree: DraftTree, parents: list[int], logits: torch.Tensor, branch: int, budget: int, temperature: float
+    tree: DraftTree, parents: list[int], logits: torch.Tensor, branch: int, budget: int, rank_logits: RankLogits | None
 ) -> None:
     """Add each parent's top-branch children that would rank inside the current top-budget."""
-    scaled = logits / temperature if temperature > 0 else logits
-    logq = torch.log_softmax(scaled.float(), dim=-1)  # [E, V]
+    if rank_logits is not None:
+        logits = rank_logits(tree, parents, logits)
+    logq = torch.log_softmax(logits.float(), dim=-1)  # [E, V]
     k = min(branch, logq.shape[-1])
     vals, toks = logq.topk(k, dim=-1)  # [E, k], best first
     vals, toks = vals.clamp_max(0.0).cpu(), toks.cpu()  # clamp: a child never outscores its parent
@@ -96,6 +101,7 @@ def _add_best_children(
     cum = (tree.logprobs[par][:, None] + vals).reshape(-1)  # [E * k], creation order
     scores = torch.cat([tree.logprobs[1:], cum])
     top = torch.sort(scores, descending=True, stable=True).indices[:budget]
+    top = top[torch.isfinite(scores[top])]  # tokens the ranking makes impossible are never drafted
     fresh = top[top >= tree.size - 1] - (tree.size - 1)
     fresh = fresh.sort().values  # keep creation order
     if fresh.numel():
@@ -109,11 +115,12 @@ def grow_tree(
     expand: int = 32,
     branch: int = 8,
     max_depth: int = 32,
-    temperature: float = 0.0,
+    rank_logits: RankLogits | None = None,
 ) -> GrowResult:
     """Grow the `budget` most probable drafted nodes (draft cumulative probability) under the root pending[-1].
 
-    temperature: draft scoring temperature; 0 (greedy target) scores with the draft's own distribution.
+    rank_logits(tree, nodes, logits [E, V]) -> [E, V]: what children are ranked by (default: the draft's logits);
+    the engine passes the target's sampling rule (penalties, temperature, truncation, the position's noise).
     The draft cache ends holding the pending tokens, then one slot per cached (expanded, kept) node.
     """
     if budget < 0 or expand < 1 or branch < 1 or max_depth < 0:
@@ -126,7 +133,7 @@ def grow_tree(
     expanded: set[int] = {0}
     rounds = 1
     if budget > 0 and max_depth > 0:
-        _add_best_children(tree, [0], root_logits[None], branch, budget, temperature)
+        _add_best_children(tree, [0], root_logits[None], branch, budget, rank_logits)
     while True:
         top = tree.best_nodes(budget).tolist()
         depths = tree.depths.tolist()
@@ -137,7 +144,7 @@ def grow_tree(
         slots.extend(chosen)
         expanded.update(chosen)
         rounds += 1
-        _add_best_children(tree, chosen, logits, branch, budget, temperature)
+        _add_best_children(tree, chosen, logits, branch, budget, rank_logits)
         if tree.size > TRIM_FACTOR * budget + 1:  # nodes outside the top-budget never re-enter it: drop them
             tree, slots, expanded = _trim(tree, budget, slots, expanded)
     tree, slots, _ = _trim(tree, budget, slots, expanded)

@@ -76,24 +76,8 @@ class AcceptanceStats:
         """[d - 1] = P(some depth-d child is accepted | the target chose at depth d - 1 with children)."""
         return [a / t if t else 0.0 for a, t in zip(self.depth_accepts + [0] * len(self.depth_tries), self.depth_tries)]
 
-    def merge(self, other: AcceptanceStats) -> None:
-        """Add other's counters into self."""
-        self.passes += other.passes
-        self.tokens += other.tokens
-        self.drafted += other.drafted
-        for mine, theirs in (
-            (self.accepted_hist, other.accepted_hist),
-            (self.depth_tries, other.depth_tries),
-            (self.depth_accepts, other.depth_accepts),
-            (self.rank_accepts, other.rank_accepts),
-        ):
-            for i, c in enumerate(theirs):
-                _bump(mine, i, c)
-        self.draft_s += other.draft_s
-        self.target_s += other.target_s
-
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready summary."""
+        """JSON-ready summary (generate --json's "acceptance")."""
         return {
             "passes": self.passes,
             "tokens": self.tokens,

@@ -23,8 +23,6 @@ class DraftTree:
         self._token_list: list[int] = [int(root_token)]
         self._parent_list: list[int] = [-1]
         self._children: list[list[int]] = [[]]
-        # draft distribution q [V] that node i's children were sampled from (sampled trees only)
-        self.draft_probs: dict[int, torch.Tensor] = {}
 
     @property
     def size(self) -> int:
@@ -173,8 +171,6 @@ class DraftTree:
         for j, p in enumerate(out._parent_list):
             if p >= 0:
                 out._children[p].append(j)
-        remap_list = remap.tolist()
-        out.draft_probs = {remap_list[i]: q for i, q in self.draft_probs.items() if remap_list[i] >= 0}
         return out, remap
 
     def __repr__(self) -> str:
@@ -201,8 +197,6 @@ class DraftTree:
         for j, p in enumerate(out._parent_list):
             if p >= 0:
                 out._children[p].append(j)
-        remap_list = remap.tolist()
-        out.draft_probs = {remap_list[i]: q for i, q in self.draft_probs.items() if remap_list[i] >= 0}
         return out, remap
 
     def likeliest_path(self) -> list[int]:

@@ -1,13 +1,13 @@
-"""The target's tree pass and the three verifications: greedy, sample-and-match (SpecExec), without replacement (Sequoia)."""
+"""The target's tree pass, committing the accepted path, and verification (follow the target's choice through the tree)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from offspec.runtime.masks import tree_mask
-from offspec.speculative.sampling import SamplingParams, probs, sample, sample_probs, uniform
 from offspec.speculative.specexec import CausalLM, model_device
 from offspec.speculative.tree import DraftTree
 
@@ -75,8 +75,12 @@ def _child_by_token(tree: DraftTree, node: int, token: int) -> tuple[int, int]:
     return -1, -1
 
 
-def _follow(tree: DraftTree, choose) -> VerifyResult:
-    """Walk from the root: take the target's chosen token at each node while it is a child."""
+def verify_tree(tree: DraftTree, choose: Callable[[int], int]) -> VerifyResult:
+    """Follow the target's choice at each node (choose(node) -> token) while it is a child.
+
+    Sampling is deterministic given the context (position-keyed Gumbel noise, see sampling.py), so this one walk
+    verifies greedy and sampled decoding alike and keeps the target's output exactly.
+    """
     node, accepted, ranks = 0, [], []
     while True:
         token = choose(node)
@@ -90,54 +94,4 @@ def _follow(tree: DraftTree, choose) -> VerifyResult:
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor | TreeLogits) -> VerifyResult:
     """Follow the target's argmax through the tree while it is a child."""
-    return _follow(tree, lambda node: int(logits[node].argmax()))
-
-
-def verify_sample_match(
-    tree: DraftTree, logits: torch.Tensor | TreeLogits, sampling: SamplingParams,
-    generator: torch.Generator | None = None,
-) -> VerifyResult:
-    """SpecExec: at each node draw one token from the target; follow it if it is a child, else it is next_token."""
-    if sampling.greedy:
-        return verify_greedy(tree, logits)
-    return _follow(tree, lambda node: int(sample(logits[node], sampling, generator)))
-
-
-def verify_without_replacement(
-    tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
-) -> VerifyResult:
-    """Sequoia: try a node's children (sampled w/o replacement from tree.draft_probs[node]) in order against the residual.
-
-    Accept child x with prob min(1, r(x)/q(x)) (r starts as the target p); on rejection r <- norm(max(r - q, 0)) and
-    q <- q without x, renormalised; if every child is rejected, next_token ~ r. Lossless only for sampled trees.
-    """
-    node, accepted, ranks = 0, [], []
-    while True:
-        p = probs(logits[node], sampling)  # [V]
-        kids = tree.children(node)
-        if not kids:
-            return _result(tree, accepted, ranks, int(sample_probs(p, generator)), False)
-        if node not in tree.draft_probs:
-            raise ValueError(f"node {node} has children but no draft_probs: build the tree with fill_tree(sample=True)")
-        q = tree.draft_probs[node].to(device=p.device, dtype=torch.float32).clone()  # [V]
-        r = p
-        chosen = -1
-        for rank, child in enumerate(kids):
-            x = tree.token(child)
-            qx, rx = float(q[x]), float(r[x])
-            if qx <= 0.0:  # not a draw from q: skip it
-                continue
-            if uniform(generator) * qx < rx:  # accept with prob min(1, r(x)/q(x))
-                chosen = child
-                break
-            residual = (r - q).clamp_min(0.0)
-            total = float(residual.sum())
-            r = residual / total if total > 0 else r
-            q[x] = 0.0
-            q_total = float(q.sum())
-            q = q / q_total if q_total > 0 else q
-        if chosen < 0:
-            return _result(tree, accepted, ranks, int(sample_probs(r, generator)), True)
-        accepted.append(chosen)
-        ranks.append(rank)
-        node = chosen
+    return verify_tree(tree, lambda node: int(logits[node].argmax()))

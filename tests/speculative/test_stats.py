@@ -33,14 +33,5 @@ def test_counters() -> None:
     json.dumps(stats.as_dict())
 
 
-def test_merge_equals_recording_everything() -> None:
-    a, b, both = AcceptanceStats(), AcceptanceStats(), AcceptanceStats()
-    rs = passes()
-    a.record(rs[0])
-    b.record(rs[1])
-    b.record(rs[2])
-    for r in rs:
-        both.record(r)
-    a.merge(b)
-    assert a == both
+def test_empty_stats() -> None:
     assert AcceptanceStats().acceptance_p(2) == [0.0, 0.0] and AcceptanceStats().tokens_per_pass == 0.0
