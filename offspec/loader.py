@@ -105,12 +105,12 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
 
     check_budget_fits_machine(rc)
     if model is None:
-        from offspec.store.demo import demo_models
+        from offspec.store.demo import demo_draft, demo_target
 
-        target_store, demo_draft = demo_models(rc.bits, rc.dtype)
+        target_store = demo_target(rc.bits, rc.dtype, progress=progress)
         if draft is None and spec:
-            draft_store: Path | None = demo_draft
-        else:
+            draft_store: Path | None = demo_draft(rc.dtype, progress=progress)
+        else:  # the demo's own draft is not used: do not convert it
             draft_store = resolve_model(draft, 16, rc.dtype, progress=progress) if (draft and spec) else None
     else:
         target_store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
