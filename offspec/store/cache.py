@@ -106,6 +106,8 @@ def list_items(home: Path | None = None) -> list[CacheItem]:
         if p.is_dir():
             seen.add(p)
             count = sum(1 for _ in p.iterdir())
+            if count == 0:
+                continue
             items.append(CacheItem(folder, folder.rstrip("s") if folder != "logs" else "log", str(p), tree_bytes(p),
                                    f"{count} file{'s' if count != 1 else ''}"))
     for p in sorted(home.iterdir()):

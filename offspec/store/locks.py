@@ -65,11 +65,16 @@ def _lock_file(path: Path, flags: int) -> int | None:
 
 @contextlib.contextmanager
 def exclusive(out: Path, home: Path | None = None) -> Iterator[None]:
-    """Hold the write lock of store folder `out` (waits for another writer)."""
-    fd = _lock_file(lock_path(out, home), fcntl.LOCK_EX)
+    """Hold the write lock of store folder `out` (waits for another writer); the lock file goes when done."""
+    path = lock_path(out, home)
+    fd = _lock_file(path, fcntl.LOCK_EX)
     try:
         yield
     finally:
+        try:
+            path.unlink()  # while held: a waiting locker sees its inode is gone and locks the new file
+        except OSError:
+            pass
         os.close(fd)
 
 

@@ -162,7 +162,10 @@ def _sizing_config(config: dict) -> dict:
 
 
 def _folder_metadata(src: Path) -> SourceMetadata:
+    from offspec.models.registry import check_supported
+
     config = read_config(src)
+    check_supported(str(config["model_type"]))
     n = num_layers_of(config, str(src))
     specs: dict[str, TensorSpec] = {}
     files = safetensors_files(src)

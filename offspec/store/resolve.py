@@ -55,6 +55,15 @@ def find_named(model: str, home: Path | None = None) -> Path | None:
     return None
 
 
+def locate_store(model: str, home: Path | None = None) -> Path | None:
+    """The existing path a model argument names (a path or a name from `offspec models`), without the hub."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path.resolve()
+    named = find_named(model, home)
+    return named.resolve() if named is not None else None
+
+
 def locate_model(model: str, home: Path | None = None) -> tuple[Path, str | None]:
     """(existing path, cache name or None) for a path, a name from `offspec models` or a hub id."""
     path = Path(model).expanduser()
@@ -146,3 +155,25 @@ def _store_source(store: Path) -> str | None:
         return read_manifest(store).source
     except StoreError:
         return None
+
+
+def plan_inputs(model: str, bits: int | None = None, dtype: str = "bfloat16",
+                home: Path | None = None) -> tuple[str, object, object, str]:
+    """(name, manifest, config, what) to plan a model without converting it: a store's own manifest, or the
+    manifest a folder or GGUF would convert into, sized from its metadata. Writes nothing.
+
+    config: the store's transformers config, or for a source an object with the attributes sizing reads."""
+    from types import SimpleNamespace
+
+    from offspec.models.registry import load_config
+    from offspec.store.metadata import estimate_manifest
+
+    check_bits_dtype(bits, dtype)
+    path, _ = locate_model(model, home)
+    if is_store(path):
+        return path.name, read_manifest(path), load_config(path), "store"
+    meta = read_source_metadata(path)
+    chosen = choose_bits(meta, bits)
+    why = f"; {meta.bits_reason}" if bits is None and meta.kind == "gguf" else ""
+    config = SimpleNamespace(**meta.config, num_hidden_layers=meta.num_layers)
+    return path.name, estimate_manifest(meta, chosen, dtype), config, f"not converted yet{why}"
