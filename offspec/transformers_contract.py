@@ -175,6 +175,41 @@ def gguf_tokenizer(path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
+def _fewer_layers(config, n: int):
+    """A copy of config with n decoder layers (per-layer lists cut to match)."""
+    import copy
+
+    total = int(config.num_hidden_layers)
+    small = copy.deepcopy(config)
+    for key, value in list(vars(small).items()):
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(small, key, value[:n])
+    small.num_hidden_layers = n
+    return small
+
+
+def _repeat_layers(names: dict[str, str], n: int) -> dict[str, str] | None:
+    """The GGUF -> HF map of layers 0 and 1 extended to n layers; None if the two layers differ in pattern."""
+    import re
+
+    per_layer: dict[int, set[tuple[str, str]]] = {0: set(), 1: set()}
+    out = {}
+    for gguf_name, hf_name in names.items():
+        g, h = re.match(r"^blk\.(\d+)\.(.*)$", gguf_name), re.match(r"^(.*?)layers\.(\d+)\.(.*)$", hf_name)
+        if g is None and h is None:
+            out[gguf_name] = hf_name
+        elif g is not None and h is not None and g.group(1) == h.group(2) and int(g.group(1)) in per_layer:
+            per_layer[int(g.group(1))].add((g.group(2), h.group(1), h.group(3)))
+        else:
+            return None
+    if per_layer[0] != per_layer[1]:
+        return None
+    for i in range(n):
+        for g_rest, h_prefix, h_rest in per_layer[0]:
+            out[f"blk.{i}.{g_rest}"] = f"{h_prefix}layers.{i}.{h_rest}"
+    return out
+
+
 class GgufTensorMap:
     """GGUF tensor name -> HF name, and the family's tensor fix, for one file's architecture and config."""
 
@@ -188,14 +223,26 @@ class GgufTensorMap:
 
         processor_cls = legacy.TENSOR_PROCESSORS.get(architecture, legacy.TensorProcessor)
         self.processor = processor_cls(config=config.to_dict())
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
+        n = int(config.num_hidden_layers)
         try:
-            self.names: dict[str, str] = legacy.get_gguf_hf_weights_map(skeleton, self.processor)
+            # The map of a two-layer skeleton, repeated for every layer: gguf-py's name table and a meta
+            # model of the whole network cost memory that grows with its depth. Layers whose names differ from the
+            # pattern of the first two fall back to the whole skeleton.
+            names = self._map(legacy, AutoModelForCausalLM, _fewer_layers(config, min(n, 2)), min(n, 2))
+            self.names = _repeat_layers(names, n) if n > 2 else names
+            if self.names is None:
+                self.names = self._map(legacy, AutoModelForCausalLM, config, n)
+        except ContractError:
+            raise
         except Exception as exc:  # NotImplementedError for an arch gguf-py does not know, and API drift
             raise ContractError(
                 f"transformers {transformers_version()}: cannot map the GGUF tensor names of "
                 f"{architecture!r} ({type(exc).__name__}: {exc})") from None
+
+    def _map(self, legacy, auto_cls, config, num_layers: int) -> dict[str, str]:
+        with torch.device("meta"):
+            skeleton = auto_cls.from_config(config)
+        return legacy.get_gguf_hf_weights_map(skeleton, self.processor, num_layers=num_layers)
 
     def hf_name(self, gguf_name: str) -> str | None:
         """The HF parameter name of a GGUF tensor, or None for tensors transformers drops (e.g. rope_freqs)."""

@@ -140,9 +140,12 @@ def resolve_model(
     others = [p for p in sorted(root_stores.iterdir()) if p != out and is_store(p) and _store_source(p) == str(path)
               ] if root_stores.is_dir() else []
     if others:
+        from offspec.store.metadata import estimate_manifest, store_bytes
+
         names = ", ".join(p.name for p in others)
-        console.status_line(f"note: {path.name} is already in the cache as {names}; "
-                            f"these options ({store_tag(chosen, dtype)}) make another full copy")
+        size = format_size(store_bytes(estimate_manifest(meta, chosen, dtype)))
+        console.status_line(f"note: {path.name} is already in the cache as {names}; these options "
+                            f"({store_tag(chosen, dtype)}) make another full copy of {size}")
     result = convert(path, out, bits=bits, dtype=dtype, progress=progress, on_choice=console.status_line, meta=meta)
     if result.converted:
         console.status_line(f"converted {path.name} into {out} ({format_size(result.size_bytes)}); later runs reuse it")
