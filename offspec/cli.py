@@ -5,6 +5,7 @@ non-zero exit in one place (`OffspecGroup.main`); OFFSPEC_DEBUG=1 shows the trac
 Torch-heavy modules are imported inside the commands, so `offspec --help` stays fast.
 """
 
+import contextlib
 import os
 import sys
 
@@ -243,8 +244,11 @@ def _load(model: str | None, draft: str | None, spec: bool, rc, budget_auto: boo
 
     if ctx_size < 1:
         raise ConfigError(f"bad --ctx-size {ctx_size}: must be at least 1 token")
+    from offspec.store.convert import ConversionInterrupted
+
     progress = console.stderr_is_tty() and not quiet
-    with console.quiet_transformers(), console.phase("loading model", enabled=progress):
+    with _say_interrupted(ConversionInterrupted), console.quiet_transformers(), \
+            console.phase("loading model", enabled=progress):
         return load_engine(model, draft, spec=spec, rc=rc, cache_tokens=ctx_size, progress=progress,
                            budget_auto=budget_auto)
 
@@ -267,6 +271,16 @@ def _set_threads(threads: str | None) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _say_interrupted(kind: type):
+    """Ctrl-C inside: print the interruption's own line and exit 130 (typer would exit in silence)."""
+    try:
+        yield
+    except kind as exc:
+        console.error_line(f"interrupted: {exc}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _check_output_flags(quiet: bool, verbose: bool) -> None:
@@ -584,9 +598,9 @@ def convert(
     dtype: DtypeOpt = "bfloat16",
 ) -> None:
     """Convert a model into a layer store (one aligned blob per decoder layer, checksummed)."""
-    from offspec.store.convert import convert as convert_store, format_size
+    from offspec.store.convert import ConversionInterrupted, convert as convert_store, format_size
 
-    with console.quiet_transformers():
+    with _say_interrupted(ConversionInterrupted), console.quiet_transformers():
         result = convert_store(src, out, bits=bits, dtype=dtype, progress=console.stderr_is_tty(),
                                on_choice=console.status_line)
     verb = "converted" if result.converted else "already converted"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from offspec.errors import StoreError
 from offspec.paths import offspec_home
-from offspec.store.locks import LOCKS, lock_path, try_exclusive, writer_busy
+from offspec.store.locks import LOCKS, lock_path, release_shared, try_exclusive, writer_busy
 from offspec.store.manifest import MANIFEST, read_manifest
 
 STORES, DEMO, PEER = "stores", "demo", "peer"
@@ -94,7 +94,9 @@ def list_items(home: Path | None = None) -> list[CacheItem]:
             if p.name.endswith(".ok"):
                 continue  # a check marker: goes with its file
             kind = "demo" if p.suffix == ".gguf" else "other"
-            items.append(CacheItem(f"{DEMO}/{p.name}", kind, str(p), tree_bytes(p),
+            marker = p.with_name(p.name + ".ok")
+            size = tree_bytes(p) + (tree_bytes(marker) if marker.exists() else 0)
+            items.append(CacheItem(f"{DEMO}/{p.name}", kind, str(p), size,
                                    "assembled demo model" if kind == "demo" else ""))
     peer = home / PEER
     if peer.is_dir():
@@ -183,6 +185,7 @@ def remove_item(item: CacheItem, home: Path | None = None) -> bool:
     """Remove one item; False (nothing removed) if another process holds it."""
     path = Path(item.path)
     if item.kind == "store":
+        release_shared(path)  # this process's own read lock, if it used the store
         fd = try_exclusive(path / MANIFEST)
         if fd is None:
             return not path.exists()

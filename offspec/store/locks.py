@@ -119,3 +119,10 @@ def hold_shared(store: Path) -> None:
         os.close(fd)
         return
     _held[key] = fd
+
+
+def release_shared(store: Path) -> None:
+    """Drop this process's shared lock on a store (before this process removes it)."""
+    fd = _held.pop(str(Path(store).resolve()), None)
+    if fd is not None:
+        os.close(fd)
