@@ -345,12 +345,12 @@ class FolderSource:
         self._stack.close()
 
 
-def open_source(src: Path, meta: SourceMetadata | None = None):
+def open_source(src: Path):
     """A lazy reader: a HF folder (safetensors views) or a GGUF file (one dequantized tensor at a time)."""
     if src.is_file():
-        from offspec.store.gguf import GgufSource, read_gguf_header
+        from offspec.store.gguf import GgufSource
 
-        return GgufSource(src, read_gguf_header(src))
+        return GgufSource(src)
     return FolderSource(src)
 
 
@@ -408,7 +408,7 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
             if _check_out_free(out, key, src, chosen, dtype):
                 return ConvertResult(out, chosen, dtype, store_bytes(read_manifest(out)), False)
             _check_disk_space(out, partial, expected, _read_journal(partial, key))
-            with open_source(src, meta) as source:
+            with open_source(src) as source:
                 journal = _open_journal(partial, key)
                 try:
                     _convert(source, partial, journal, chosen, dtype, progress, meta)

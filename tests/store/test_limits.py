@@ -3,11 +3,9 @@ Ctrl-C says how to resume, a read-only cache that holds the store works."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
