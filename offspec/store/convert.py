@@ -56,7 +56,7 @@ from offspec.store.nf4 import NF4_BLOCKSIZE, quantize_nf4
 
 JOURNAL = "journal.json"
 CONVERT_INFO = "convert.json"  # key, source and options of a finished store
-Loader = Callable[[], torch.Tensor]
+Loader = Callable[..., torch.Tensor]  # loader(dtype=None): the tensor (a GGUF source may cast it as it goes)
 __all__ = ["convert_model", "layer_file", "split_layer_name", "source_key", "write_blob"]
 
 
@@ -111,7 +111,7 @@ def prepared(loaders: dict[str, Loader], dtype: str, bits: int) -> Iterator[tupl
     every 2-D weight packed as NF4 (followed by its float32 "<name>.absmax")."""
     torch_dtype = DTYPES[dtype]
     for name in sorted(loaders):
-        t = loaders[name]()
+        t = loaders[name](torch_dtype)
         if t.is_floating_point():
             t = t.to(torch_dtype)
         if bits == 4 and t.ndim == 2 and name.endswith(".weight") and t.is_floating_point():
@@ -307,7 +307,7 @@ class FolderSource:
         return where
 
     def _loader(self, name: str) -> Loader:
-        def load() -> torch.Tensor:
+        def load(dtype: torch.dtype | None = None) -> torch.Tensor:  # a view of the file; cast by the caller
             handle, file = self._where[name]
             try:
                 return handle.get_tensor(name)

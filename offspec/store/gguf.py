@@ -26,6 +26,7 @@ _F32, _F16, _BF16, _Q8_0 = 0, 1, 30, 8
 # llama.cpp file types (general.file_type) whose weights hold 8 bits or more: these become 16-bit stores.
 _WIDE_FILE_TYPES = {0: "F32", 1: "F16", 7: "Q8_0", 32: "BF16"}
 _WIDE_TENSOR_TYPES = {_F32, _F16, _BF16, _Q8_0}
+CHUNK_BYTES = 64 << 20  # float32 bytes dequantized at once from a large matrix
 
 
 @dataclass(frozen=True)
@@ -241,13 +242,17 @@ class GgufSource:
         self._resident = [n for n in resident if not (n == "lm_head.weight" and self.tie_word_embeddings)]
         self._maps: list[np.ndarray] = [np.memmap(p, mode="r", dtype=np.uint8) for p in self.header.parts]
 
-    def _loader(self, hf_name: str) -> Callable[[], torch.Tensor]:
+    def _loader(self, hf_name: str) -> Callable[..., torch.Tensor]:
         info = self._by_hf[hf_name]
 
-        def load() -> torch.Tensor:
+        def load(dtype: torch.dtype | None = None) -> torch.Tensor:
             from offspec.transformers_contract import ContractError
 
             try:
+                if dtype is not None and len(info.shape) == 2 and info.shape[0] * info.shape[1] * 4 > CHUNK_BYTES:
+                    out = self._load_in_row_chunks(info, dtype)
+                    if out is not None:
+                        return out
                 weights = dequantize(info, self._maps)
                 mapped, weights = self._map.process(info.name, weights)
             except ContractError as exc:
@@ -259,6 +264,28 @@ class GgufSource:
             return to_torch(weights)
 
         return load
+
+    def _load_in_row_chunks(self, info: GgufTensorInfo, dtype: torch.dtype) -> torch.Tensor | None:
+        """A large matrix (an embedding, a head) dequantized and cast a few rows at a time; None when the
+        family's fix changes it (a fix may need the whole tensor at once).
+
+        transformers picks its tensor fixes by name, so a fix that returns the first rows unchanged leaves
+        the whole tensor unchanged."""
+        rows, cols = info.shape
+        step = max(1, CHUNK_BYTES // (cols * 4))
+        out = torch.empty(rows, cols, dtype=dtype)
+        row_bytes = info.nbytes // rows
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            part = GgufTensorInfo(info.name, (n, cols), info.ggml_type, info.part, info.offset + start * row_bytes,
+                                  n * row_bytes)
+            chunk = dequantize(part, self._maps)
+            if start == 0:
+                mapped, fixed = self._map.process(info.name, chunk)
+                if fixed is not chunk or mapped != self._map.hf_name(info.name):
+                    return None
+            out[start : start + n] = to_torch(chunk)
+        return out
 
     def tensor_bytes(self, hf_name: str) -> int:
         return self._by_hf[hf_name].nbytes

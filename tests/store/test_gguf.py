@@ -160,3 +160,15 @@ def test_gguf_copy_has_a_working_tokenizer(gguf_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(store)
     assert tok.decode(tok.encode("hi there", add_special_tokens=False)) == "hi there"
     shutil.rmtree(store)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_large_matrices_in_row_chunks_equal_transformers_load(gguf_dir, tmp_path, monkeypatch, arch, allow_gemma3):
+    """Every matrix over the chunk size: untouched ones go a few rows at a time, fixed ones (llama's Q/K) whole."""
+    import offspec.store.gguf as gguf_mod
+
+    monkeypatch.setattr(gguf_mod, "CHUNK_BYTES", 4096)
+    path = _gguf(gguf_dir, arch, "Q4_K_M")
+    want = transformers_state_dict(path, torch.bfloat16)
+    got = store_state_dict(convert(path, tmp_path / "s", bits=16, dtype="bfloat16", progress=False).path)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
