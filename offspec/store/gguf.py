@@ -281,7 +281,12 @@ class GgufSource:
                                   n * row_bytes)
             chunk = dequantize(part, self._maps)
             if start == 0:
-                mapped, fixed = self._map.process(info.name, chunk)
+                from offspec.transformers_contract import ContractError
+
+                try:
+                    mapped, fixed = self._map.process(info.name, chunk)
+                except ContractError:  # e.g. a Q/K un-permute cannot work on a few rows
+                    return None
                 if fixed is not chunk or mapped != self._map.hf_name(info.name):
                     return None
             out[start : start + n] = to_torch(chunk)
