@@ -115,13 +115,16 @@ def prepared(loaders: dict[str, Loader], dtype: str, bits: int) -> Iterator[tupl
         if t.is_floating_point():
             t = t.to(torch_dtype)
         if bits == 4 and t.ndim == 2 and name.endswith(".weight") and t.is_floating_point():
-            packed, absmax = quantize_nf4(t)
             shape = tuple(t.shape)
+            packed, absmax = quantize_nf4(t)
             del t
             yield name, packed, QuantInfo("nf4", NF4_BLOCKSIZE, shape, dtype)
+            del packed  # hold nothing across a yield: the writer frees each tensor once written
             yield name + ".absmax", absmax, None
+            del absmax
         else:
             yield name, t.contiguous(), None
+            del t
 
 
 def write_blob(store_dir: Path, rel: str, tensors: Iterable[tuple[str, torch.Tensor, QuantInfo | None]]) -> BlobEntry:
