@@ -50,7 +50,7 @@ class SourceMetadata:
     kind: str  # "folder" or "gguf"
     model_type: str
     num_layers: int
-    config: dict  # the keys sizing needs: num_attention_heads, num_key_value_heads, head_dim, hidden_size
+    config: dict  # what sizing needs: num_attention_heads, num_key_value_heads, head_dim, hidden_size, context
     tie_word_embeddings: bool
     layers: tuple[dict[str, TensorSpec], ...]
     resident: dict[str, TensorSpec]
@@ -156,8 +156,9 @@ def _sizing_config(config: dict) -> dict:
     heads = get("num_attention_heads") or 1
     out = {"num_attention_heads": heads, "num_key_value_heads": get("num_key_value_heads") or heads,
            "hidden_size": get("hidden_size") or 0}
-    if get("head_dim"):
-        out["head_dim"] = get("head_dim")
+    for key in ("head_dim", "max_position_embeddings"):
+        if get(key):
+            out[key] = get(key)
     return out
 
 
@@ -201,6 +202,8 @@ def _gguf_metadata(src: Path) -> SourceMetadata:
               "hidden_size": get("embedding_length", 0)}
     if get("attention.key_length"):
         config["head_dim"] = get("attention.key_length")
+    if get("context_length"):
+        config["max_position_embeddings"] = get("context_length")
     layers: list[dict[str, TensorSpec]] = [{} for _ in range(n)]
     resident: dict[str, TensorSpec] = {}
     for t in header.tensors:
