@@ -26,7 +26,7 @@ _F32, _F16, _BF16, _Q8_0 = 0, 1, 30, 8
 # llama.cpp file types (general.file_type) whose weights hold 8 bits or more: these become 16-bit stores.
 _WIDE_FILE_TYPES = {0: "F32", 1: "F16", 7: "Q8_0", 32: "BF16"}
 _WIDE_TENSOR_TYPES = {_F32, _F16, _BF16, _Q8_0}
-CHUNK_BYTES = 16 << 20  # float32 bytes dequantized at once from a large matrix (numpy dequantizing needs several times that)
+CHUNK_BYTES = 16 << 20  # float32 bytes dequantized at once (gguf-py needs several times that while it works)
 
 
 @dataclass(frozen=True)
