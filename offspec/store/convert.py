@@ -445,8 +445,8 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             shutil.rmtree(partial, ignore_errors=True)  # a half-written store would only keep the disk full
-            raise StoreError(f"the disk filled up while writing the store {out} (needs {format_size(store_bytes(expected))}); "
-                             "free some space and run again") from None
+            raise StoreError(f"the disk filled up while writing the store {out} "
+                             f"(needs {format_size(store_bytes(expected))}); free some space and run again") from None
         raise StoreError(f"cannot write the store {out}: {exc.strerror or exc}") from None
     return ConvertResult(out, chosen, dtype, store_bytes(manifest), True)
 
@@ -468,5 +468,6 @@ def _convert(source, partial: Path, journal: dict, bits: int, dtype: str, progre
             _write_json_atomic(partial / JOURNAL, journal)
             bar.update(task, advance=layer_src[i], tensors=bar.tasks[0].fields["tensors"] + len(meta.layers[i]))
         if _done(partial, journal.get("resident")) is None:
-            journal["resident"] = asdict(write_blob(partial, RESIDENT_FILE, prepared(source.resident_tensors(), dtype, 16)))
+            resident = write_blob(partial, RESIDENT_FILE, prepared(source.resident_tensors(), dtype, 16))
+            journal["resident"] = asdict(resident)
             _write_json_atomic(partial / JOURNAL, journal)

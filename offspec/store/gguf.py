@@ -258,7 +258,8 @@ class GgufSource:
             except ContractError as exc:
                 raise ModelError(f"{self.src}: {exc}") from None
             except (ValueError, NotImplementedError) as exc:
-                raise ModelError(f"{self.src}: cannot dequantize tensor {info.name} ({info.type_name}: {exc})") from None
+                raise ModelError(
+                    f"{self.src}: cannot dequantize tensor {info.name} ({info.type_name}: {exc})") from None
             if mapped != hf_name:
                 raise ModelError(f"{self.src}: tensor {info.name} maps to {mapped}, expected {hf_name}")
             return to_torch(weights)

@@ -132,7 +132,9 @@ def read_manifest(store_dir: str | Path) -> Manifest:
         raise StoreError(f"{store_dir}: corrupt {MANIFEST} ({type(exc).__name__}: {exc})") from None
 
 
-def layout_entries(specs: list[tuple[str, str, tuple[int, ...], int, QuantInfo | None]]) -> tuple[dict[str, TensorEntry], int]:
+def layout_entries(
+    specs: list[tuple[str, str, tuple[int, ...], int, QuantInfo | None]],
+) -> tuple[dict[str, TensorEntry], int]:
     """ALIGN-aligned entries for (name, dtype name, shape, nbytes, quant) in order, and the padded blob size."""
     entries: dict[str, TensorEntry] = {}
     offset = 0

@@ -243,7 +243,8 @@ def _specs(tensors: dict[str, TensorSpec], dtype: str, bits: int) -> list:
         if not t.is_float:
             out.append((name, t.dtype if t.dtype in DTYPES else "uint8", t.shape, t.source_bytes, None))
         elif bits == 4 and len(t.shape) == 2 and name.endswith(".weight"):
-            out.append((name, "uint8", ((n + 1) // 2, 1), (n + 1) // 2, QuantInfo("nf4", NF4_BLOCKSIZE, t.shape, dtype)))
+            quant = QuantInfo("nf4", NF4_BLOCKSIZE, t.shape, dtype)
+            out.append((name, "uint8", ((n + 1) // 2, 1), (n + 1) // 2, quant))
             blocks = -(-n // NF4_BLOCKSIZE)
             out.append((name + ".absmax", DTYPE_NAMES[DTYPES["float32"]], (blocks,), 4 * blocks, None))
         else:
