@@ -653,14 +653,15 @@ def plan(
         console.status_line("warning: --host-memory does nothing on the CPU (it sizes pinned RAM for CUDA)")
     host_budget = host_budget or 0
     dev_budget = dev_budget or 0
-    name, man, config, what = plan_inputs(model, bits, dtype)
-    ctx_tokens = context_tokens(None, ctx_size, config)
+    target = plan_inputs(model, bits, dtype)
+    name, man, what = target.name, target.manifest, target.what
+    ctx_tokens = context_tokens(target.store_dir, ctx_size, target.config)
     reserved = 0
     if draft is not None:
-        _, d_man, d_config, _ = plan_inputs(draft, 16, dtype)
-        reserved = model_bytes(None, ctx_tokens, kind, manifest=d_man, config=d_config)
-    residency, minimum = plan_for_store(None, man, kind, dev_budget, host_budget, reserved, ctx_tokens,
-                                        over_min=over_min, config=config)
+        d = plan_inputs(draft, 16, dtype)
+        reserved = model_bytes(d.store_dir, ctx_tokens, kind, manifest=d.manifest, config=d.config)
+    residency, minimum = plan_for_store(target.store_dir, man, kind, dev_budget, host_budget, reserved, ctx_tokens,
+                                        over_min=over_min, config=target.config)
     dev_budget = dev_budget if over_min is None else minimum + over_min
     from offspec.models.registry import family_label
 

@@ -412,6 +412,7 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
                 return ConvertResult(out, chosen, dtype, store_bytes(read_manifest(out)), False)
             _check_disk_space(out, partial, expected, _read_journal(partial, key))
             with open_source(src) as source:
+                check_supported(source.model_type)
                 journal = _open_journal(partial, key)
                 try:
                     _convert(source, partial, journal, chosen, dtype, progress, meta)

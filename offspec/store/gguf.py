@@ -212,7 +212,6 @@ class GgufSource:
     """A GGUF file (or split GGUF) as a converter source: names and lazy per-tensor loaders, in HF names."""
 
     def __init__(self, src: Path, header: GgufHeader | None = None) -> None:
-        from offspec.models.registry import check_supported
         from offspec.store.metadata import group_names
         from offspec.transformers_contract import ContractError, GgufTensorMap, gguf_config
 
@@ -223,8 +222,7 @@ class GgufSource:
         except Exception as exc:  # transformers raises ValueError/OSError/KeyError for what it cannot read
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{src}: cannot load GGUF file ({msg})") from None
-        self.model_type = str(self.config.model_type)
-        check_supported(self.model_type)
+        self.model_type = str(self.config.model_type)  # the converter checks it is supported
         names = {t.name for t in self.header.tensors}
         self.tie_word_embeddings = "output.weight" not in names
         self.config.tie_word_embeddings = self.tie_word_embeddings

@@ -99,7 +99,8 @@ def group_names(names: list[str], num_layers: int, where: str) -> tuple[dict[int
 def num_layers_of(config: dict, where: str) -> int:
     n = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
     if not isinstance(n, int) or n < 1:
-        raise ModelError(f"{where}: config.json has no valid num_hidden_layers")
+        raise ModelError(f"{where}: unsupported architecture '{config.get('model_type')}' "
+                         "(its config.json has no num_hidden_layers)")
     return n
 
 
@@ -163,10 +164,7 @@ def _sizing_config(config: dict) -> dict:
 
 
 def _folder_metadata(src: Path) -> SourceMetadata:
-    from offspec.models.registry import check_supported
-
     config = read_config(src)
-    check_supported(str(config["model_type"]))
     n = num_layers_of(config, str(src))
     specs: dict[str, TensorSpec] = {}
     files = safetensors_files(src)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from offspec import console
@@ -13,7 +14,7 @@ from offspec.errors import ModelError, StoreError
 from offspec.paths import home_is_writable, offspec_home
 from offspec.store.convert import choose_bits, convert, format_size, source_key, store_key
 from offspec.store.locks import hold_shared
-from offspec.store.manifest import MANIFEST, read_manifest
+from offspec.store.manifest import MANIFEST, Manifest, read_manifest
 from offspec.store.metadata import read_source_metadata
 
 HUB_HOST = ("huggingface.co", 443)
@@ -160,23 +161,30 @@ def _store_source(store: Path) -> str | None:
         return None
 
 
-def plan_inputs(model: str, bits: int | None = None, dtype: str = "bfloat16",
-                home: Path | None = None) -> tuple[str, object, object, str]:
-    """(name, manifest, config, what) to plan a model without converting it: a store's own manifest, or the
-    manifest a folder or GGUF would convert into, sized from its metadata. Writes nothing.
+@dataclass(frozen=True)
+class PlanInputs:
+    """What `offspec plan` sizes: a store's manifest, or the one a source would convert into."""
 
-    config: the store's transformers config, or for a source an object with the attributes sizing reads."""
+    name: str
+    manifest: Manifest
+    what: str  # "store", or "not converted yet" and why its bits were chosen
+    store_dir: Path | None = None  # a store: sizing reads its config
+    config: object = None  # a source: an object with the config attributes sizing reads
+
+
+def plan_inputs(model: str, bits: int | None = None, dtype: str = "bfloat16", home: Path | None = None) -> PlanInputs:
+    """Plan a model without converting it: a store as it is, or a folder or GGUF sized from its metadata
+    (config.json and safetensors headers, or the GGUF header). Writes nothing."""
     from types import SimpleNamespace
 
-    from offspec.models.registry import load_config
     from offspec.store.metadata import estimate_manifest
 
     check_bits_dtype(bits, dtype)
     path, _ = locate_model(model, home)
     if is_store(path):
-        return path.name, read_manifest(path), load_config(path), "store"
+        return PlanInputs(path.name, read_manifest(path), "store", store_dir=path)
     meta = read_source_metadata(path)
     chosen = choose_bits(meta, bits)
     why = f"; {meta.bits_reason}" if bits is None and meta.kind == "gguf" else ""
     config = SimpleNamespace(**meta.config, num_hidden_layers=meta.num_layers)
-    return path.name, estimate_manifest(meta, chosen, dtype), config, f"not converted yet{why}"
+    return PlanInputs(path.name, estimate_manifest(meta, chosen, dtype), f"not converted yet{why}", config=config)
