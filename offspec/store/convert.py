@@ -411,7 +411,11 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
             if _check_out_free(out, key, src, chosen, dtype):
                 return ConvertResult(out, chosen, dtype, store_bytes(read_manifest(out)), False)
             _check_disk_space(out, partial, expected, _read_journal(partial, key))
-            with open_source(src) as source:
+            from offspec.console import phase
+
+            with phase(f"reading {src.name} (config and tokenizer)", enabled=progress):
+                source = open_source(src)
+            with source:
                 check_supported(source.model_type)
                 journal = _open_journal(partial, key)
                 try:

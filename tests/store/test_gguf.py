@@ -164,3 +164,21 @@ def test_large_matrices_in_row_chunks_equal_transformers_load(gguf_dir, tmp_path
     want = transformers_state_dict(path, torch.bfloat16)
     got = store_state_dict(convert(path, tmp_path / "s", bits=16, dtype="bfloat16", progress=False).path)
     assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+@pytest.mark.slow
+def test_demo_draft_gguf_equals_transformers_load(tmp_path):
+    """The real 0.5B demo GGUF (Q4_K/Q5_0/Q6_K/Q8_0 mix), converted tensor by tensor, equals transformers' load."""
+    from offspec.errors import ModelError
+    from offspec.store.demo import demo_draft_gguf
+
+    try:
+        path = demo_draft_gguf()
+    except ModelError as exc:
+        pytest.skip(str(exc))
+    store = convert(path, tmp_path / "draft", bits=16, dtype="bfloat16", progress=False).path
+    want = transformers_state_dict(path, torch.bfloat16)
+    got = store_state_dict(store)
+    assert set(got) == set(want) - ({"lm_head.weight"} if read_manifest(store).tie_word_embeddings else set())
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
