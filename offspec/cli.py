@@ -5,6 +5,7 @@ non-zero exit in one place (`OffspecGroup.main`); OFFSPEC_DEBUG=1 shows the trac
 Torch-heavy modules are imported inside the commands, so `offspec --help` stays fast.
 """
 
+import contextlib
 import os
 import sys
 
@@ -58,7 +59,7 @@ def exit_code_for(exc: BaseException) -> int | None:
         console.error_line("aborted")
         return 1
     if isinstance(exc, KeyboardInterrupt):
-        console.error_line("interrupted")
+        console.error_line(f"interrupted: {exc}" if str(exc) else "interrupted")
         return EXIT_INTERRUPTED
     if _debug():
         return None
@@ -118,9 +119,10 @@ NgramCorpusOpt = Annotated[Optional[Path], typer.Option(
     help="A text file the n-gram index also matches against (tokenized once per run).")]
 NoSpecOpt = Annotated[bool, typer.Option(
     "--no-spec", rich_help_panel=MODEL_PANEL, help="Plain decoding: no draft, one token per streamed pass.")]
-BitsOpt = Annotated[int, typer.Option(
-    "--bits", metavar="16|4", rich_help_panel=MODEL_PANEL,
-    help="Target weights in the store: 16 (--dtype floats) or 4 (NF4).")]
+BitsOpt = Annotated[Optional[int], typer.Option(
+    "--bits", metavar="16|4", rich_help_panel=MODEL_PANEL, show_default=False,
+    help="Target weights in the store: 16 (--dtype floats) or 4 (NF4). Default: NF4 for GGUFs quantized "
+         "below 8 bits, else 16.")]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", metavar="DTYPE", rich_help_panel=MODEL_PANEL, help="bfloat16, float16 or float32.")]
 DeviceOpt = Annotated[str, typer.Option(
@@ -207,6 +209,29 @@ def _check_device(device: str) -> None:
     resolve_device(device)
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True if the user passed this option (not its default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def warn_ignored_flags(ctx: typer.Context, model: str | None, draft: str | None, no_spec: bool, rc) -> None:
+    """One stderr line per flag that would do nothing here (the run goes on)."""
+    from offspec.store.resolve import is_store, locate_store
+
+    store = locate_store(model) if model is not None else None
+    given = [f"--{n}" for n in ("bits", "dtype") if _given(ctx, n)]
+    if store is not None and is_store(store) and given:
+        console.status_line(f"warning: {'/'.join(given)} do nothing with a store: {model} keeps the weights "
+                            "it was converted with")
+    if rc.host_memory_bytes is not None and _plan_device_kind(rc.device) == "cpu":
+        console.status_line("warning: --host-memory does nothing on the CPU (it sizes pinned RAM for CUDA); "
+                            "use --device-memory")
+    unused = [f"--{n}" for n in ("budget", "tree") if _given(ctx, n)]
+    if unused and no_spec:  # --draft with --no-spec is an error (loader.check_draft_options)
+        console.status_line(f"warning: {'/'.join(unused)} do nothing without speculation (--no-spec)")
+
+
 def _generation_config(budget: str, spec: bool, tree: str, stop: list[str] | None, **sampling: Any):
     """A validated GenerationConfig (its checks, and SamplingParams', are the only ones)."""
     parsed_budget = parse_budget(budget)
@@ -223,9 +248,12 @@ def _load(model: str | None, draft: str | None, spec: bool, rc, budget_auto: boo
 
     if ctx_size < 1:
         raise ConfigError(f"bad --ctx-size {ctx_size}: must be at least 1 token")
-    check_draft_options(model, draft, spec, ngram, ngram_corpus)  # before anything slow
+    check_draft_options(model, draft, spec, ngram, ngram_corpus, rc.bits)  # before anything slow
+    from offspec.store.convert import ConversionInterrupted
+
     progress = console.stderr_is_tty() and not quiet
-    with console.quiet_transformers(), console.phase("loading model", enabled=progress):
+    with _say_interrupted(ConversionInterrupted), console.quiet_transformers(), \
+            console.phase("loading model", enabled=progress):
         return load_engine(model, draft, spec=spec, rc=rc, cache_tokens=ctx_size, progress=progress,
                            budget_auto=budget_auto, ngram=ngram, ngram_corpus=ngram_corpus)
 
@@ -248,6 +276,16 @@ def _set_threads(threads: str | None) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _say_interrupted(kind: type):
+    """Ctrl-C inside: print the interruption's own line and exit 130 (typer would exit in silence)."""
+    try:
+        yield
+    except kind as exc:
+        console.error_line(f"interrupted: {exc}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 def _check_output_flags(quiet: bool, verbose: bool) -> None:
@@ -368,6 +406,7 @@ def root(
              "  offspec generate --json --temp 0 \"2+2=\" > answer.json\n\n"
              "  offspec generate --no-chat-template --no-spec --max-tokens 32 \"def fib(n):\"")
 def generate(
+    ctx: typer.Context,
     prompt: Annotated[Optional[str], typer.Argument(
         metavar="PROMPT", show_default=False, help="The prompt; - or absent (with a pipe) reads stdin.")] = None,
     prompt_opt: Annotated[Optional[str], typer.Option(
@@ -380,7 +419,7 @@ def generate(
     no_spec: NoSpecOpt = False,
     ngram: NgramOpt = None,
     ngram_corpus: NgramCorpusOpt = None,
-    bits: BitsOpt = 16,
+    bits: BitsOpt = None,
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
     device_memory: DeviceMemoryOpt = None,
@@ -422,6 +461,7 @@ def generate(
                              frequency_penalty=frequency_penalty, logprobs=logprobs)
     _check_device(rc.device)
     _set_threads(threads)
+    warn_ignored_flags(ctx, model, draft, no_spec, rc)
     text = _read_prompt(prompt, prompt_opt, file)
     if logprobs and not json_out:
         console.status_line("warning: --logprobs shows only in --json output")
@@ -488,12 +528,13 @@ def generate(
              "In the chat: /system TEXT, /clear, /save FILE, /load FILE, /stats, /help, /exit (or Ctrl-D); "
              "!multi ... !end for several lines; Ctrl-C stops the current answer.")
 def chat(
+    ctx: typer.Context,
     model: ModelOpt = None,
     draft: DraftOpt = None,
     no_spec: NoSpecOpt = False,
     ngram: NgramOpt = None,
     ngram_corpus: NgramCorpusOpt = None,
-    bits: BitsOpt = 16,
+    bits: BitsOpt = None,
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
     device_memory: DeviceMemoryOpt = None,
@@ -535,6 +576,7 @@ def chat(
                              frequency_penalty=frequency_penalty)
     _check_device(rc.device)
     _set_threads(threads)
+    warn_ignored_flags(ctx, model, draft, no_spec, rc)
     from offspec.chat import ChatSession
     from offspec.chat_terminal import PipeInput, TerminalInput, run_chat
     from offspec.conversations import ConversationLog, load_conversation
@@ -566,17 +608,21 @@ def chat(
              "  offspec convert ./Llama-3.1-8B-Instruct ./llama8b-nf4 --bits 4\n\n"
              "  offspec convert ./qwen2.5-1.5b-instruct-q4_k_m.gguf ./qwen1.5b --dtype bfloat16")
 def convert(
-    src: Annotated[str, typer.Argument(metavar="SRC", help="A Hugging Face folder (safetensors) or a .gguf file.")],
+    src: Annotated[str, typer.Argument(metavar="SRC", help="A Hugging Face folder (safetensors) or a .gguf file "
+                                       "(the first part of a split GGUF).")],
     out: Annotated[Path, typer.Argument(metavar="OUT", help="The store folder to write.")],
-    bits: BitsOpt = 16,
+    bits: BitsOpt = None,
     dtype: DtypeOpt = "bfloat16",
 ) -> None:
     """Convert a model into a layer store (one aligned blob per decoder layer, checksummed)."""
-    from offspec.store.convert import convert_model
+    from offspec.store.convert import ConversionInterrupted, convert as convert_store, format_size
 
-    with console.quiet_transformers():
-        path = convert_model(src, out, bits=bits, dtype=dtype, progress=console.stderr_is_tty())
-    console.out.print(str(path), markup=False)
+    with _say_interrupted(ConversionInterrupted), console.quiet_transformers():
+        result = convert_store(src, out, bits=bits, dtype=dtype, progress=console.stderr_is_tty(),
+                               on_choice=console.status_line)
+    verb = "converted" if result.converted else "already converted"
+    console.status_line(f"{verb}: {format_size(result.size_bytes)}")
+    console.out.print(str(result.path), markup=False)
 
 
 @app.command(epilog="Examples:\n\n"
@@ -584,29 +630,31 @@ def convert(
              "  offspec plan ./Qwen2.5-14B-Instruct --device cuda --device-memory 6GiB --host-memory 16GiB "
              "--draft ./Qwen2.5-0.5B-Instruct --bits 4")
 def plan(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="A folder, .gguf file, store or hub id.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A folder, .gguf file, store, store name or hub id.")],
     device_memory: DeviceMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     draft: DraftOpt = None,
-    bits: BitsOpt = 16,
+    bits: BitsOpt = None,
     dtype: DtypeOpt = "bfloat16",
     device: Annotated[str, typer.Option(
         "--device", metavar="cpu|cuda|auto", rich_help_panel=RUNTIME_PANEL,
         help="Plan for this device (cuda can be planned without CUDA if both budgets are given).")] = "auto",
     ctx_size: CtxSizeOpt = CTX_TOKENS,
 ) -> None:
-    """Show which layers stay in memory and which stream from disk, and the smallest budget that runs."""
-    from offspec.config import RuntimeConfig
+    """Show which layers stay in memory and which stream from disk, and the smallest budget that runs.
 
-    rc = RuntimeConfig(bits=bits, dtype=dtype)  # validates --bits / --dtype
+    A dry run: sized from the model's metadata (config.json, safetensors headers, GGUF header); nothing is
+    converted or written."""
+    from offspec.config import check_bits_dtype
+
+    check_bits_dtype(bits, dtype)
     dev_budget, over_min = parse_device_memory(device_memory)
     host_budget = parse_size(host_memory) if host_memory is not None else None
     kind = _plan_device_kind(device)
     from offspec.runtime.sizing import context_tokens, model_bytes, plan_for_store
-    from offspec.store.manifest import read_manifest
-    from offspec.store.resolve import resolve_model
+    from offspec.store.resolve import plan_inputs
 
-    if dev_budget is None or host_budget is None:
+    if dev_budget is None and over_min is None or (kind == "cuda" and host_budget is None):
         import torch
 
         from offspec.runtime.memory import default_budgets
@@ -618,27 +666,32 @@ def plan(
         host_budget = h_default if host_budget is None else host_budget
     if ctx_size < 1:
         raise ConfigError(f"bad --ctx-size {ctx_size}: must be at least 1 token")
-    progress = console.stderr_is_tty()
-    with console.quiet_transformers():
-        store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
-        draft_store = (resolve_model(draft, 16, rc.dtype, progress=progress)
-                       if draft is not None and draft not in ("self", "ngram") else None)
-    man = read_manifest(store)
-    ctx_tokens = context_tokens(store, ctx_size)
-    reserved = model_bytes(draft_store, ctx_tokens, kind) if draft_store is not None else 0
+    if kind == "cpu" and host_memory is not None:
+        console.status_line("warning: --host-memory does nothing on the CPU (it sizes pinned RAM for CUDA)")
+    host_budget = host_budget or 0
+    dev_budget = dev_budget or 0
+    target = plan_inputs(model, bits, dtype)
+    name, man, what = target.name, target.manifest, target.what
+    ctx_tokens = context_tokens(target.store_dir, ctx_size, target.config)
+    reserved = 0
     draft_label = "draft model (resident)"
-    if draft == "self":  # sized from the manifest: plan never builds the NF4 copy
-        from offspec.loader import self_draft_manifest
+    if draft == "self":  # sized from the (estimated) manifest: plan never builds the NF4 copy
         from offspec.runtime.sizing import nf4_copy_bytes
 
-        reserved = nf4_copy_bytes(store, self_draft_manifest(store), ctx_tokens, kind)
+        if man.bits == 4:
+            raise ConfigError("--draft self needs a 16-bit target: this one is NF4, so its NF4 copy would be the "
+                              "target itself (use --bits 16)")
+        reserved = nf4_copy_bytes(target.store_dir, man, ctx_tokens, kind, config=target.config)
         draft_label = "self-draft: NF4 copy (resident)"
-    residency, minimum = plan_for_store(store, man, kind, dev_budget, host_budget, reserved, ctx_tokens,
-                                        over_min=over_min)
+    elif draft is not None and draft != "ngram":
+        d = plan_inputs(draft, 16, dtype)
+        reserved = model_bytes(d.store_dir, ctx_tokens, kind, manifest=d.manifest, config=d.config)
+    residency, minimum = plan_for_store(target.store_dir, man, kind, dev_budget, host_budget, reserved, ctx_tokens,
+                                        over_min=over_min, config=target.config)
     dev_budget = dev_budget if over_min is None else minimum + over_min
     from offspec.models.registry import family_label
 
-    title = (f"{store.name}: {man.num_layers} layers, {family_label(man.model_type)}, "
+    title = (f"{name} ({what}): {man.num_layers} layers, {family_label(man.model_type)}, "
              f"{'NF4' if man.bits == 4 else man.dtype}, on {kind} (KV cache for {ctx_tokens} tokens)")
     console.print_table(console.plan_table(residency, title, minimum, dev_budget, host_budget, draft_label))
     for note in residency.notes:
@@ -665,8 +718,8 @@ def _plan_device_kind(device: str) -> str:
 
 
 @app.command(epilog="Examples:\n\n"
-             "  offspec verify ~/.cache/offspec/stores/my-model-16bit-bfloat16-0123456789ab\n\n"
-             "  offspec verify my-model-16bit-bfloat16-0123456789ab   (a name from `offspec models`)")
+             "  offspec verify ~/.cache/offspec/stores/my-model-bf16-0123456789ab\n\n"
+             "  offspec verify my-model-bf16-0123456789ab   (a name from `offspec models`)")
 def verify(
     store: Annotated[str, typer.Argument(
         metavar="STORE", help="A store folder, or a store name from `offspec models`.")],
@@ -674,13 +727,11 @@ def verify(
     """Recompute the checksum of every blob of a store; name the first corrupt layer."""
     from offspec.runtime.plan import format_bytes
     from offspec.store.integrity import verify_store
-    from offspec.store.resolve import stores_dir
+    from offspec.store.resolve import locate_store
 
-    path = Path(store).expanduser()
-    if not path.exists() and (stores_dir() / store).is_dir():
-        path = stores_dir() / store
-    if not path.exists():
-        raise OffspecError(f"store not found: {store}")
+    path = locate_store(store)
+    if path is None:
+        raise OffspecError(f"store not found: {store} (see `offspec models`)")
     m = verify_store(path, progress=console.stderr_is_tty())
     total = m.resident.size + sum(m.layer_bytes)
     console.out.print(f"ok: {path}: {m.num_layers} layers and the resident blob match their checksums "
@@ -691,21 +742,83 @@ def verify(
 def models(
     json_out: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
 ) -> None:
-    """List the converted models in the store cache ($OFFSPEC_HOME/stores)."""
-    from offspec.store.resolve import list_cache, stores_dir
+    """List everything offspec keeps ($OFFSPEC_HOME): stores, demo files, peer copies, curves, shapes, logs.
 
-    rows = list_cache()
+    Names work wherever a model is accepted (generate -m, chat -m, plan, verify) and with `offspec rm`."""
+    from offspec.paths import offspec_home
+    from offspec.store.cache import list_items
+
+    items = list_items()
     if json_out:
         import json
 
-        console.write_text(json.dumps(rows, indent=1) + "\n")
+        console.write_text(json.dumps([i.as_dict() for i in items], indent=1) + "\n")
         return
-    if not rows:
-        console.status_line(f"no converted models in {stores_dir()}")
+    if not items:
+        console.status_line(f"nothing kept in {offspec_home()}")
         return
-    table = console.models_table(rows)
-    table.caption = str(stores_dir())
-    console.print_table(table)
+    _print_items(items)
+    console.out.print(f"total {_fmt(sum(i.size_bytes for i in items))} in {offspec_home()}", markup=False,
+                      highlight=False)
+
+
+def _fmt(n: int) -> str:
+    from offspec.runtime.plan import format_bytes
+
+    return format_bytes(n)
+
+
+def _print_items(items) -> None:
+    """One line per item: size, kind, then the name last and unwrapped (copy-paste safe), then details."""
+    for i in items:
+        detail = f"  ({i.detail})" if i.detail else ""
+        console.out.print(f"{_fmt(i.size_bytes):>10}  {i.kind:<7} {i.name}{detail}", markup=False,
+                          highlight=False, soft_wrap=True)
+
+
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def _remove(items, yes: bool, verb: str) -> None:
+    from offspec.store.cache import remove_item
+
+    total = sum(i.size_bytes for i in items)
+    _print_items(items)
+    if not yes and not typer.confirm(f"{verb} {len(items)} item{'s' if len(items) != 1 else ''} "
+                                     f"({_fmt(total)})?", default=False, err=True):
+        raise typer.Abort()
+    held = [i.name for i in items if not remove_item(i)]
+    freed = sum(i.size_bytes for i in items if i.name not in held)
+    console.status_line(f"removed {len(items) - len(held)} item{'s' if len(items) - len(held) != 1 else ''}, "
+                        f"{_fmt(freed)} freed")
+    if held:
+        raise OffspecError(f"left {', '.join(held)}: in use by another process")
+
+
+@app.command(epilog="Examples:\n\n  offspec rm my-model-bf16-0123456789ab\n\n  offspec rm curves logs --yes")
+def rm(
+    names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Names as `offspec models` prints them.")],
+    yes: YesOpt = False,
+) -> None:
+    """Remove stores (or other things offspec keeps) by name, after one confirmation."""
+    from offspec.store.cache import find_items
+
+    _remove(find_items(names), yes, "remove")
+
+
+@app.command(epilog="Examples:\n\n  offspec prune\n\n  offspec prune --yes")
+def prune(yes: YesOpt = False) -> None:
+    """Remove stale things: interrupted conversions, unused locks, outdated stores, copies in other dtypes.
+
+    Outdated stores are those whose source changed since; of copies of one model in several dtypes the
+    newest stays. Nothing another process is using is removed."""
+    from offspec.store.cache import prune_candidates
+
+    items = prune_candidates()
+    if not items:
+        console.status_line("nothing to prune")
+        return
+    _remove(items, yes, "prune")
 
 
 @app.command(epilog="Examples:\n\n"
@@ -755,7 +868,7 @@ def bench(
     draft: Annotated[Optional[str], typer.Option(  # no -d: llama-bench's -d is the context depth
         "--draft", "-md", metavar="MODEL", rich_help_panel=MODEL_PANEL,
         help="Draft model for the speculative sections; must share the target's tokenizer.")] = None,
-    bits: BitsOpt = 16,
+    bits: BitsOpt = None,
     dtype: DtypeOpt = "bfloat16",
     device: DeviceOpt = "auto",
     device_memory: DeviceMemoryOpt = None,

@@ -11,6 +11,15 @@ from offspec.errors import ConfigError
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+BITS_CHOICES = (16, 4)
+
+
+def check_bits_dtype(bits: int | None, dtype: str) -> None:
+    """ConfigError unless bits is 16, 4 or None (chosen from the source) and dtype a float dtype name."""
+    if bits is not None and bits not in BITS_CHOICES:
+        raise ConfigError(f"bad --bits {bits}: use 16 or 4")
+    if dtype not in DTYPE_CHOICES:
+        raise ConfigError(f"bad --dtype '{dtype}': use one of {', '.join(DTYPE_CHOICES)}")
 
 
 def parse_size(text: str) -> int:
@@ -59,12 +68,12 @@ class RuntimeConfig:
     device_memory_over_min: int | None = None  # 'min+SIZE': the plan's minimum plus this much
     host_memory_bytes: int | None = None
     warm: bool = False
-    bits: int = 16
+    bits: int | None = None  # None: chosen from the source (NF4 for GGUFs quantized below 8 bits, else 16)
     dtype: str = "bfloat16"
 
     @classmethod
     def from_flags(cls, device: str = "cpu", device_memory: str | None = None, host_memory: str | None = None,
-                   warm: bool = False, bits: int = 16, dtype: str = "bfloat16") -> "RuntimeConfig":
+                   warm: bool = False, bits: int | None = None, dtype: str = "bfloat16") -> "RuntimeConfig":
         """Parse the command-line strings (sizes, 'min+SIZE') into a validated config."""
         dev_bytes, over_min = parse_device_memory(device_memory)
         return cls(device=device.strip().lower(), device_memory_bytes=dev_bytes, device_memory_over_min=over_min,
@@ -72,10 +81,7 @@ class RuntimeConfig:
                    warm=warm, bits=bits, dtype=dtype)
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 16):
-            raise ConfigError(f"bad --bits {self.bits}: use 16 or 4")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ConfigError(f"bad --dtype '{self.dtype}': use one of {', '.join(DTYPE_CHOICES)}")
+        check_bits_dtype(self.bits, self.dtype)
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,14 @@ def draft_kind(model: str | None, draft: str | None, spec: bool = True) -> str:
 
 
 def check_draft_options(model: str | None, draft: str | None, spec: bool, ngram: bool | None,
-                        ngram_corpus: str | Path | None) -> None:
+                        ngram_corpus: str | Path | None, bits: int | None = None) -> None:
     """ConfigError for combinations that make no sense (one line each)."""
     if not spec and (draft is not None or ngram or ngram_corpus is not None):
         raise ConfigError("--no-spec decodes plainly: it cannot be combined with --draft, --ngram or --ngram-corpus")
     kind = draft_kind(model, draft, spec)
+    if kind == "self" and bits == 4:  # before anything converts
+        raise ConfigError("--draft self needs a 16-bit target: this store is already NF4, so its NF4 copy would be "
+                          "the target itself (use --bits 16)")
     if kind == "ngram" and ngram is False:
         raise ConfigError("--no-ngram leaves n-gram drafting nothing to draft with: "
                           "give --draft MODEL or self, or --no-spec for plain decoding")
@@ -213,16 +216,15 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     from offspec.store.resolve import resolve_model
 
     check_budget_fits_machine(rc)
-    check_draft_options(model, draft, spec, ngram, ngram_corpus)
+    check_draft_options(model, draft, spec, ngram, ngram_corpus, rc.bits)
     kind = draft_kind(model, draft, spec)
-    demo_draft: Path | None = None
+    demo_draft_store: Path | None = None
     if model is None:
-        from offspec.store.demo import demo_models, demo_target_gguf
+        from offspec.store.demo import demo_draft, demo_target
 
-        if kind == "model" and draft is None:
-            target_store, demo_draft = demo_models(rc.bits, rc.dtype)
-        else:
-            target_store = resolve_model(str(demo_target_gguf()), rc.bits, rc.dtype, progress=progress)
+        target_store = demo_target(rc.bits, rc.dtype, progress=progress)
+        if kind == "model" and draft is None:  # the demo's own draft; not converted when something else drafts
+            demo_draft_store = demo_draft(rc.dtype, progress=progress)
     else:
         target_store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
     from offspec.runtime.sizing import context_tokens
@@ -230,7 +232,7 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     cache_tokens = context_tokens(target_store, cache_tokens)
     tokenizer = load_tokenizer(target_store)
     dp = plan_draft(kind, draft, target_store, tokenizer, rc, cache_tokens, progress, ngram,
-                    ngram_corpus is not None, demo_draft)
+                    ngram_corpus is not None, demo_draft_store)
     plans = {d: plan_draft(draft_kind(model, d), d, target_store, tokenizer, rc, cache_tokens, progress)
              for d in reserve_for}
     reserved = max([dp.reserved_bytes] + [p.reserved_bytes for p in plans.values()])

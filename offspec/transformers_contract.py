@@ -114,3 +114,152 @@ class CacheProtocol:
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):  # pragma: no cover
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF: transformers' GGUF loader, applied one tensor at a time.
+#
+# transformers turns a GGUF into a model in three steps that offspec reuses, and one it does not:
+# - config and tokenizer from the file's metadata (public: `AutoConfig` / `AutoTokenizer` with `gguf_file=`);
+# - the GGUF -> HF tensor name map (`modeling_gguf_pytorch_utils.get_gguf_hf_weights_map`, built from a model
+#   instantiated on the meta device);
+# - per-family tensor fixes (`TENSOR_PROCESSORS`: llama/mistral Q/K un-permute, Gemma norms minus 1, ...),
+#   each called on one dequantized float32 array, as transformers' own loop does;
+# - not reused: its loop, which dequantizes every tensor of the file into memory before building the model.
+#   offspec dequantizes with the `gguf` library (what that loop calls), one tensor at a time.
+# Architectures that transformers moved to its newer GGUF path (weight converters, e.g. qwen3.5, lfm2) are
+# refused with a clear line rather than converted with the legacy processors.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gguf_legacy():
+    """transformers' legacy GGUF module, or ContractError naming the installed version."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as legacy
+
+        for attr in ("get_gguf_hf_weights_map", "TENSOR_PROCESSORS", "TensorProcessor"):
+            getattr(legacy, attr)
+    except (ImportError, AttributeError) as exc:
+        raise ContractError(
+            f"transformers {transformers_version()}: its GGUF name map and tensor processors "
+            f"(modeling_gguf_pytorch_utils) are not where offspec expects them ({exc})") from None
+    return legacy
+
+
+def gguf_newer_path_archs() -> frozenset[str]:
+    """GGUF architectures transformers converts through its newer weight-converter path (none before 5.24)."""
+    try:
+        from transformers.integrations.gguf.gguf_conversion_mapping import GGUF_ARCHS
+    except ImportError:
+        return frozenset()
+    return frozenset(GGUF_ARCHS)
+
+
+def gguf_config(path):
+    """The transformers config a GGUF file describes (read from its metadata by transformers)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    path = Path(path)
+    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def gguf_tokenizer(path):
+    """The tokenizer a GGUF file embeds, built by transformers."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _fewer_layers(config, n: int):
+    """A copy of config with n decoder layers (per-layer lists cut to match)."""
+    import copy
+
+    total = int(config.num_hidden_layers)
+    small = copy.deepcopy(config)
+    for key, value in list(vars(small).items()):
+        if isinstance(value, list) and len(value) == total and key != "architectures":
+            setattr(small, key, value[:n])
+    small.num_hidden_layers = n
+    return small
+
+
+def _repeat_layers(names: dict[str, str], n: int) -> dict[str, str] | None:
+    """The GGUF -> HF map of layers 0 and 1 extended to n layers; None if the two layers differ in pattern."""
+    import re
+
+    per_layer: dict[int, set[tuple[str, str]]] = {0: set(), 1: set()}
+    out = {}
+    for gguf_name, hf_name in names.items():
+        g, h = re.match(r"^blk\.(\d+)\.(.*)$", gguf_name), re.match(r"^(.*?)layers\.(\d+)\.(.*)$", hf_name)
+        if g is None and h is None:
+            out[gguf_name] = hf_name
+        elif g is not None and h is not None and g.group(1) == h.group(2) and int(g.group(1)) in per_layer:
+            per_layer[int(g.group(1))].add((g.group(2), h.group(1), h.group(3)))
+        else:
+            return None
+    if per_layer[0] != per_layer[1]:
+        return None
+    for i in range(n):
+        for g_rest, h_prefix, h_rest in per_layer[0]:
+            out[f"blk.{i}.{g_rest}"] = f"{h_prefix}layers.{i}.{h_rest}"
+    return out
+
+
+class GgufTensorMap:
+    """GGUF tensor name -> HF name, and the family's tensor fix, for one file's architecture and config."""
+
+    def __init__(self, architecture: str, config) -> None:
+        legacy = _gguf_legacy()
+        if architecture in gguf_newer_path_archs():
+            raise ContractError(
+                f"transformers {transformers_version()} loads GGUF architecture {architecture!r} through its "
+                "newer weight-converter path, which offspec does not stream yet")
+        from transformers import AutoModelForCausalLM
+
+        processor_cls = legacy.TENSOR_PROCESSORS.get(architecture, legacy.TensorProcessor)
+        self.processor = processor_cls(config=config.to_dict())
+        n = int(config.num_hidden_layers)
+        try:
+            # The map of a two-layer skeleton, repeated for every layer: gguf-py's name table and a meta
+            # model of the whole network cost memory that grows with its depth. Layers whose names differ from the
+            # pattern of the first two fall back to the whole skeleton.
+            names = self._map(legacy, AutoModelForCausalLM, _fewer_layers(config, min(n, 2)), min(n, 2))
+            self.names = _repeat_layers(names, n) if n > 2 else names
+            if self.names is None:
+                self.names = self._map(legacy, AutoModelForCausalLM, config, n)
+        except ContractError:
+            raise
+        except Exception as exc:  # NotImplementedError for an arch gguf-py does not know, and API drift
+            raise ContractError(
+                f"transformers {transformers_version()}: cannot map the GGUF tensor names of "
+                f"{architecture!r} ({type(exc).__name__}: {exc})") from None
+
+    def _map(self, legacy, auto_cls, config, num_layers: int) -> dict[str, str]:
+        with torch.device("meta"):
+            skeleton = auto_cls.from_config(config)
+        return legacy.get_gguf_hf_weights_map(skeleton, self.processor, num_layers=num_layers)
+
+    def hf_name(self, gguf_name: str) -> str | None:
+        """The HF parameter name of a GGUF tensor, or None for tensors transformers drops (e.g. rope_freqs)."""
+        return self.names.get(gguf_name)
+
+    def process(self, gguf_name: str, weights):
+        """The family's fix applied to one dequantized float32 array; returns (hf_name or None, array)."""
+        scratch: dict = {"tensors": {}}
+        try:
+            result = self.processor.process(weights=weights, name=gguf_name, tensor_key_mapping=self.names,
+                                            parsed_parameters=scratch)
+        except Exception as exc:
+            raise ContractError(
+                f"transformers {transformers_version()}: its GGUF tensor processor "
+                f"{type(self.processor).__name__} failed on {gguf_name} ({type(exc).__name__}: {exc})") from None
+        if result.name is None or scratch["tensors"]:
+            raise ContractError(
+                f"transformers {transformers_version()}: {type(self.processor).__name__} merges or renames "
+                f"{gguf_name} across tensors, which offspec cannot convert one tensor at a time")
+        return self.names.get(result.name), result.weights

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from offspec.paths import offspec_home
+from offspec.paths import home_path_for_writing, offspec_home
 from offspec.runtime.timing import clock
 
 # The one home of the measured tree sizes: the planner extrapolates past the last with its slope;
@@ -61,7 +61,8 @@ def load_or_measure_curve(model, sizes: tuple[int, ...] = CURVE_SIZES) -> dict[i
         except (ValueError, KeyError, TypeError):
             pass
     curve = measure_pass_curve(model, sizes)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if home_path_for_writing("curves", path.name, what="pass-time curves") is None:
+        return curve  # a read-only OFFSPEC_HOME: measured again next time
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"store": str(model.store_dir), "tiers": list(model.plan.tiers), "pass_s": curve}))
     os.replace(tmp, path)

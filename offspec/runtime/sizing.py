@@ -48,7 +48,8 @@ def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, 
     """The residency plan of a store under these budgets, and the minimum device budget that would run.
 
     over_min: plan with the minimum budget plus this many bytes (device_memory_bytes is then ignored);
-    config: the store's transformers config when the caller has it (read from the store otherwise)."""
+    config: the model's transformers config (or any object with its attributes), e.g. sized
+    from the metadata of a model not yet converted; read from the store otherwise."""
     from offspec.runtime.plan import minimum_budget_bytes
 
     compute = pick_compute_dtype(manifest.torch_dtype, torch.device(device_kind))
@@ -66,10 +67,15 @@ def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, 
     return plan, minimum
 
 
-def context_tokens(store_dir: str | Path, requested: int) -> int:
-    """KV cache positions for a --ctx-size request: at most the model's own context (max_position_embeddings)."""
+def context_tokens(store_dir: str | Path | None, requested: int, config=None) -> int:
+    """KV cache positions for a --ctx-size request: at most the model's own context (max_position_embeddings).
+
+    config: a config object to read it from instead of store_dir/config.json."""
     import json
 
+    if config is not None:
+        limit = getattr(config, "max_position_embeddings", None)
+        return min(requested, int(limit)) if limit else requested
     cfg = json.loads((Path(store_dir) / "config.json").read_text())
     limit = cfg.get("max_position_embeddings") or cfg.get("text_config", {}).get("max_position_embeddings")
     return min(requested, int(limit)) if limit else requested
@@ -80,22 +86,27 @@ def kv_bytes_per_token(config, compute: torch.dtype) -> int:
     return cache_bytes_per_token(*kv_geometry(config), compute)
 
 
-def model_bytes(store_dir: str | Path, cache_tokens: int, device: str = "cpu") -> int:
-    """Memory a fully resident model takes (weights in their compute dtype plus its KV cache): a draft's reserve."""
-    store_dir = Path(store_dir)
-    manifest = read_manifest(store_dir)
-    dev = resolve_device(device)
+def model_bytes(store_dir: str | Path | None, cache_tokens: int, device: str = "cpu", manifest: Manifest | None = None,
+                config=None) -> int:
+    """Memory a fully resident model takes (weights in their compute dtype plus its KV cache): a draft's reserve.
+
+    A device kind ('cpu', 'cuda') is sized without checking that the device is here (for plans)."""
+    manifest = manifest or read_manifest(Path(store_dir))
+    dev = torch.device(device) if device in ("cpu", "cuda") else resolve_device(device)
     compute = pick_compute_dtype(manifest.torch_dtype, dev)
     upcast = upcast_factor(manifest, compute) if dev.type == "cpu" else 1.0
     resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
     weights = manifest.resident.size * resident_upcast + sum(manifest.layer_bytes) * upcast
-    return int(weights) + kv_bytes_per_token(load_config(store_dir), compute) * cache_tokens
+    return int(weights) + kv_bytes_per_token(config if config is not None else load_config(store_dir),
+                                             compute) * cache_tokens
 
 
-def nf4_copy_bytes(store_dir: str | Path, manifest: Manifest, cache_tokens: int, device: str = "cpu") -> int:
+def nf4_copy_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tokens: int, device: str = "cpu",
+                   config=None) -> int:
     """Memory of a store's resident NF4 copy (its self-draft), sized from the manifest without building it: every
     2-D float layer weight packed (half a byte per element plus a float32 scale per 64), the other layer tensors in
-    the compute dtype, and the copy's own KV cache. Its embeddings, norm and lm_head are the target's (not counted)."""
+    the compute dtype, and the copy's own KV cache. Its embeddings, norm and lm_head are the target's (not counted).
+    config: a config object to read instead of store_dir/config.json (a source planned before conversion)."""
     from offspec.store.manifest import DTYPES
 
     compute = pick_compute_dtype(manifest.torch_dtype, resolve_device(device))
@@ -111,4 +122,5 @@ def nf4_copy_bytes(store_dir: str | Path, manifest: Manifest, cache_tokens: int,
                 total += (n + 1) // 2 + (n + 63) // 64 * 4
             else:
                 total += n * (compute.itemsize if DTYPES[e.dtype].is_floating_point else DTYPES[e.dtype].itemsize)
-    return total + kv_bytes_per_token(load_config(Path(store_dir)), compute) * cache_tokens
+    config = config if config is not None else load_config(Path(store_dir))
+    return total + kv_bytes_per_token(config, compute) * cache_tokens

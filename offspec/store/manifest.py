@@ -132,16 +132,23 @@ def read_manifest(store_dir: str | Path) -> Manifest:
         raise StoreError(f"{store_dir}: corrupt {MANIFEST} ({type(exc).__name__}: {exc})") from None
 
 
+def layout_entries(
+    specs: list[tuple[str, str, tuple[int, ...], int, QuantInfo | None]],
+) -> tuple[dict[str, TensorEntry], int]:
+    """ALIGN-aligned entries for (name, dtype name, shape, nbytes, quant) in order, and the padded blob size."""
+    entries: dict[str, TensorEntry] = {}
+    offset = 0
+    for name, dtype, shape, nbytes, quant in specs:
+        entries[name] = TensorEntry(name, dtype, tuple(shape), offset, nbytes, quant)
+        offset = align_up(offset + nbytes)
+    return entries, max(offset, ALIGN)
+
+
 def layout_blob(tensors: dict[str, torch.Tensor], quant: dict[str, QuantInfo] | None = None) -> tuple[dict[str, TensorEntry], int]:
     """Assign ALIGN-aligned offsets to tensors in insertion order; return entries and padded blob size."""
     quant = quant or {}
-    entries: dict[str, TensorEntry] = {}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        entries[name] = TensorEntry(name, DTYPE_NAMES[t.dtype], tuple(t.shape), offset, nbytes, quant.get(name))
-        offset = align_up(offset + nbytes)
-    return entries, max(offset, ALIGN)
+    return layout_entries([(name, DTYPE_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size(), quant.get(name))
+                           for name, t in tensors.items()])
 
 
 def tensor_views(entries: dict[str, TensorEntry], buf: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ def one_line_error(res) -> str:
     assert res.exit_code != 0, res.output
     assert res.stdout == ""
     assert "Traceback" not in res.output
-    lines = res.stderr.splitlines()
+    # an automatic conversion that succeeded before the error says where its store went: not part of the error
+    lines = [x for x in res.stderr.splitlines() if not x.startswith("converted ")]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error:"), lines[0]
     return lines[0]

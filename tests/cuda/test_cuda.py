@@ -16,6 +16,8 @@ import warnings
 import pytest
 import torch
 
+from tests.helpers import interrupt_layer
+
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -86,17 +88,7 @@ def test_an_interrupted_pass_leaves_the_ring_usable(stores, tiers, monkeypatch):
     ref = _reference(src, ids)
     om = OffloadedModel(store, _plans(store)[tiers], device="cuda", cache_tokens=64)
     try:
-        layer = om.layers[2]
-        real = layer.forward
-        calls = {"n": 0}
-
-        def flaky(*a, **k):
-            calls["n"] += 1
-            if calls["n"] <= 5:
-                raise KeyboardInterrupt
-            return real(*a, **k)
-
-        monkeypatch.setattr(layer, "forward", flaky)
+        interrupt_layer(monkeypatch, om.layers[2], 5)
         for _ in range(5):  # more interrupts than ring slots
             om.reset()
             with pytest.raises(KeyboardInterrupt):

@@ -108,7 +108,7 @@ def test_gemma3_speculative_greedy_equals_plain_greedy_with_trees_deeper_than_th
     assert got.token_ids == want
 
 
-def comb_tree(depth: int, width: int) -> "DraftTree":
+def comb_tree(depth: int, width: int):
     """A chain `depth` deep with `width - 1` extra leaves per level, added level by level: the chain's
     node at depth d sits d * width slots after the root, far from its position root + d."""
     from offspec.speculative.tree import DraftTree
@@ -143,22 +143,13 @@ def test_nf4_store_equals_transformers_with_dequantized_weights(make_tiny_model,
     """NF4 state prepared once per (layer, slot): a 4-bit store equals transformers on the dequantized weights."""
     from transformers import AutoModelForCausalLM
 
-    from offspec.store.manifest import tensor_views
-    from offspec.store.nf4 import dequantize_nf4
+    from tests.helpers import load_dequantized_nf4
 
     src = make_tiny_model(family, num_layers=4, tokenizer=False)
     store = convert_model(src, tmp_path / "nf4", bits=4, dtype="float32", progress=False)
-    man = read_manifest(store)
+    assert read_manifest(store).bits == 4
     ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    quantized = 0
-    for i, entry in enumerate(man.layers):
-        buf = torch.frombuffer(bytearray((store / entry.file).read_bytes()), dtype=torch.uint8)
-        views = tensor_views(entry.tensors, buf)
-        for name, e in entry.tensors.items():
-            if e.quant is not None:
-                w = dequantize_nf4(views[name], views[name + ".absmax"], e.quant)
-                ref_model.model.layers[i].get_parameter(name).data.copy_(w)
-                quantized += 1
+    quantized = load_dequantized_nf4(ref_model, store)
     assert quantized >= 4 * 4
     ids = torch.tensor([PROMPT])
     with torch.no_grad():

@@ -103,8 +103,7 @@ def test_keep_subset_then_decode_equals_fresh_run(arch_store):
 
 
 def test_nf4_store_equals_transformers_with_dequantized_weights(tmp_path):
-    from offspec.store.manifest import tensor_views
-    from offspec.store.nf4 import dequantize_nf4
+    from tests.helpers import load_dequantized_nf4
 
     model = build_hf("qwen2", layers=3)
     src = tmp_path / "hf"
@@ -113,13 +112,7 @@ def test_nf4_store_equals_transformers_with_dequantized_weights(tmp_path):
     man = read_manifest(store)
     assert man.bits == 4
     # Reference: transformers' model with each linear weight replaced by the dequantized NF4 data.
-    for i, entry in enumerate(man.layers):
-        buf = torch.frombuffer(bytearray((store / entry.file).read_bytes()), dtype=torch.uint8)
-        views = tensor_views(entry.tensors, buf)
-        for name, e in entry.tensors.items():
-            if e.quant is not None:
-                w = dequantize_nf4(views[name], views[name + ".absmax"], e.quant)
-                model.model.layers[i].get_parameter(name).data.copy_(w)
+    load_dequantized_nf4(model, store)
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         ref = model(ids).logits
@@ -154,20 +147,12 @@ def test_bf16_store_computes_in_float32_when_asked(tmp_path, monkeypatch):
 
 
 def test_an_interrupted_pass_hands_its_slot_back(arch_store, monkeypatch):
+    from tests.helpers import interrupt_layer
+
     _, store = arch_store
     om = OffloadedModel(store, plans(store)["all-streamed"], cache_tokens=32)
     try:
-        layer = om.layers[1]
-        real = layer.forward
-        calls = {"n": 0}
-
-        def flaky(*a, **k):
-            calls["n"] += 1
-            if calls["n"] <= 3:
-                raise KeyboardInterrupt
-            return real(*a, **k)
-
-        monkeypatch.setattr(layer, "forward", flaky)
+        interrupt_layer(monkeypatch, om.layers[1], 3)
         for _ in range(3):  # more interrupts than ring slots
             with pytest.raises(KeyboardInterrupt):
                 om.forward(torch.tensor([[1, 2, 3]]))

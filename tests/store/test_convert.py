@@ -132,10 +132,10 @@ def _count_writes(monkeypatch, fail_after: int | None = None) -> list[str]:
     written: list[str] = []
     real = convert.write_blob
 
-    def wrapper(store_dir, rel, tensors, quant):
+    def wrapper(store_dir, rel, tensors):
         if fail_after is not None and len(written) >= fail_after:
             raise _Interrupt(rel)
-        entry = real(store_dir, rel, tensors, quant)
+        entry = real(store_dir, rel, tensors)
         written.append(rel)
         return entry
 
@@ -259,7 +259,7 @@ def test_source_errors(tiny_llama_dir, tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ModelError, match="not a model folder, .gguf file or offspec store"):
         _convert(tmp_path / "weights.bin", tmp_path / "store")
-    with pytest.raises(ConfigError, match="--bits must be 4 or 16"):
+    with pytest.raises(ConfigError, match="bad --bits 8"):
         _convert(tiny_llama_dir, tmp_path / "store", bits=8)
     with pytest.raises(ConfigError, match="--dtype"):
         _convert(tiny_llama_dir, tmp_path / "store", dtype="int8")

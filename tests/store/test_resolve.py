@@ -11,16 +11,18 @@ import offspec.store.convert as convert
 import offspec.store.resolve as resolve
 from offspec.errors import ConfigError, ModelError
 from offspec.store.manifest import read_manifest
-from offspec.store.resolve import list_cache, offspec_home, resolve_model
+from offspec.paths import offspec_home
+from offspec.store.cache import list_stores as list_cache
+from offspec.store.resolve import resolve_model
 
 
 def _count_conversions(monkeypatch) -> list[str]:
     written: list[str] = []
     real = convert.write_blob
 
-    def wrapper(store_dir, rel, tensors, quant):
+    def wrapper(store_dir, rel, tensors):
         written.append(rel)
-        return real(store_dir, rel, tensors, quant)
+        return real(store_dir, rel, tensors)
 
     monkeypatch.setattr(convert, "write_blob", wrapper)
     return written
@@ -37,7 +39,7 @@ def test_converts_once_and_reuses(tiny_llama_dir, tmp_path, monkeypatch):
     written = _count_conversions(monkeypatch)
     store = resolve_model(str(tiny_llama_dir), bits=16, dtype="float32", home=tmp_path, progress=False)
     assert store.parent == tmp_path / "stores"
-    assert store.name.startswith(f"{tiny_llama_dir.name}-16bit-float32-") and len(store.name.split("-")[-1]) == 12
+    assert store.name.startswith(f"{tiny_llama_dir.name}-f32-") and len(store.name.split("-")[-1]) == 12
     assert len(written) == 5
     written.clear()
     assert resolve_model(str(tiny_llama_dir), bits=16, dtype="float32", home=tmp_path, progress=False) == store

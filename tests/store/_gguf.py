@@ -1,0 +1,133 @@
+"""Write tiny GGUF files from random transformers models, as llama.cpp's converter would lay them out.
+
+Float and Q8_0 tensors are written with the `gguf` library. It cannot quantize to K-quants, so Q4_K and Q6_K
+blocks are written here directly: random codes and scales under valid float16 super-block scales, which the
+`gguf` library (and so transformers) dequantizes like any llama.cpp file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 256, 512, 4, 2, 64  # rows of 256 values: K-quant blocks tile them
+FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}
+
+
+def tiny_hf_model(arch: str, num_layers: int = 2, seed: int = 0, hidden: int = HIDDEN, vocab: int = 260):
+    """A random CausalLM of the family behind a GGUF architecture name (llama or gemma3), float32."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=hidden // HEADS,
+                  max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(**common, sliding_window=64, query_pre_attn_scalar=hidden // HEADS)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms away from their init (all ones / zeros) so the per-family fix shows
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if arch == "gemma3" else 1.0))
+    return model
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K row permutation (what transformers' llama processor undoes)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _k_blocks(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Random valid Q4_K (144 B) or Q6_K (210 B) super-blocks of 256 values, as a [rows, bytes per row] array."""
+    n = rows * cols // 256
+    scale = rng.uniform(0.002, 0.02, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
+    if qtype == "Q4_K":
+        dmin = rng.uniform(0.0, 0.01, size=n).astype(np.float16).view(np.uint8).reshape(n, 2)
+        body = rng.integers(0, 256, size=(n, 140), dtype=np.uint8)
+        blocks = np.concatenate([scale, dmin, body], axis=1)
+    else:
+        body = rng.integers(0, 256, size=(n, 208), dtype=np.uint8)
+        blocks = np.concatenate([body, scale], axis=1)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(model, path: Path, file_type: str, seed: int = 0) -> Path:
+    """Write model as a GGUF of file_type F16, Q8_0 or Q4_K_M (Q4_K/Q6_K blocks, F32 norms)."""
+    import gguf
+    from gguf.quants import quantize
+
+    cfg = model.config
+    arch = "gemma3" if cfg.model_type.startswith("gemma3") else "llama"
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_file_type(FILE_TYPES[file_type])
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    if arch == "gemma3":
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_sliding_window(cfg.sliding_window)
+    else:
+        w.add_rope_dimension_count(cfg.head_dim)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + list(bytes_to_unicode().values())
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([3, 3, 3, 2] + [1] * (len(tokens) - 4))
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3 if arch == "gemma3" else gguf.MODEL_ARCH.LLAMA,
+                                        cfg.num_hidden_layers)
+    for hf_name, t in model.state_dict().items():
+        base, suffix = hf_name.rsplit(".", 1)
+        name = name_map.get_name(base) + "." + suffix
+        a = t.float().numpy().copy()
+        if arch == "llama" and name.endswith("attn_q.weight"):
+            a = _permute(a, cfg.num_attention_heads)
+        elif arch == "llama" and name.endswith("attn_k.weight"):
+            a = _permute(a, cfg.num_key_value_heads)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            a = a + 1.0  # llama.cpp stores Gemma's norms as 1 + w
+        if a.ndim == 1:
+            w.add_tensor(name, a.astype(np.float32))
+        elif file_type == "F16":
+            w.add_tensor(name, a.astype(np.float16))
+        elif file_type == "Q8_0":
+            q = quantize(a, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            kind = "Q6_K" if ("ffn_down" in name or name == "output.weight") else "Q4_K"
+            q = _k_blocks(a.shape[0], a.shape[1], kind, rng)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def transformers_state_dict(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """transformers' own dequantized load of a GGUF (the oracle)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
