@@ -106,3 +106,18 @@ def test_subtree_reroots_and_likeliest_path_follows_the_best_child() -> None:
     assert sub.ancestors.tolist() == [[True, False, False, False], [True, True, False, False],
                                       [True, False, True, False], [True, True, False, True]]
     assert sub.children(0) == [1, 2] and sub.path_tokens(3) == [5, 1, 7]
+
+
+def test_tree_state_is_tensors_on_its_device_only():
+    """No Python list mirrors the tensors (a graph-captured drafter can keep the tree on its device)."""
+    tree = DraftTree(3, capacity=2, device="cpu")
+    idx = tree.add(0, [4, 5], [-0.1, -0.2])
+    tree.add(idx[:1], [6], [-0.3])
+    for name, value in vars(tree).items():
+        assert isinstance(value, (torch.Tensor, int, torch.device)), f"{name} is a {type(value).__name__}"
+        if isinstance(value, torch.Tensor):
+            assert value.device == tree.device
+    assert tree.children(0) == [1, 2] and tree.path(3) == [0, 1, 3] and tree.path_tokens(3) == [3, 4, 6]
+    assert tree.rank(2) == 1 and tree.likeliest_path() == [1, 3]
+    sub, remap = tree.subtree(1)
+    assert sub.tokens.tolist() == [4, 6] and remap.tolist() == [-1, 0, -1, 1]
