@@ -368,13 +368,13 @@ def extend_with_ngrams(tree: DraftTree, index: NgramIndex, context: list[int], b
 
     def push(node: int, base: float) -> None:
         nonlocal order
-        depth = len(tree.path(node)) - 1
+        depth = int(tree.depths[node])
         if depth >= max_depth:
             return
         _, counts = index.continuations((tail + path_of(node))[-index.max_n :], min_n)
         if not counts:
             return
-        have = {tree.token(c) for c in tree.children(node)}
+        have = set(tree.tokens[tree.children_of(node)].tolist())
         total = sum(counts.values())
         for tok, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:branch]:
             if tok not in have:
@@ -390,7 +390,7 @@ def extend_with_ngrams(tree: DraftTree, index: NgramIndex, context: list[int], b
         neg, _, tok, parent = heapq.heappop(heap)
         if -neg < floor:
             break
-        if tok in {tree.token(c) for c in tree.children(parent)}:
+        if bool((tree.tokens[tree.children_of(parent)] == tok).any()):
             continue
         node = int(tree.add(parent, [tok], [-neg])[0])
         added += 1

@@ -10,6 +10,7 @@ draws follow the processed distribution exactly (checked by chi-square in the te
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -112,7 +113,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams,
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     if params.min_p > 0.0:
-        floor = out.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(params.min_p))  # [R, 1]
+        floor = out.max(dim=-1, keepdim=True).values + math.log(params.min_p)  # [R, 1]
         out = out.masked_fill(out < floor, float("-inf"))
     return out.reshape(shape)
 
