@@ -430,6 +430,60 @@ def extend_with_ngrams(tree: DraftTree, index: NgramIndex, context: list[int], b
     return len(new)
 
 
+class AutoDrafter:
+    """Several drafters behind one: before each tree the budget planner picks the one (and the budget) with the most
+    expected tokens per second (`select`), from each one's own cost curve and acceptance. Every member follows the
+    committed context; the ones not drafting catch up at their next tree."""
+
+    def __init__(self, members: list[Drafter]) -> None:
+        if not members:
+            raise ValueError("AutoDrafter needs at least one drafter")
+        self.members: dict[str, Drafter] = {}
+        for m in members:
+            name, k = m.name, 2
+            while name in self.members:  # two drafts of one kind: model, model-2
+                name, k = f"{m.name}-{k}", k + 1
+            m.name = name
+            self.members[name] = m
+        self.name = "auto(" + ",".join(self.members) + ")"
+        self.cost = {name: m.cost for name, m in self.members.items()}
+        self.current: Drafter = members[0]
+
+    @property
+    def draft_model(self) -> CausalLM | None:
+        return next((m.draft_model for m in self.members.values() if hasattr(m, "draft_model")), None)
+
+    def select(self, name: str) -> None:
+        """The member that drafts the next tree (an unknown name keeps the current one)."""
+        self.current = self.members.get(name, self.current)
+
+    def start(self, ids: list[int]) -> None:
+        for m in self.members.values():
+            m.start(ids)
+
+    def grow(self, budget: int, opts: GrowOptions) -> Draft:
+        return self.current.grow(budget, opts)
+
+    def draft_ahead(self, draft: Draft, budget: int, opts: GrowOptions, rank_after: RankAfter | None = None) -> bool:
+        m = self.members.get(draft.drafter)
+        return m.draft_ahead(draft, budget, opts, rank_after) if hasattr(m, "draft_ahead") else False
+
+    def commit(self, tokens: list[int], draft: Draft | None = None, accepted: list[int] | None = None) -> None:
+        for name, m in self.members.items():
+            if draft is not None and draft.drafter == name:
+                m.commit(tokens, draft, accepted)
+            else:
+                m.commit(tokens)
+
+    def reset(self) -> None:
+        for m in self.members.values():
+            m.reset()
+
+    def close(self) -> None:
+        for m in self.members.values():
+            m.close()
+
+
 class HybridDrafter:
     """A model (or self) draft and an n-gram index merged into one tree under one budget.
 
@@ -477,5 +531,5 @@ class HybridDrafter:
         self.model.close()
 
 
-__all__ = ["Draft", "Drafter", "GrowOptions", "HybridDrafter", "ModelDrafter", "NgramDrafter", "ShapeCache",
+__all__ = ["AutoDrafter", "Draft", "Drafter", "GrowOptions", "HybridDrafter", "ModelDrafter", "NgramDrafter", "ShapeCache",
            "common_prefix", "extend_with_ngrams", "prefill", "sync_cache"]
