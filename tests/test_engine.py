@@ -98,6 +98,7 @@ SPEC_SETUPS = [  # (drafter, budget, tree, branch)
     ("draft", "auto", "specexec", 4), ("draft", 24, "sequoia", 4), ("draft", "auto", "sequoia", 3),
     ("self", 6, "specexec", 2), ("self", 30, "sequoia", 3),
     ("ngram", 12, "specexec", 4), ("nf4-self", 8, "specexec", 2), ("nf4-self+ngram", 16, "sequoia", 3),
+    ("auto", "auto", "specexec", 3), ("auto", 10, "sequoia", 3),
 ]
 
 
@@ -111,6 +112,15 @@ def _seeded_engine(target_store, draft_store, nf4_store, drafter: str, auto: boo
     engine = _engine(target_store, auto=auto)
     if drafter == "ngram":
         engine.drafter = NgramDrafter(min_n=1)
+    elif drafter == "auto":  # the planner picks, per tree, among a draft model, the NF4 copy and n-grams
+        from offspec.speculative.drafters import AutoDrafter
+        from offspec.speculative.tree_size import BudgetPlanner
+
+        engine.drafter = AutoDrafter([ModelDrafter(open_model(draft_store, cache_tokens=64)),
+                                      ModelDrafter(open_self_draft(engine.target, nf4_store, cache_tokens=64), "self"),
+                                      NgramDrafter(min_n=1)])
+        if engine.planner is not None:
+            engine.planner = BudgetPlanner(engine.planner.pass_s, cost=engine.drafter.cost)
     else:
         engine.drafter = ModelDrafter(open_self_draft(engine.target, nf4_store, cache_tokens=64), name="self")
         if drafter.endswith("+ngram"):
