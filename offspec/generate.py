@@ -96,6 +96,7 @@ class StepEvent:
     ahead_started: bool = False  # a tree for the next pass was grown during this pass
     ahead_used: bool = False  # this pass verified a tree grown during the previous pass (its draft_s was hidden)
     ahead_saved_s: float = 0.0
+    drafter: str = ""  # the drafter that grew this pass's tree
 
 
 @dataclass
@@ -130,6 +131,7 @@ class GenerationStats:
     ahead_started: int = 0  # trees grown during a target pass for the pass after it
     ahead_used: int = 0  # of those, kept by verification and verified next
     ahead_saved_s: float = 0.0  # drafting seconds the used ones hid behind target passes
+    trees_by_drafter: dict[str, int] = field(default_factory=dict)  # trees verified, by the drafter that grew them
 
     @property
     def tokens_per_pass(self) -> float:
@@ -169,6 +171,8 @@ class GenerationStats:
             self.ahead_started += int(ev.ahead_started)
             self.ahead_used += int(ev.ahead_used)
             self.ahead_saved_s += ev.ahead_saved_s
+            if ev.drafter:
+                self.trees_by_drafter[ev.drafter] = self.trees_by_drafter.get(ev.drafter, 0) + 1
         self.tokens += len(ev.tokens)
         self.committed += ev.committed
         if ev.finish:
@@ -183,6 +187,8 @@ class GenerationStats:
                 setattr(self, f.name, max(mine, theirs))
             elif isinstance(mine, (int, float)) and not isinstance(mine, bool) and f.name != "seed":
                 setattr(self, f.name, mine + theirs)
+        for name, n in other.trees_by_drafter.items():
+            self.trees_by_drafter[name] = self.trees_by_drafter.get(name, 0) + n
         self.finish, self.seed = other.finish or self.finish, other.seed
         self.drafter = other.drafter or self.drafter
         self.context_full = self.context_full or other.context_full
@@ -411,7 +417,7 @@ class Engine:
             self.planner.observe(draft, n, pass_s, len(res.accepted))
         ev = StepEvent(list(res.tokens), tree_size=n, accepted=len(res.accepted), target_pass_s=pass_s,
                        draft_s=0.0 if draft.ahead else draft.draft_s, streamed_bytes=self.target.stats.streamed_bytes,
-                       budget=budget, ahead_started=ahead, ahead_used=draft.ahead)
+                       budget=budget, ahead_started=ahead, ahead_used=draft.ahead, drafter=draft.drafter)
         if draft.ahead:
             ev.ahead_saved_s = draft.draft_s
         if cfg.logprobs:
