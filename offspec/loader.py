@@ -150,9 +150,11 @@ def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: 
     if kind == "auto":
         members = []
         for d in auto_members(draft or "auto", target_store, store is not None):
-            member_store = store if d == "demo" else None
-            sub = "model" if d == "demo" else draft_kind("-", d)
-            members.append(plan_draft(sub, d, target_store, tokenizer, rc, cache_tokens, progress, store=member_store))
+            base = d.removesuffix("+ngram")
+            member_store = store if base == "demo" else None
+            sub = "model" if base == "demo" else draft_kind("-", base)
+            members.append(plan_draft(sub, base, target_store, tokenizer, rc, cache_tokens, progress,
+                                      ngram=d != base, store=member_store))
         return DraftPlan(kind, None, sum(m.reserved_bytes for m in members), members=tuple(members))
     if kind == "model":
         store = store or resolve_model(draft, 16, rc.dtype, progress=progress)
@@ -206,9 +208,17 @@ def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: Runti
 
 
 def parse_drafters(text: str) -> list[tuple[str, str | None, bool]]:
-    """--drafters 'ngram,self,MODEL,self+ngram' -> [(kind, --draft value, hybrid)], in order."""
+    """--drafters 'ngram,self,MODEL,self+ngram,auto' -> [(kind, --draft value, hybrid)], in order; `auto` is the
+    planner choosing per tree among the other entries listed."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
     out = []
-    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+    for item in items:
+        if item == "auto":
+            others = [i for i in items if i != "auto"]
+            if len(others) < 2:
+                raise ConfigError("--drafters auto picks among the other drafters listed: list at least two")
+            out.append(("auto", ",".join(others), False))
+            continue
         hybrid = item.endswith("+ngram")
         base = item[: -len("+ngram")] if hybrid else item
         if base == "ngram" and hybrid:

@@ -183,9 +183,11 @@ class ModelDrafter:
         job = _Ahead(draft, path, tokens)
 
         early_budget = budget + max(1, budget // 4)  # re-rooted at the target's token, it loses that node and siblings
+        threads = max(1, torch.get_num_threads() // 2)  # the target's pass keeps the rest (per-thread setting)
 
         def run() -> None:
             try:
+                torch.set_num_threads(threads)
                 job.grown = grow_tree(self.model, tokens, budget=early_budget, branch=opts.branch,
                                       max_depth=opts.max_depth + 1, rank_logits=rank)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the engine's thread
