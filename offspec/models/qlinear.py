@@ -206,10 +206,11 @@ class _Int8(_Kernel):
         self.scale = {torch.float32: scale, torch.bfloat16: scale.to(torch.bfloat16)}
 
     def paths(self) -> tuple[str, ...]:
-        return ("int8pack", "dequant")
+        # `_weight_int8pack_mm` reads past the row end (and may crash) unless in_features is a multiple of 16
+        return ("int8pack", "dequant") if self.k % 16 == 0 else ("dequant",)
 
     def path_for(self, rows: int, dtype: torch.dtype) -> str:
-        return "int8pack" if rows <= INT8_PACK_MAX_ROWS else "dequant"
+        return "int8pack" if rows <= INT8_PACK_MAX_ROWS and self.k % 16 == 0 else "dequant"
 
     def _scales(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self.scale:
@@ -285,11 +286,13 @@ class _W8A8(_Kernel):
         return y.mul_(m).to(x.dtype)
 
     def _quantize(self, xn: torch.Tensor) -> torch.Tensor:
-        """What fbgemm makes of the row-normalized input (float32): its per-tensor qparams, then codes
-        round(x * (1/scale)) + zero in float32 (half to even), clamped, dequantized."""
+        """What fbgemm makes of the row-normalized input (float32): its per-tensor qparams, then the codes
+        round(fma(x, 1/scale, zero)) in float32 (one rounding, as its fused multiply-add does; half to even),
+        clamped, dequantized."""
         scale, zero = torch._choose_qparams_per_tensor(xn, self.reduce_range)
         scale32 = torch.tensor(scale, dtype=torch.float32)
-        codes = torch.round(xn * (1 / scale32)).add_(zero).clamp_(0, 127 if self.reduce_range else 255)
+        inv = (1 / scale32).double()
+        codes = torch.round((xn.double() * inv + zero).float()).clamp_(0, 255)  # uint8, even with 7-bit qparams
         return (codes - zero) * scale32
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -437,13 +440,13 @@ class QuantLinear(nn.Module):
         """The weight the kernel multiplies by, float32 [out, in] (padding removed)."""
         return self.kernel.dequantized()[: self.out_features, : self.in_features]
 
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
+    def reference(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The exact product the kernel computes up to rounding: in float64, the input as the kernel quantizes it
-        (w8a8) or as given (weight-only formats) times `dequantized()`, plus the bias."""
-        x2 = self._pad_input(x.reshape(-1, x.shape[-1]))
-        w = self.kernel.dequantized().double()
-        y = self.kernel.quantize_input(x2) @ w.t()
-        y = y[:, : self.out_features]
+        (w8a8) or as given (weight-only formats) times `dequantized()` (pass it as `weight` if at hand), plus
+        the bias."""
+        x2 = self.kernel.quantize_input(x.reshape(-1, x.shape[-1]))
+        w = (self.dequantized() if weight is None else weight).double()
+        y = x2 @ w.t()
         if self.bias is not None:
             y = y + self.bias.double()
         return y.reshape(*x.shape[:-1], self.out_features)
