@@ -39,7 +39,18 @@ def draft_kind(model: str | None, draft: str | None, spec: bool = True) -> str:
         return "model" if model is None else "ngram"
     if "," in draft:
         return "auto"
+    if draft.partition(":")[0] == "self":  # self, or self:FORMAT
+        return "self"
     return draft if draft in DRAFT_KEYWORDS else "model"
+
+
+def self_format(draft: str | None, device: str) -> str:
+    """The low-bit format of a self-draft: the one named in --draft self:FORMAT, else the fastest here."""
+    from offspec.runtime.self_draft import check_self_format, default_self_format
+    from offspec.runtime.device import resolve_device
+
+    _, _, fmt = (draft or "self").partition(":")
+    return check_self_format(fmt) if fmt else default_self_format(resolve_device(device))
 
 
 def auto_members(draft: str, target_store: Path, demo: bool) -> list[str]:
@@ -52,7 +63,7 @@ def auto_members(draft: str, target_store: Path, demo: bool) -> list[str]:
         return items
     members = ["ngram"]
     try:
-        self_draft_manifest(target_store)
+        self_draft_manifest(target_store, self_format(None, "cpu"))
         members.append("self")
     except OffspecError:
         pass
@@ -139,6 +150,7 @@ class DraftPlan:
     reserved_bytes: int = 0
     ngram: bool = False  # n-gram candidates next to a model or self draft (a hybrid)
     members: tuple[DraftPlan, ...] = ()  # auto: the drafters the planner picks from
+    fmt: str = ""  # self: the low-bit format of the copy
 
 
 def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: RuntimeConfig, cache_tokens: int,
@@ -163,11 +175,15 @@ def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: 
 
         return DraftPlan(kind, store, model_bytes(store, cache_tokens, rc.device), hybrid)
     if kind == "self":
-        from offspec.runtime.sizing import nf4_copy_bytes
+        from offspec.runtime.sizing import self_draft_bytes
 
-        store = self_draft_store(target_store, progress)  # converted once, before the target takes memory
-        reserved = nf4_copy_bytes(target_store, self_draft_manifest(target_store), cache_tokens, rc.device)
-        return DraftPlan(kind, store, reserved, hybrid)
+        fmt = self_format(draft, rc.device)
+        man = self_draft_manifest(target_store, fmt)
+        # nf4: the NF4 store of the target's source, converted once before the target takes memory; the other
+        # formats are quantized from the target's own store when the copy opens
+        store = self_draft_store(target_store, progress) if fmt == "nf4" else target_store
+        reserved = self_draft_bytes(target_store, man, cache_tokens, rc.device, fmt=fmt)
+        return DraftPlan(kind, store, reserved, hybrid, fmt=fmt)
     return DraftPlan(kind)
 
 
@@ -196,7 +212,7 @@ def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: Runti
     if dp.kind == "self":
         from offspec.runtime.self_draft import open_self_draft
 
-        model = open_self_draft(target, dp.store, cache_tokens)
+        model = open_self_draft(target, dp.fmt, dp.store if dp.fmt == "nf4" else None, cache_tokens)
     else:
         from offspec.runtime.model import open_model
 
@@ -295,15 +311,16 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans)
 
 
-def self_draft_manifest(target_store: Path):
-    """The target's manifest, if its NF4 copy can be built: a 16-bit store whose source still exists."""
+def self_draft_manifest(target_store: Path, fmt: str = "nf4"):
+    """The target's manifest, if its low-bit copy can be built: a 16-bit store (whose source still exists, for the
+    NF4 copy, which is converted from it)."""
     from offspec.store.manifest import read_manifest
 
     man = read_manifest(target_store)
     if man.bits == 4:
         raise ConfigError("--draft self needs a 16-bit target: this store is already NF4, so its NF4 copy would be "
                           "the target itself (use --bits 16)")
-    if not Path(man.source).exists():
+    if fmt == "nf4" and not Path(man.source).exists():
         raise ModelError(f"--draft self builds the target's NF4 copy from its source, and {man.source} is gone")
     return man
 

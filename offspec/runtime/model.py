@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +43,12 @@ class OffloadedModel:
 
     def __init__(self, store_dir: str | Path, plan: ResidencyPlan, device: torch.device | str = "cpu",
                  warm: bool = False, cache_tokens: int = 2048, manifest: Manifest | None = None,
-                 config=None, static_cache: bool = False, share: OffloadedModel | None = None) -> None:
-        """share: another model of the same architecture (the target, for its NF4 self-draft) whose embeddings,
-        norm, lm_head and memory-resident layers this one uses as they are (the same tensors, no second copy)."""
+                 config=None, static_cache: bool = False, share: OffloadedModel | None = None,
+                 prepare_layer: Callable[[int, torch.nn.Module], None] | None = None) -> None:
+        """share: another model of the same architecture (the target, for its low-bit self-draft) whose embeddings,
+        norm, lm_head and memory-resident layers this one uses as they are (the same tensors, no second copy).
+        prepare_layer(i, layer): called on each layer this model loads into memory, right after its weights are
+        bound (the self-draft quantizes it there, one layer at a time, and lets the stored bytes go)."""
         self.store_dir = Path(store_dir)
         self.manifest = manifest or read_manifest(self.store_dir)
         self.config = config if config is not None else load_config(self.store_dir)
@@ -81,6 +85,9 @@ class OffloadedModel:
                 buf = load_blob(self.store_dir, self.manifest.layers[i], self.device)
                 views = self._upcast(tensor_views(self.manifest.layers[i].tensors, buf))
                 LayerBinding(self.layers[i], views, self.dtype).bind()
+                if prepare_layer is not None:
+                    prepare_layer(i, self.layers[i])
+                del buf, views
         self._check_bound(ringed)
         self.streamer: LayerStreamer | None = None
         self._slot_compute: list[torch.Tensor] | None = None
@@ -187,7 +194,7 @@ class OffloadedModel:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.lm_head.weight.shape[0])
+        return int(self.lm_head.out_features)
 
     @property
     def max_context(self) -> int:
