@@ -154,9 +154,18 @@ class BudgetPlanner:
             return self.best_spec_budget  # a probe keeps the acceptance and draft estimates fresh
         return self.budget
 
-    def observe_plain(self, pass_s: float) -> None:
-        """Feed back a plain step (one token, no draft)."""
-        self.pass_s[1] = 0.7 * self.pass_s[1] + 0.3 * pass_s if 1 in self.pass_s else pass_s
+    def next_budget_shared(self, sequences: int) -> int:
+        """Drafted nodes per sequence when `sequences` trees share one target pass (0 = plain steps): the budget
+        with the most expected tokens per second when the pass carries sequences x (budget + 1) tokens."""
+        budget = self.next_budget()
+        if sequences <= 1 or budget == 0:
+            return budget
+        shared = {tokens / sequences: s / sequences for tokens, s in self.pass_s.items()}
+        return pick_budget(shared, self.draft_seconds, self.expected_tokens, self.candidates)
+
+    def observe_plain(self, pass_s: float, tokens: int = 1) -> None:
+        """Feed back a plain step (one token, no draft; `tokens` when several sequences shared the pass)."""
+        self.pass_s[tokens] = 0.7 * self.pass_s[tokens] + 0.3 * pass_s if tokens in self.pass_s else pass_s
         self.plain_steps += 1
 
     def expected_tokens(self, budget: int) -> float:
@@ -174,9 +183,11 @@ class BudgetPlanner:
     def draft_seconds(self, budget: int) -> float:
         return self.cost.seconds(budget)
 
-    def observe(self, grown, tree_size: int, pass_s: float, accepted: int) -> None:
-        """Feed back one speculative step: the tree, the measured times and the accepted length."""
-        self.pass_s[tree_size] = pass_s if tree_size not in self.pass_s else 0.7 * self.pass_s[tree_size] + 0.3 * pass_s
+    def observe(self, grown, tree_size: int, pass_s: float, accepted: int, pass_tokens: int | None = None) -> None:
+        """Feed back one speculative step: the tree, the measured times and the accepted length (pass_tokens: the
+        tokens of the whole pass when other sequences shared it)."""
+        key = pass_tokens or tree_size
+        self.pass_s[key] = pass_s if key not in self.pass_s else 0.7 * self.pass_s[key] + 0.3 * pass_s
         self.cost.observe(grown.draft_s, grown.rounds, tree_size - 1)
         curve = expected_tokens_by_budget(grown.tree)
         self.pred_sum += curve[-1] - 1.0

@@ -59,8 +59,8 @@ def _batched(model, cache, rows, tokens, depths, ancestors):
         ids[i, : len(x)] = torch.tensor(x)
         pos[i, : len(x)] = cache.lengths[r] + d
         pos[i, len(x):] = cache.lengths[r]
-    mask = batch_mask([cache.lengths[r] for r in rows], ancestors, t, max(cache.lengths[r] for r in rows) + t,
-                      model.dtype)
+    end = max(cache.lengths[r] + len(x) for r, x in zip(rows, tokens))
+    mask = batch_mask([cache.lengths[r] for r in rows], ancestors, t, end, model.dtype)
     h = model.forward_batch(ids, pos, mask, cache, rows, [len(x) for x in tokens])
     return [model.head(h[i, : len(x)]) for i, x in enumerate(tokens)]
 
