@@ -138,8 +138,20 @@ class BatchEngine:
         return seq
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop a sequence: its slot is freed before the next pass (a pass already running still carries it)."""
+        """Stop a sequence: its slot is freed before the next pass (a pass already running still carries it).
+        The one call that may come from another thread than the one stepping."""
         seq.cancelled = True
+
+    def drop_cancelled(self) -> None:
+        """Free the slots of cancelled sequences (`step` does it first)."""
+        for seq in self.active:
+            if seq.cancelled:
+                self._release(seq)
+
+    def reset(self) -> None:
+        """Forget every sequence and every slot's contents (after a pass failed in an unknown way)."""
+        for slot in self.slots:
+            self._clear(slot)
 
     def _drafter(self, seq: Sequence) -> Drafter | None:
         return self.slots[seq.slot].drafter if seq.cfg.spec else None
@@ -166,9 +178,7 @@ class BatchEngine:
         """One target pass over every active sequence: what each one produced (a TextEvent, whose step's `finish`
         ends it), or the exception that ended it. Cancelled sequences leave first and ride no pass."""
         out: list[tuple[Sequence, TextEvent | Exception]] = []
-        for seq in self.active:
-            if seq.cancelled:
-                self._release(seq)
+        self.drop_cancelled()
         active = self.active
         decoding = [s for s in active if not s.pending]
         drafting = [s for s in decoding if self._drafter(s) is not None]
