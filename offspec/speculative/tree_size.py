@@ -157,11 +157,14 @@ class BudgetPlanner:
     def next_budget_shared(self, sequences: int) -> int:
         """Drafted nodes per sequence when `sequences` trees share one target pass (0 = plain steps): the budget
         with the most expected tokens per second when the pass carries sequences x (budget + 1) tokens."""
-        budget = self.next_budget()
-        if sequences <= 1 or budget == 0:
-            return budget
+        if sequences <= 1:
+            return self.next_budget()
         shared = {tokens / sequences: s / sequences for tokens, s in self.pass_s.items()}
-        return pick_budget(shared, self.draft_seconds, self.expected_tokens, self.candidates)
+        budget = pick_budget(shared, self.draft_seconds, self.expected_tokens, self.candidates)
+        if budget == 0 and self.plain_steps >= PROBE_EVERY:  # a probe keeps the estimates fresh, as alone
+            self.plain_steps = 0
+            return pick_budget(shared, self.draft_seconds, self.expected_tokens, [b for b in self.candidates if b])
+        return budget
 
     def observe_plain(self, pass_s: float, tokens: int = 1) -> None:
         """Feed back a plain step (one token, no draft; `tokens` when several sequences shared the pass)."""

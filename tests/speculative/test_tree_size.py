@@ -67,3 +67,22 @@ def test_expected_tokens_by_budget() -> None:
     p = [0.6, 0.3]
     curve = expected_tokens_by_budget(tree, p)
     assert curve == pytest.approx([1.0, 1.6, 1.96, 2.26])  # nodes by logprob: 1, 3, 2
+
+
+def test_a_shared_pass_splits_the_budget_and_still_probes():
+    from offspec.speculative.tree_size import PROBE_EVERY, BudgetPlanner
+
+    flat = {1: 1.0, 16: 1.05, 64: 1.2, 256: 2.0, 1024: 8.0}  # a streamed pass: flat until compute takes over
+    alone = BudgetPlanner(flat)
+    alone.curve = [1.0 + 3.0 * (1 - 0.9 ** b) for b in range(1025)]  # expected tokens by budget
+    one = alone.next_budget_shared(1)
+    eight = alone.next_budget_shared(8)
+    assert 0 < eight < one  # eight trees share the flat part of the pass
+    costly = BudgetPlanner(flat)
+    costly.curve = alone.curve
+    costly.cost.round_s, costly.cost.rounds_per_node = 5.0, 0.1  # a slow draft, per sequence
+    assert costly.next_budget_shared(8) == 0
+    for _ in range(PROBE_EVERY):
+        costly.observe_plain(1.1, tokens=8)
+    assert costly.next_budget_shared(8) > 0  # a probe refreshes the estimates
+    assert costly.next_budget_shared(8) == 0
