@@ -221,14 +221,18 @@ class BatchEngine:
             planner.observe_plain(pass_s, tokens_in_pass)
         return out
 
-    def _shared_budget(self, drafting: list[Sequence]) -> int | None:
-        """Drafted nodes per tree when these sequences draft in the same pass, from the budget planner (None: no
-        planner, or every request has a fixed budget)."""
-        if self.engine.planner is None or all(s.cfg.budget is not None for s in drafting):
+    def _shared_budget(self, drafting: list[Sequence]) -> tuple[str, int | None] | None:
+        """(drafter, drafted nodes per tree) when these sequences draft in the same pass, from the budget planner
+        (budget None: every request has a fixed budget, the planner only picks the drafter; None: no planner)."""
+        planner = self.engine.planner
+        if planner is None or not drafting:
             return None
-        return self.engine.planner.next_budget_shared(len(drafting))
+        if all(s.cfg.budget is not None for s in drafting):
+            return planner.choose(max(1, drafting[0].cfg.budget // len(drafting)))[0], None
+        return planner.choose_shared(len(drafting))
 
-    def _decode_row(self, seq: Sequence, shared: int | None, drafting: int, out: list) -> _Row | None:
+    def _decode_row(self, seq: Sequence, shared: tuple[str, int | None] | None, drafting: int,
+                    out: list) -> _Row | None:
         """The sequence's draft tree (or its root alone) for this pass; None if it ended without one."""
         slot, cfg = self.slots[seq.slot], seq.cfg
         if not seq.prefilled:
@@ -244,8 +248,10 @@ class BatchEngine:
             if cfg.budget is not None:
                 budget = max(1, cfg.budget // drafting)
             else:
-                budget = shared if shared is not None else max(1, 64 // drafting)
+                budget = shared[1] if shared is not None and shared[1] is not None else max(1, 64 // drafting)
             budget = min(budget, room, 4096)
+            if shared is not None and hasattr(drafter, "select"):  # several drafters: the planner's pick
+                drafter.select(shared[0])
         sampler = TreeSampler(cfg.sampling, seq.seed, slot.held, len(slot.held))  # the root sits after them
         start = self.cache.lengths[slot.row]
         draft = None
@@ -313,7 +319,7 @@ class BatchEngine:
         internal = torch.unique(torch.cat([torch.zeros(1, dtype=torch.long), parents[parents >= 0]]))
         logits = TreeLogits(dict(zip(internal.tolist(), self.target.head(h[internal.to(h.device)]))),
                             lambda node: self.target.head(h[node]))
-        res = verify_tree(tree, lambda node: row.sampler.choose(logits[node], tree.path_tokens(node)))
+        res = verify_tree(tree, lambda node, path: row.sampler.choose(logits[node], path))
         self.cache.keep(slot.row, row.start, torch.tensor([0, *res.accepted], dtype=torch.long))
         slot.held.extend([seq.root] + res.tokens[:-1])
         drafter.commit(list(res.tokens), row.draft, res.accepted)
@@ -321,7 +327,8 @@ class BatchEngine:
         if self.engine.planner is not None:
             self.engine.planner.observe(row.draft, n, pass_s, len(res.accepted), pass_tokens=tokens_in_pass)
         ev = StepEvent(list(res.tokens), tree_size=n, accepted=len(res.accepted), target_pass_s=pass_s,
-                       draft_s=row.draft.draft_s, streamed_bytes=streamed, budget=row.budget)
+                       draft_s=row.draft.draft_s, streamed_bytes=streamed, budget=row.budget,
+                       drafter=row.draft.drafter)
         if cfg.logprobs:
             nodes = [0, *res.accepted]  # token i was chosen from node nodes[i]'s logits
             ev.logprobs = [TokenLogprob(t, *top_logprobs(logits[r], t, cfg.logprobs)) for r, t in zip(nodes, res.tokens)]

@@ -73,7 +73,7 @@ def alone(engine: Engine, work):
     return out
 
 
-SETUPS = [("none", {}), ("draft", {"budget": 12, "expand": 4, "branch": 2}), ("ngram", {"budget": 8})]
+SETUPS = [("none", {}), ("draft", {"budget": 12, "branch": 2}), ("ngram", {"budget": 8})]
 
 
 @pytest.mark.parametrize("drafter,spec", SETUPS, ids=[s[0] for s in SETUPS])

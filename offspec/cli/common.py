@@ -19,10 +19,11 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     help="Target model: a Hugging Face folder, a .gguf file, an offspec store or a hub id "
     "(default: the packaged demo model, with its draft).")]
 DraftOpt = Annotated[Optional[str], typer.Option(
-    "--draft", "-md", "-d", metavar="MODEL|self|ngram", rich_help_panel=MODEL_PANEL,
-    help="What drafts the trees: a draft model sharing the target's tokenizer; self (the target's own NF4 copy, "
-    "resident, built once next to its store); or ngram (continuations of earlier text, no model). "
-    "Default: the demo's draft for the demo model, ngram for any other --model.")]
+    "--draft", "-md", "-d", metavar="MODEL|self|ngram|auto", rich_help_panel=MODEL_PANEL,
+    help="What drafts the trees: a draft model sharing the target's tokenizer; self (the target's own low-bit copy, "
+    "resident); ngram (continuations of earlier text, no model); or several, comma-separated (self,ngram), or auto "
+    "(n-grams, self where the target is 16-bit, the demo's draft for the demo): the planner picks, per tree, the "
+    "one with the most tokens per second. Default: the demo's draft for the demo model, ngram for any other --model.")]
 NgramOpt = Annotated[Optional[bool], typer.Option(
     "--ngram/--no-ngram", rich_help_panel=MODEL_PANEL, show_default=False,
     help="Add n-gram continuations to a model or self draft's tree (one tree, one budget), or refuse them.")]

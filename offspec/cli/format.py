@@ -29,6 +29,11 @@ def format_stats(stats: GenerationStats, interrupted: bool = False) -> str:
     ]
     if stats.draft_s > 0 or stats.drafter:
         parts.append(f"draft {stats.drafter + ' ' if stats.drafter else ''}{stats.draft_s:.2f} s")
+    if len(stats.trees_by_drafter) > 1:
+        parts.append("trees " + " ".join(f"{k} {v}" for k, v in sorted(stats.trees_by_drafter.items())))
+    if stats.ahead_started:
+        parts.append(f"{stats.ahead_saved_s:.2f} s more drafted during streamed passes "
+                     f"({stats.ahead_used} of {stats.ahead_started} early trees used)")
     if stats.streamed_bytes > 0:
         parts.append(f"streamed {stats.streamed_gbps:.2f} GB/s")
     parts.append(f"budget {stats.budget:.0f}" if stats.budget else "plain decoding")
