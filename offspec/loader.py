@@ -13,6 +13,8 @@ PROBE_TEXT = "def main():\n    print('Hello, world!')  # Über 100 tokens? 日�
 
 
 DRAFT_KEYWORDS = ("ngram", "self", "auto")  # --draft values that name a drafter rather than a model
+DEFAULT_SEQUENCES = 4  # sequences decoded at once when serving (fewer if the memory budget cannot hold their caches)
+CURVE_CACHE_TOKENS = 512  # the target's own cache when it serves several sequences (each has a batch cache row)
 
 
 @dataclass
@@ -23,6 +25,8 @@ class Loaded:
     tokenizer: object
     drafter: str = ""  # the drafter's name ("" = plain decoding)
     plans: dict[str, DraftPlan] = field(default_factory=dict)  # drafters the plan left room for (reserve_for)
+    sequences: int = 1  # sequences the memory plan holds KV caches for (load_engine's `sequences`)
+    sequence_kv_bytes: int = 0  # KV cache bytes each of them takes (target and draft)
 
     def close(self) -> None:
         """Stop the reader threads of the target and of a draft model."""
@@ -265,14 +269,17 @@ def check_budget_fits_machine(rc: RuntimeConfig) -> None:
 def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                 rc: RuntimeConfig = RuntimeConfig(), cache_tokens: int = 4096, progress: bool = True,
                 budget_auto: bool = True, ngram: bool | None = None,
-                ngram_corpus: str | Path | None = None, reserve_for: tuple[str, ...] = ()) -> Loaded:
+                ngram_corpus: str | Path | None = None, reserve_for: tuple[str, ...] = (),
+                sequences: int | None = 1) -> Loaded:
     """Resolve the target (and the draft), open them under the budgets, build the drafter, wire an Engine.
 
     draft: a model, "self" (the target's NF4 copy) or "ngram"; ngram: add (True) or refuse (False) n-gram candidates
     next to a model or self draft (None: only with --ngram-corpus); ngram_corpus: a text file for the index.
     reserve_for: more --draft values the target's plan leaves room for (bench compares drafters on one plan);
     their plans are in Loaded.plans. cache_tokens (--ctx-size) sizes the KV caches, capped at the target's
-    context; the engine stops there."""
+    context; the engine stops there. sequences: the plan also holds KV caches for that many sequences decoded
+    together (a server's batch; see batch.BatchEngine), None for as many as the budget allows, up to
+    DEFAULT_SEQUENCES."""
     from offspec.runtime.model import open_model
     from offspec.store.resolve import resolve_model
 
@@ -297,8 +304,19 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     plans = {d: plan_draft(draft_kind(model, d), d, target_store, tokenizer, rc, cache_tokens, progress)
              for d in reserve_for}
     reserved = max([dp.reserved_bytes] + [p.reserved_bytes for p in plans.values()])
+    own_cache, per_sequence = cache_tokens, 0
+    if sequences != 1:  # a batch cache row per sequence, and a draft cache per sequence beyond the draft's own
+        from offspec.runtime.sizing import store_kv_bytes_per_token
+
+        target_kv = store_kv_bytes_per_token(target_store, rc.device) * (cache_tokens + 1)
+        draft_kv = store_kv_bytes_per_token(dp.store, rc.device) * cache_tokens if dp.store is not None else 0
+        per_sequence = target_kv + draft_kv
+        own_cache = min(cache_tokens, CURVE_CACHE_TOKENS)
+        if sequences is None:
+            sequences = _sequences_that_fit(target_store, rc, reserved - draft_kv, per_sequence, own_cache)
+        reserved += sequences * per_sequence - draft_kv
     target = open_model(target_store, rc.device, rc.device_memory_bytes, rc.host_memory_bytes,
-                        reserved_bytes=reserved, cache_tokens=cache_tokens, warm=rc.warm,
+                        reserved_bytes=reserved, cache_tokens=own_cache, warm=rc.warm,
                         device_memory_over_min=rc.device_memory_over_min)
     drafter = open_drafter(dp, target, target_store, tokenizer, rc, cache_tokens, ngram_corpus)
     planner = None
@@ -308,7 +326,28 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         planner = make_planner(target, cost=drafter.cost)
     eos = set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))
     engine = Engine(target, None, tokenizer, planner, context_tokens=cache_tokens, eos_ids=eos, drafter=drafter)
-    return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans)
+    return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans, sequences, per_sequence)
+
+
+def _sequences_that_fit(target_store: Path, rc: RuntimeConfig, reserved: int, per_sequence: int,
+                        cache_tokens: int) -> int:
+    """The most sequences, up to DEFAULT_SEQUENCES, whose KV caches the device budget holds beside the minimum
+    the target needs (a `min+SIZE` budget grows with them: DEFAULT_SEQUENCES)."""
+    from offspec.runtime.device import resolve_device
+    from offspec.runtime.sizing import plan_for_store
+    from offspec.store.manifest import read_manifest
+
+    if rc.device_memory_over_min is not None:
+        return DEFAULT_SEQUENCES
+    dev = resolve_device(rc.device)
+    budget = rc.device_memory_bytes
+    if budget is None:
+        from offspec.runtime.memory import default_budgets
+
+        budget = default_budgets(dev)[0]
+    _, minimum = plan_for_store(target_store, read_manifest(target_store), dev.type, 0, rc.host_memory_bytes or 0,
+                                reserved, cache_tokens, over_min=0)
+    return max(1, min(DEFAULT_SEQUENCES, (budget - minimum) // max(per_sequence, 1)))
 
 
 def self_draft_manifest(target_store: Path, fmt: str = "nf4"):

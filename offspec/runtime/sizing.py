@@ -86,6 +86,13 @@ def kv_bytes_per_token(config, compute: torch.dtype) -> int:
     return cache_bytes_per_token(*kv_geometry(config), compute)
 
 
+def store_kv_bytes_per_token(store_dir: str | Path, device: str = "cpu") -> int:
+    """KV cache bytes per token of a store's model in the dtype it computes in on `device`."""
+    manifest = read_manifest(Path(store_dir))
+    dev = torch.device(device) if device in ("cpu", "cuda") else resolve_device(device)
+    return kv_bytes_per_token(load_config(store_dir), pick_compute_dtype(manifest.torch_dtype, dev))
+
+
 def model_bytes(store_dir: str | Path | None, cache_tokens: int, device: str = "cpu", manifest: Manifest | None = None,
                 config=None) -> int:
     """Memory a fully resident model takes (weights in their compute dtype plus its KV cache): a draft's reserve.
