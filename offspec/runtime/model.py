@@ -11,7 +11,7 @@ import torch
 
 from offspec.errors import StoreError
 from offspec.models.binding import LayerBinding
-from offspec.models.nf4 import swap_nf4_linears
+from offspec.models.nf4 import NF4Linear, swap_nf4_linears
 from offspec.models.registry import build_skeleton, final_logits, kv_geometry, layer_windows, load_config
 from offspec.runtime.device import pick_compute_dtype, resolve_device
 from offspec.runtime.kv_cache import BatchKVCache, StaticKVCache
@@ -150,6 +150,33 @@ class OffloadedModel:
             self._upcast_pairs[key] = [(dst[n], raw[n]) for n in self._upcast_offsets[layer]]
         for dst, src in self._upcast_pairs[key]:
             dst.copy_(src)
+
+    def forward_weight_bytes(self) -> int:
+        """Bytes of weights one forward reads from memory: every resident layer, norm and head (each tensor once,
+        low-bit layers in their kernel's layout); not the embedding table (a forward reads a row per token), not
+        streamed layers (their bytes come from disk, `plan.streamed_bytes_per_pass`)."""
+        from offspec.models.qlinear import QuantLinear
+
+        seen: set[int] = set()
+        total = 0
+        streamed = {id(self.layers[i]) for i in self.plan.layers(DISK)} if self.streamer is not None else set()
+        skip = {id(m) for layer in self.layers if id(layer) in streamed for m in layer.modules()}
+        skip.add(id(self.decoder.embed_tokens))
+        for mod in list(self.decoder.modules()) + list(self.lm_head.modules()):
+            if id(mod) in skip:
+                continue
+            if isinstance(mod, QuantLinear):
+                total += mod.nbytes
+                continue
+            tensors = [t for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None]
+            if isinstance(mod, NF4Linear):  # packed codes and block scales, as bound or repacked for the fused kernel
+                packed, state = mod._fused or (mod.weight, mod.state)
+                tensors += [t for t in (packed, getattr(state, "absmax", None)) if isinstance(t, torch.Tensor)]
+            for t in tensors:
+                if not t.is_meta and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.nbytes
+        return total
 
     def memory_resident_layers(self) -> list[int]:
         """Layers whose weights this model keeps in device memory (RAM on the CPU) for good."""

@@ -167,3 +167,19 @@ def test_quantized_self_draft_is_sized_from_the_manifest(target16, fmt):
         assert held == self_draft_bytes(target16.store_dir, man, 0, fmt=fmt)
     finally:
         streamed.close()
+
+
+def test_forward_weight_bytes_counts_what_a_forward_reads(target16):
+    """The quantized copy's layers and head in their kernels' layouts, the target's shared resident layers once,
+    no embedding table; the streaming target counts only what stays in memory."""
+    from offspec.models.qlinear import QuantLinear
+
+    draft = open_self_draft(target16, "w8a8", cache_tokens=64)
+    quant = sum(m.nbytes for m in draft.decoder.modules() if isinstance(m, QuantLinear)) + draft.lm_head.nbytes
+    shared = sum(p.nbytes for i, t in enumerate(TIERS) if t == DEVICE for p in target16.layers[i].parameters())
+    small = sum(p.nbytes for i, t in enumerate(TIERS) if t == DISK for p in draft.layers[i].parameters())
+    rotary = sum({b.data_ptr(): b.nbytes for b in draft.decoder.rotary_emb.buffers()}.values())
+    norm = draft.decoder.norm.weight.nbytes
+    assert draft.forward_weight_bytes() == quant + shared + small + norm + rotary
+    head = target16.lm_head.weight.nbytes
+    assert target16.forward_weight_bytes() == shared + head + norm + rotary
