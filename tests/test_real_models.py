@@ -115,8 +115,9 @@ def test_demo_pair_speculative_greedy_equals_plain(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_every_drafter_greedy_equals_plain_greedy(smollm2, tmp_path_factory):
-    """SmolLM2 streamed: n-gram, self (its NF4 copy, sharing the resident parts) and their hybrid write the plain
-    greedy answer; the NF4 copy agrees with the target often enough to beat one token per pass."""
+    """SmolLM2 streamed: n-gram, self (its NF4 copy, or its w8a8/int8/int4 copy quantized from the target's store,
+    sharing the resident parts) and a hybrid write the plain greedy answer; each copy agrees with the target often
+    enough to beat one token per pass."""
     from offspec.loader import load_tokenizer
     from offspec.runtime.model import open_model
     from offspec.runtime.plan import minimum_budget_bytes
@@ -138,7 +139,9 @@ def test_smollm2_every_drafter_greedy_equals_plain_greedy(smollm2, tmp_path_fact
     drafters = {"ngram": NgramDrafter(),
                 "self": ModelDrafter(open_self_draft(target, "nf4", nf4, cache_tokens=512), name="self"),
                 "self+ngram": HybridDrafter(ModelDrafter(open_self_draft(target, "nf4", nf4, cache_tokens=512)),
-                                            NgramDrafter())}
+                                            NgramDrafter()),
+                **{f"self-{fmt}": ModelDrafter(open_self_draft(target, fmt, cache_tokens=512), name="self")
+                   for fmt in ("w8a8", "int8", "int4")}}
     for name, drafter in drafters.items():
         plain.reset()
         engine = Engine(target, None, tok, drafter=drafter)
