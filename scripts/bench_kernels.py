@@ -186,9 +186,11 @@ def bench_quality(args) -> list[dict]:
         if fmt != "bf16":
             for layer in model.layers:
                 quantize_linears(layer, fmt)
-            model.lm_head = quantize_linear(model.lm_head, fmt)
+            if not args.keep_head:
+                model.lm_head = quantize_linear(model.lm_head, fmt)
         built_s = time.perf_counter() - t0
-        rec = {"format": fmt, "store": store.name, "quantize_s": built_s, "threads": max(args.threads)}
+        rec = {"format": fmt, "store": store.name, "quantize_s": built_s, "threads": max(args.threads),
+               "lm_head": "bf16" if args.keep_head or fmt == "bf16" else fmt}
         for kind, ids in texts.items():
             model.reset()
             logits = model.forward(torch.tensor([ids]))[0].float()  # [T, V]
@@ -244,6 +246,8 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"formats among {','.join(FORMATS)}")
     ap.add_argument("--store", default=None, help="a bf16 store for the quality part (default: the packaged 0.5B)")
     ap.add_argument("--tokens", type=int, default=256, help="tokens of each text for the quality part")
+    ap.add_argument("--keep-head", action="store_true", help="quality: keep the lm_head in bf16 (as the self-draft "
+                    "shares the target's)")
     ap.add_argument("--no-quality", action="store_true", help="speed only")
     ap.add_argument("--no-speed", action="store_true", help="quality only")
     ap.add_argument("--json", default=None, help="write all records to this file")

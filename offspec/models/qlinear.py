@@ -34,9 +34,11 @@ GROUP_SIZES = (32, 64, 128, 256)
 NF4_BLOCKSIZE = 64
 OUT_TILE = 64  # int4's packed layout and bitsandbytes' fused layout tile output rows by 64 and 32
 
-# Up to this many rows `_weight_int8pack_mm` beats converting the weight to bf16 and one dense matmul
-# (scripts/bench_kernels.py, "paths" table: at 1 row the pack kernel wins, from 4 rows the dense matmul).
-INT8_PACK_MAX_ROWS = 2
+# Up to this many rows `_weight_int8pack_mm` beats converting the weight to bf16 and one dense matmul: its cost
+# grows with every row (it reuses no weight across rows), the conversion's does not (scripts/bench_kernels.py,
+# forced paths on Qwen2.5-1.5B's linears, 1 thread: pack 254 / 412 / 1432 ms at 1 / 4 / 16 rows, convert +
+# matmul 748 / 670 / 944 ms).
+INT8_PACK_MAX_ROWS = 8
 # Dequantizing paths convert at most this many weight bytes at a time (a chunk stays in the L2/L3 caches
 # for its matmul, and no buffer grows with the vocabulary).
 CHUNK_BYTES = 4 << 20
