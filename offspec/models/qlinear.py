@@ -517,6 +517,9 @@ def quantize_linears(module: nn.Module, fmt: str, skip: Iterable[str] = (), *, g
     """Replace every nn.Linear / NF4Linear inside `module` by a QuantLinear in `fmt`, built from its float (or
     dequantized) weight, except those whose qualified name matches a glob in `skip`; returns the names replaced.
     (For a lone layer, such as an lm_head, use `quantize_linear`.)"""
+    if _is_linear(module):
+        raise TypeError("quantize_linears replaces the linears inside a module; use quantize_linear for a single layer "
+                        "(such as an lm_head)")
     skip = tuple(skip)
     names = [name for name, mod in module.named_modules() if name and _is_linear(mod)
              and not any(fnmatch.fnmatchcase(name, pat) for pat in skip)]

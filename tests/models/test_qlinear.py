@@ -271,6 +271,21 @@ def test_quantize_linears_skips_by_glob(make_tiny_model):
     assert "lm_head" not in names and not any(n.endswith("down_proj") for n in names)
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
     assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
+    with pytest.raises(TypeError, match="use quantize_linear for a single layer"):
+        quantize_linears(model.lm_head, "int8")
+
+
+def test_no_library_warnings_reach_the_user():
+    """Building, running and checking every format raises no warning (torch's quantized-tensor deprecation
+    included), so nothing is printed even where warnings are shown."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fmt in FORMATS:
+            layer = QuantLinear.from_weight(make_weight(64, 64, 0), torch.randn(64), fmt)
+            layer(torch.randn(3, 64))
+            layer.reference(torch.randn(3, 64))
 
 
 # ---- machines without AVX-512 (or without AVX2) --------------------------------------------------------------
