@@ -21,7 +21,7 @@ import contextlib
 import copy
 import fnmatch
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -513,21 +513,32 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, NF4Linear)) and not isinstance(module, QuantLinear)
 
 
-def quantize_linears(module: nn.Module, fmt: str, skip: Iterable[str] = (), *, group_size: int = 64) -> list[str]:
-    """Replace every nn.Linear / NF4Linear inside `module` by a QuantLinear in `fmt`, built from its float (or
-    dequantized) weight, except those whose qualified name matches a glob in `skip`; returns the names replaced.
-    (For a lone layer, such as an lm_head, use `quantize_linear`.)"""
+def quantize_linears(module: nn.Module, fmt: str | Mapping[str, str], skip: Iterable[str] = (), *,
+                     group_size: int = 64) -> list[str]:
+    """Replace every nn.Linear / NF4Linear inside `module` by a QuantLinear built from its float (or dequantized)
+    weight, except those whose qualified name matches a glob in `skip`; returns the names replaced.
+
+    fmt: one format for all, or globs to formats, the first match winning (e.g. {"*down_proj": "int8",
+    "*": "w8a8"}); linears no glob matches are left as they are. (For a lone layer, use `quantize_linear`.)"""
     if _is_linear(module):
         raise TypeError("quantize_linears replaces the linears inside a module; use quantize_linear for a single layer "
                         "(such as an lm_head)")
+    rules = [("*", fmt)] if isinstance(fmt, str) else list(fmt.items())
+    for _, f in rules:
+        if f not in FORMATS:
+            raise ValueError(f"unknown low-bit format {f!r}; choose one of {', '.join(FORMATS)}")
     skip = tuple(skip)
-    names = [name for name, mod in module.named_modules() if name and _is_linear(mod)
-             and not any(fnmatch.fnmatchcase(name, pat) for pat in skip)]
-    for name in names:
+    chosen: dict[str, str] = {}
+    for name, mod in module.named_modules():
+        if name and _is_linear(mod) and not any(fnmatch.fnmatchcase(name, pat) for pat in skip):
+            f = next((f for pat, f in rules if fnmatch.fnmatchcase(name, pat)), None)
+            if f is not None:
+                chosen[name] = f
+    for name, f in chosen.items():
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, leaf, quantize_linear(getattr(parent, leaf), fmt, group_size=group_size))
-    return names
+        setattr(parent, leaf, quantize_linear(getattr(parent, leaf), f, group_size=group_size))
+    return list(chosen)
 
 
 def quantize_linear(linear: nn.Module, fmt: str, *, group_size: int = 64) -> QuantLinear:

@@ -275,6 +275,19 @@ def test_quantize_linears_skips_by_glob(make_tiny_model):
         quantize_linears(model.lm_head, "int8")
 
 
+def test_quantize_linears_mixes_formats_by_glob(make_tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model("llama", num_layers=2, tokenizer=False),
+                                                 dtype=torch.float32).eval()
+    names = quantize_linears(model.model.layers, {"*down_proj": "int8", "*.self_attn.*": "w8a8"})
+    assert len(names) == 2 * 5  # q, k, v, o and down in each layer; gate and up match no glob
+    mlp, attn = model.model.layers[1].mlp, model.model.layers[1].self_attn
+    assert mlp.down_proj.fmt == "int8" and attn.q_proj.fmt == "w8a8" and isinstance(mlp.up_proj, nn.Linear)
+    with pytest.raises(ValueError, match="unknown low-bit format 'int2'"):
+        quantize_linears(model.model.layers, {"*": "int2"})
+
+
 def test_no_library_warnings_reach_the_user():
     """Building, running and checking every format raises no warning (torch's quantized-tensor deprecation
     included), so nothing is printed even where warnings are shown."""
