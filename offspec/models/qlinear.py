@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -43,14 +44,16 @@ INT8_PACK_MAX_ROWS = 8
 # for its matmul, and no buffer grows with the vocabulary).
 CHUNK_BYTES = 4 << 20
 
-_SCRATCH: dict[tuple, torch.Tensor] = {}  # one conversion buffer per (numel, dtype): layers run one at a time
+# One conversion buffer per (numel, dtype) and thread: a model's layers run one at a time, and a draft growing in
+# another thread (while the target streams) gets buffers of its own, freed with its thread.
+_SCRATCH = threading.local()
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    key = (numel, dtype)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(numel, dtype=dtype)
-    return _SCRATCH[key]
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    if (numel, dtype) not in bufs:
+        bufs[numel, dtype] = torch.empty(numel, dtype=dtype)
+    return bufs[numel, dtype]
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,21 @@ def test_int8_dequant_path_works_in_chunks(monkeypatch):
             check_against_reference(layer, 17, dtype)
 
 
+def test_two_threads_running_dequantizing_kernels_at_once_stay_exact():
+    """A draft may grow in a thread of its own while the target computes: conversion buffers are not shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = [QuantLinear.from_weight(make_weight(512, 256, s), None, fmt) for s, fmt in enumerate(["int8", "int8"])]
+    xs = [torch.randn(32, 256).to(torch.bfloat16) for _ in layers]
+    want = [layer(x) for layer, x in zip(layers, xs)]
+
+    def run(i: int) -> bool:
+        return all(torch.equal(layers[i](xs[i]), want[i]) for _ in range(30))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(run, [0, 1]))
+
+
 def test_w8a8_with_seven_bit_activations_is_exact_too():
     """Without VNNI fbgemm needs 7-bit activations (reduce_range); that mode equals its reference as well."""
     layer = QuantLinear.from_weight(make_weight(256, 192, 4), torch.randn(256), "w8a8")
