@@ -12,7 +12,9 @@ from offspec.generate import Engine
 PROBE_TEXT = "def main():\n    print('Hello, world!')  # Über 100 tokens? 日本語 ✓\n"
 
 
-DRAFT_KEYWORDS = ("ngram", "self")  # --draft values that name a drafter rather than a model
+DRAFT_KEYWORDS = ("ngram", "self", "auto")  # --draft values that name a drafter rather than a model
+DEFAULT_SEQUENCES = 4  # sequences decoded at once when serving (fewer if the memory budget cannot hold their caches)
+CURVE_CACHE_TOKENS = 512  # the target's own cache when it serves several sequences (each has a batch cache row)
 
 
 @dataclass
@@ -23,6 +25,8 @@ class Loaded:
     tokenizer: object
     drafter: str = ""  # the drafter's name ("" = plain decoding)
     plans: dict[str, DraftPlan] = field(default_factory=dict)  # drafters the plan left room for (reserve_for)
+    sequences: int = 1  # sequences the memory plan holds KV caches for (load_engine's `sequences`)
+    sequence_kv_bytes: int = 0  # KV cache bytes each of them takes (target and draft)
 
     def close(self) -> None:
         """Stop the reader threads of the target and of a draft model."""
@@ -30,13 +34,46 @@ class Loaded:
 
 
 def draft_kind(model: str | None, draft: str | None, spec: bool = True) -> str:
-    """What drafts: "none", "ngram", "self" or "model". Without --draft: the demo's draft model for the demo,
-    n-gram drafting for any other --model (it costs milliseconds and falls back to plain steps)."""
+    """What drafts: "none", "ngram", "self", "model" or "auto" (several drafters, the planner picks per tree: --draft
+    auto, or a comma-separated list). Without --draft: the demo's draft model for the demo, n-gram drafting for any
+    other --model (it costs milliseconds and falls back to plain steps)."""
     if not spec:
         return "none"
     if draft is None:
         return "model" if model is None else "ngram"
+    if "," in draft:
+        return "auto"
+    if draft.partition(":")[0] == "self":  # self, or self:FORMAT
+        return "self"
     return draft if draft in DRAFT_KEYWORDS else "model"
+
+
+def self_format(draft: str | None, device: str) -> str:
+    """The low-bit format of a self-draft: the one named in --draft self:FORMAT, else the fastest here."""
+    from offspec.runtime.self_draft import check_self_format, default_self_format
+    from offspec.runtime.device import resolve_device
+
+    _, _, fmt = (draft or "self").partition(":")
+    return check_self_format(fmt) if fmt else default_self_format(resolve_device(device))
+
+
+def auto_members(draft: str, target_store: Path, demo: bool) -> list[str]:
+    """The --draft values an auto drafter holds: a comma-separated list as given; for `auto`, n-grams, the target's
+    own NF4 copy where it can have one (a 16-bit store whose source is still there) and, for the demo, its draft."""
+    if draft != "auto":
+        items = [d.strip() for d in draft.split(",") if d.strip()]
+        if not items or "auto" in items or len(set(items)) < len(items):
+            raise ConfigError(f"bad --draft '{draft}': list drafters (self, ngram or a model) once each")
+        return items
+    members = ["ngram"]
+    try:
+        self_draft_manifest(target_store, self_format(None, "cpu"))
+        members.append("self")
+    except OffspecError:
+        pass
+    if demo:
+        members.append("demo")
+    return members
 
 
 def check_draft_options(model: str | None, draft: str | None, spec: bool, ngram: bool | None,
@@ -112,10 +149,12 @@ def generation_eos(store: Path) -> tuple[int, ...]:
 class DraftPlan:
     """A drafter chosen but not opened yet: its kind, its model's store and the memory it will hold."""
 
-    kind: str  # "none" | "ngram" | "self" | "model"
+    kind: str  # "none" | "ngram" | "self" | "model" | "auto"
     store: Path | None = None  # the draft model's store (the NF4 copy for self)
     reserved_bytes: int = 0
     ngram: bool = False  # n-gram candidates next to a model or self draft (a hybrid)
+    members: tuple[DraftPlan, ...] = ()  # auto: the drafters the planner picks from
+    fmt: str = ""  # self: the low-bit format of the copy
 
 
 def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: RuntimeConfig, cache_tokens: int,
@@ -124,6 +163,15 @@ def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: 
     from offspec.store.resolve import resolve_model
 
     hybrid = kind in ("model", "self") and bool(ngram or corpus)
+    if kind == "auto":
+        members = []
+        for d in auto_members(draft or "auto", target_store, store is not None):
+            base = d.removesuffix("+ngram")
+            member_store = store if base == "demo" else None
+            sub = "model" if base == "demo" else draft_kind("-", base)
+            members.append(plan_draft(sub, base, target_store, tokenizer, rc, cache_tokens, progress,
+                                      ngram=d != base, store=member_store))
+        return DraftPlan(kind, None, sum(m.reserved_bytes for m in members), members=tuple(members))
     if kind == "model":
         store = store or resolve_model(draft, 16, rc.dtype, progress=progress)
         check_same_tokenizer(tokenizer, load_tokenizer(store), str(target_store.name), str(store.name))
@@ -131,11 +179,15 @@ def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: 
 
         return DraftPlan(kind, store, model_bytes(store, cache_tokens, rc.device), hybrid)
     if kind == "self":
-        from offspec.runtime.sizing import nf4_copy_bytes
+        from offspec.runtime.sizing import self_draft_bytes
 
-        store = self_draft_store(target_store, progress)  # converted once, before the target takes memory
-        reserved = nf4_copy_bytes(target_store, self_draft_manifest(target_store), cache_tokens, rc.device)
-        return DraftPlan(kind, store, reserved, hybrid)
+        fmt = self_format(draft, rc.device)
+        man = self_draft_manifest(target_store, fmt)
+        # nf4: the NF4 store of the target's source, converted once before the target takes memory; the other
+        # formats are quantized from the target's own store when the copy opens
+        store = self_draft_store(target_store, progress) if fmt == "nf4" else target_store
+        reserved = self_draft_bytes(target_store, man, cache_tokens, rc.device, fmt=fmt)
+        return DraftPlan(kind, store, reserved, hybrid, fmt=fmt)
     return DraftPlan(kind)
 
 
@@ -147,6 +199,11 @@ def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: Runti
 
     if dp.kind == "none":
         return None
+    if dp.kind == "auto":
+        from offspec.speculative.drafters import AutoDrafter
+
+        return AutoDrafter([open_drafter(m, target, target_store, tokenizer, rc, cache_tokens, ngram_corpus)
+                            for m in dp.members])
     index = None
     if dp.kind == "ngram" or dp.ngram:
         from offspec.speculative.ngram import NgramIndex
@@ -159,7 +216,7 @@ def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: Runti
     if dp.kind == "self":
         from offspec.runtime.self_draft import open_self_draft
 
-        model = open_self_draft(target, dp.store, cache_tokens)
+        model = open_self_draft(target, dp.fmt, dp.store if dp.fmt == "nf4" else None, cache_tokens)
     else:
         from offspec.runtime.model import open_model
 
@@ -171,9 +228,17 @@ def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: Runti
 
 
 def parse_drafters(text: str) -> list[tuple[str, str | None, bool]]:
-    """--drafters 'ngram,self,MODEL,self+ngram' -> [(kind, --draft value, hybrid)], in order."""
+    """--drafters 'ngram,self,MODEL,self+ngram,auto' -> [(kind, --draft value, hybrid)], in order; `auto` is the
+    planner choosing per tree among the other entries listed."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
     out = []
-    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+    for item in items:
+        if item == "auto":
+            others = [i for i in items if i != "auto"]
+            if len(others) < 2:
+                raise ConfigError("--drafters auto picks among the other drafters listed: list at least two")
+            out.append(("auto", ",".join(others), False))
+            continue
         hybrid = item.endswith("+ngram")
         base = item[: -len("+ngram")] if hybrid else item
         if base == "ngram" and hybrid:
@@ -204,14 +269,17 @@ def check_budget_fits_machine(rc: RuntimeConfig) -> None:
 def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                 rc: RuntimeConfig = RuntimeConfig(), cache_tokens: int = 4096, progress: bool = True,
                 budget_auto: bool = True, ngram: bool | None = None,
-                ngram_corpus: str | Path | None = None, reserve_for: tuple[str, ...] = ()) -> Loaded:
+                ngram_corpus: str | Path | None = None, reserve_for: tuple[str, ...] = (),
+                sequences: int | None = 1) -> Loaded:
     """Resolve the target (and the draft), open them under the budgets, build the drafter, wire an Engine.
 
     draft: a model, "self" (the target's NF4 copy) or "ngram"; ngram: add (True) or refuse (False) n-gram candidates
     next to a model or self draft (None: only with --ngram-corpus); ngram_corpus: a text file for the index.
     reserve_for: more --draft values the target's plan leaves room for (bench compares drafters on one plan);
     their plans are in Loaded.plans. cache_tokens (--ctx-size) sizes the KV caches, capped at the target's
-    context; the engine stops there."""
+    context; the engine stops there. sequences: the plan also holds KV caches for that many sequences decoded
+    together (a server's batch; see batch.BatchEngine), None for as many as the budget allows, up to
+    DEFAULT_SEQUENCES."""
     from offspec.runtime.model import open_model
     from offspec.store.resolve import resolve_model
 
@@ -223,7 +291,7 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         from offspec.store.demo import demo_draft, demo_target
 
         target_store = demo_target(rc.bits, rc.dtype, progress=progress)
-        if kind == "model" and draft is None:  # the demo's own draft; not converted when something else drafts
+        if (kind == "model" and draft is None) or (kind == "auto" and draft == "auto"):  # the demo's own draft
             demo_draft_store = demo_draft(rc.dtype, progress=progress)
     else:
         target_store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
@@ -236,8 +304,19 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     plans = {d: plan_draft(draft_kind(model, d), d, target_store, tokenizer, rc, cache_tokens, progress)
              for d in reserve_for}
     reserved = max([dp.reserved_bytes] + [p.reserved_bytes for p in plans.values()])
+    own_cache, per_sequence = cache_tokens, 0
+    if sequences != 1:  # a batch cache row per sequence, and a draft cache per sequence beyond the draft's own
+        from offspec.runtime.sizing import store_kv_bytes_per_token
+
+        target_kv = store_kv_bytes_per_token(target_store, rc.device) * (cache_tokens + 1)
+        draft_kv = store_kv_bytes_per_token(dp.store, rc.device) * cache_tokens if dp.store is not None else 0
+        per_sequence = target_kv + draft_kv
+        own_cache = min(cache_tokens, CURVE_CACHE_TOKENS)
+        if sequences is None:
+            sequences = _sequences_that_fit(target_store, rc, reserved - draft_kv, per_sequence, own_cache)
+        reserved += sequences * per_sequence - draft_kv
     target = open_model(target_store, rc.device, rc.device_memory_bytes, rc.host_memory_bytes,
-                        reserved_bytes=reserved, cache_tokens=cache_tokens, warm=rc.warm,
+                        reserved_bytes=reserved, cache_tokens=own_cache, warm=rc.warm,
                         device_memory_over_min=rc.device_memory_over_min)
     drafter = open_drafter(dp, target, target_store, tokenizer, rc, cache_tokens, ngram_corpus)
     planner = None
@@ -247,18 +326,40 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         planner = make_planner(target, cost=drafter.cost)
     eos = set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))
     engine = Engine(target, None, tokenizer, planner, context_tokens=cache_tokens, eos_ids=eos, drafter=drafter)
-    return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans)
+    return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans, sequences, per_sequence)
 
 
-def self_draft_manifest(target_store: Path):
-    """The target's manifest, if its NF4 copy can be built: a 16-bit store whose source still exists."""
+def _sequences_that_fit(target_store: Path, rc: RuntimeConfig, reserved: int, per_sequence: int,
+                        cache_tokens: int) -> int:
+    """The most sequences, up to DEFAULT_SEQUENCES, whose KV caches the device budget holds beside the minimum
+    the target needs (a `min+SIZE` budget grows with them: DEFAULT_SEQUENCES)."""
+    from offspec.runtime.device import resolve_device
+    from offspec.runtime.sizing import plan_for_store
+    from offspec.store.manifest import read_manifest
+
+    if rc.device_memory_over_min is not None:
+        return DEFAULT_SEQUENCES
+    dev = resolve_device(rc.device)
+    budget = rc.device_memory_bytes
+    if budget is None:
+        from offspec.runtime.memory import default_budgets
+
+        budget = default_budgets(dev)[0]
+    _, minimum = plan_for_store(target_store, read_manifest(target_store), dev.type, 0, rc.host_memory_bytes or 0,
+                                reserved, cache_tokens, over_min=0)
+    return max(1, min(DEFAULT_SEQUENCES, (budget - minimum) // max(per_sequence, 1)))
+
+
+def self_draft_manifest(target_store: Path, fmt: str = "nf4"):
+    """The target's manifest, if its low-bit copy can be built: a 16-bit store (whose source still exists, for the
+    NF4 copy, which is converted from it)."""
     from offspec.store.manifest import read_manifest
 
     man = read_manifest(target_store)
     if man.bits == 4:
         raise ConfigError("--draft self needs a 16-bit target: this store is already NF4, so its NF4 copy would be "
                           "the target itself (use --bits 16)")
-    if not Path(man.source).exists():
+    if fmt == "nf4" and not Path(man.source).exists():
         raise ModelError(f"--draft self builds the target's NF4 copy from its source, and {man.source} is gone")
     return man
 
