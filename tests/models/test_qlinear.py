@@ -195,6 +195,16 @@ def test_nbytes_counts_the_kernel_layout():
     assert n <= sizes["int8"] < n * 1.05 and n <= sizes["w8a8"] < n * 1.05
 
 
+def test_quantized_nbytes_is_what_a_layer_holds():
+    """Memory plans size a low-bit copy without building it: the estimate equals the built layer, bias aside."""
+    from offspec.models.qlinear import quantized_nbytes
+
+    for out_f, in_f in [(256, 128), (70, 100), (1536, 8960)]:
+        for fmt in FORMATS:
+            layer = QuantLinear.from_weight(make_weight(out_f, in_f, 0), torch.randn(out_f), fmt)
+            assert layer.nbytes - out_f * 4 == quantized_nbytes(out_f, in_f, fmt), (out_f, in_f, fmt)
+
+
 def test_bad_input_is_refused_with_a_clear_error():
     w = make_weight(64, 64, 0)
     with pytest.raises(ValueError, match="unknown low-bit format 'int3'"):
