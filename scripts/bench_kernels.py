@@ -1,7 +1,8 @@
 """Low-bit CPU kernels side by side: speed on a model-sized working set, and draft quality on a real model.
 
-usage: python scripts/bench_kernels.py [--layers 28] [--rows 1,4,16,64,256] [--threads 1,2] [--json PATH]
-                                      [--store DIR] [--tokens 256] [--no-quality]
+usage: python scripts/bench_kernels.py [--layers 28] [--rows 1,4,16,64,256] [--threads 1,2] [--formats ...]
+                                      [--store DIR] [--tokens 256] [--keep-head] [--no-quality | --no-speed]
+                                      [--json PATH]
 
 Speed: every linear of Qwen2.5-1.5B's decoder layers plus its 151936-row lm_head (random weights, far larger
 than the CPU caches), held as dense bf16 and in each format of offspec.models.qlinear, one full pass of all of
@@ -11,7 +12,8 @@ kernel of a format whose dispatch depends on the row count (int8: int8pack vs de
 
 Quality: the packaged Qwen2.5-Coder-0.5B (bf16 store), its decoder layers' linears and lm_head quantized in each
 format, run over a few hundred tokens of code and of prose from this repository: top-1 agreement and
-KL(bf16 || format) per position against the bf16 model, and its whole forward's time at 1 and 64 rows.
+KL(bf16 || format) per position against the bf16 model, and its whole forward's time at 1 and 64 rows; with
+w8a8, also two mixes that keep down_proj (and q/k/v) in int8 weight-only (--no-mixes skips them).
 Timings on a shared machine are noisy: compare rows of one run.
 """
 
@@ -44,6 +46,11 @@ LAYER_LINEARS = [  # name, out, in, bias
     ("q", HIDDEN, HIDDEN, True), ("k", KV_DIM, HIDDEN, True), ("v", KV_DIM, HIDDEN, True), ("o", HIDDEN, HIDDEN, False),
     ("gate", INTER, HIDDEN, False), ("up", INTER, HIDDEN, False), ("down", HIDDEN, INTER, False),
 ]
+# quality only: mixes of formats by layer name (quantize_linears' globs), measured beside their main format
+MIXES = {
+    "w8a8, down int8": {"*down_proj": "int8", "*": "w8a8"},
+    "w8a8, qkv+down int8": {"*down_proj": "int8", "*q_proj": "int8", "*k_proj": "int8", "*v_proj": "int8", "*": "w8a8"},
+}
 TEXTS = {"code": ROOT / "offspec" / "runtime" / "model.py", "prose": ROOT / "docs" / "architecture.md"}
 
 
@@ -180,15 +187,20 @@ def bench_quality(args) -> list[dict]:
     torch.set_num_threads(max(args.threads))
     records = []
     want: dict[str, torch.Tensor] = {}
-    for fmt in ["bf16", *args.formats]:
+    variants = ["bf16", *args.formats]
+    if "w8a8" in args.formats and not args.no_mixes:
+        variants += list(MIXES)
+    for fmt in variants:
         model = open_resident(store, cache_tokens=max(args.tokens, 128) + 16)
         t0 = time.perf_counter()
         if fmt != "bf16":
             for layer in model.layers:
-                quantize_linears(layer, fmt)
-            model.lm_head = quantize_linear(model.lm_head, fmt)
+                quantize_linears(layer, MIXES.get(fmt, fmt))
+            if not args.keep_head:
+                model.lm_head = quantize_linear(model.lm_head, fmt if fmt in FORMATS else "w8a8")
         built_s = time.perf_counter() - t0
-        rec = {"format": fmt, "store": store.name, "quantize_s": built_s, "threads": max(args.threads)}
+        rec = {"format": fmt, "store": store.name, "quantize_s": built_s, "threads": max(args.threads),
+               "lm_head": "bf16" if args.keep_head or fmt == "bf16" else fmt}
         for kind, ids in texts.items():
             model.reset()
             logits = model.forward(torch.tensor([ids]))[0].float()  # [T, V]
@@ -210,7 +222,7 @@ def bench_quality(args) -> list[dict]:
             rec[f"forward_ms_T{rows}"] = statistics.median(times) * 1e3
         model.close()
         records.append(rec)
-        print(f"[quality] {fmt:5s} " + " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)),
+        print(f"[quality] {fmt} " + " ".join(f"{k}={v:.4g}" for k, v in rec.items() if isinstance(v, float)),
               file=sys.stderr, flush=True)
         del model
         gc.collect()
@@ -227,12 +239,12 @@ def print_tables(speed: list[dict], quality: list[dict]) -> None:
                   f"{r['weight_gbps']:6.1f} {r['gflops']:8.1f} {r['vs_bf16']:7.2f} {r['vs_ram_read']:10.2f}")
     if quality:
         print()
-        print(f"{'format':6s} {'top1 code':>9s} {'top1 prose':>10s} {'KL code':>8s} {'KL prose':>8s} "
+        print(f"{'format':20s} {'top1 code':>9s} {'top1 prose':>10s} {'KL code':>8s} {'KL prose':>8s} "
               f"{'fwd T=1 ms':>10s} {'fwd T=64 ms':>11s}")
         for r in quality:
             q = [r.get(k) for k in ("top1_code", "top1_prose", "kl_code", "kl_prose")]
             cells = ["-" if v is None else f"{v:.3f}" if i < 2 else f"{v:.4f}" for i, v in enumerate(q)]
-            print(f"{r['format']:6s} {cells[0]:>9s} {cells[1]:>10s} {cells[2]:>8s} {cells[3]:>8s} "
+            print(f"{r['format']:20s} {cells[0]:>9s} {cells[1]:>10s} {cells[2]:>8s} {cells[3]:>8s} "
                   f"{r['forward_ms_T1']:10.1f} {r['forward_ms_T64']:11.1f}")
 
 
@@ -244,6 +256,9 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS), help=f"formats among {','.join(FORMATS)}")
     ap.add_argument("--store", default=None, help="a bf16 store for the quality part (default: the packaged 0.5B)")
     ap.add_argument("--tokens", type=int, default=256, help="tokens of each text for the quality part")
+    ap.add_argument("--keep-head", action="store_true", help="quality: keep the lm_head in bf16 (as the self-draft "
+                    "shares the target's)")
+    ap.add_argument("--no-mixes", action="store_true", help="quality: skip the mixes of w8a8 and int8")
     ap.add_argument("--no-quality", action="store_true", help="speed only")
     ap.add_argument("--no-speed", action="store_true", help="quality only")
     ap.add_argument("--json", default=None, help="write all records to this file")

@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -34,21 +35,25 @@ GROUP_SIZES = (32, 64, 128, 256)
 NF4_BLOCKSIZE = 64
 OUT_TILE = 64  # int4's packed layout and bitsandbytes' fused layout tile output rows by 64 and 32
 
-# Up to this many rows `_weight_int8pack_mm` beats converting the weight to bf16 and one dense matmul
-# (scripts/bench_kernels.py, "paths" table: at 1 row the pack kernel wins, from 4 rows the dense matmul).
-INT8_PACK_MAX_ROWS = 2
+# Up to this many rows `_weight_int8pack_mm` beats converting the weight to bf16 and one dense matmul: its cost
+# grows with every row (it reuses no weight across rows), the conversion's does not (scripts/bench_kernels.py,
+# forced paths on Qwen2.5-1.5B's linears, 1 thread: pack 254 / 412 / 1432 ms at 1 / 4 / 16 rows, convert +
+# matmul 748 / 670 / 944 ms).
+INT8_PACK_MAX_ROWS = 8
 # Dequantizing paths convert at most this many weight bytes at a time (a chunk stays in the L2/L3 caches
 # for its matmul, and no buffer grows with the vocabulary).
 CHUNK_BYTES = 4 << 20
 
-_SCRATCH: dict[tuple, torch.Tensor] = {}  # one conversion buffer per (numel, dtype): layers run one at a time
+# One conversion buffer per (numel, dtype) and thread: a model's layers run one at a time, and a draft growing in
+# another thread (while the target streams) gets buffers of its own, freed with its thread.
+_SCRATCH = threading.local()
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    key = (numel, dtype)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(numel, dtype=dtype)
-    return _SCRATCH[key]
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    if (numel, dtype) not in bufs:
+        bufs[numel, dtype] = torch.empty(numel, dtype=dtype)
+    return bufs[numel, dtype]
 
 
 @dataclass(frozen=True)
@@ -511,18 +516,32 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, NF4Linear)) and not isinstance(module, QuantLinear)
 
 
-def quantize_linears(module: nn.Module, fmt: str, skip: Iterable[str] = (), *, group_size: int = 64) -> list[str]:
-    """Replace every nn.Linear / NF4Linear inside `module` by a QuantLinear in `fmt`, built from its float (or
-    dequantized) weight, except those whose qualified name matches a glob in `skip`; returns the names replaced.
-    (For a lone layer, such as an lm_head, use `quantize_linear`.)"""
+def quantize_linears(module: nn.Module, fmt: str | Mapping[str, str], skip: Iterable[str] = (), *,
+                     group_size: int = 64) -> list[str]:
+    """Replace every nn.Linear / NF4Linear inside `module` by a QuantLinear built from its float (or dequantized)
+    weight, except those whose qualified name matches a glob in `skip`; returns the names replaced.
+
+    fmt: one format for all, or globs to formats, the first match winning (e.g. {"*down_proj": "int8",
+    "*": "w8a8"}); linears no glob matches are left as they are. (For a lone layer, use `quantize_linear`.)"""
+    if _is_linear(module):
+        raise TypeError("quantize_linears replaces the linears inside a module; use quantize_linear for a single layer "
+                        "(such as an lm_head)")
+    rules = [("*", fmt)] if isinstance(fmt, str) else list(fmt.items())
+    for _, f in rules:
+        if f not in FORMATS:
+            raise ValueError(f"unknown low-bit format {f!r}; choose one of {', '.join(FORMATS)}")
     skip = tuple(skip)
-    names = [name for name, mod in module.named_modules() if name and _is_linear(mod)
-             and not any(fnmatch.fnmatchcase(name, pat) for pat in skip)]
-    for name in names:
+    chosen: dict[str, str] = {}
+    for name, mod in module.named_modules():
+        if name and _is_linear(mod) and not any(fnmatch.fnmatchcase(name, pat) for pat in skip):
+            f = next((f for pat, f in rules if fnmatch.fnmatchcase(name, pat)), None)
+            if f is not None:
+                chosen[name] = f
+    for name, f in chosen.items():
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, leaf, quantize_linear(getattr(parent, leaf), fmt, group_size=group_size))
-    return names
+        setattr(parent, leaf, quantize_linear(getattr(parent, leaf), f, group_size=group_size))
+    return list(chosen)
 
 
 def quantize_linear(linear: nn.Module, fmt: str, *, group_size: int = 64) -> QuantLinear:

@@ -154,6 +154,21 @@ def test_int8_dequant_path_works_in_chunks(monkeypatch):
             check_against_reference(layer, 17, dtype)
 
 
+def test_two_threads_running_dequantizing_kernels_at_once_stay_exact():
+    """A draft may grow in a thread of its own while the target computes: conversion buffers are not shared."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = [QuantLinear.from_weight(make_weight(512, 256, s), None, fmt) for s, fmt in enumerate(["int8", "int8"])]
+    xs = [torch.randn(32, 256).to(torch.bfloat16) for _ in layers]
+    want = [layer(x) for layer, x in zip(layers, xs)]
+
+    def run(i: int) -> bool:
+        return all(torch.equal(layers[i](xs[i]), want[i]) for _ in range(30))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(run, [0, 1]))
+
+
 def test_w8a8_with_seven_bit_activations_is_exact_too():
     """Without VNNI fbgemm needs 7-bit activations (reduce_range); that mode equals its reference as well."""
     layer = QuantLinear.from_weight(make_weight(256, 192, 4), torch.randn(256), "w8a8")
@@ -178,6 +193,16 @@ def test_nbytes_counts_the_kernel_layout():
     n = w.numel()
     assert n // 2 < sizes["int4"] < n * 0.6 and n // 2 < sizes["nf4"] < n * 0.6  # 4 bits + scales
     assert n <= sizes["int8"] < n * 1.05 and n <= sizes["w8a8"] < n * 1.05
+
+
+def test_quantized_nbytes_is_what_a_layer_holds():
+    """Memory plans size a low-bit copy without building it: the estimate equals the built layer, bias aside."""
+    from offspec.models.qlinear import quantized_nbytes
+
+    for out_f, in_f in [(256, 128), (70, 100), (1536, 8960)]:
+        for fmt in FORMATS:
+            layer = QuantLinear.from_weight(make_weight(out_f, in_f, 0), torch.randn(out_f), fmt)
+            assert layer.nbytes - out_f * 4 == quantized_nbytes(out_f, in_f, fmt), (out_f, in_f, fmt)
 
 
 def test_bad_input_is_refused_with_a_clear_error():
@@ -271,6 +296,34 @@ def test_quantize_linears_skips_by_glob(make_tiny_model):
     assert "lm_head" not in names and not any(n.endswith("down_proj") for n in names)
     assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
     assert isinstance(model.model.layers[1].mlp.down_proj, nn.Linear)
+    with pytest.raises(TypeError, match="use quantize_linear for a single layer"):
+        quantize_linears(model.lm_head, "int8")
+
+
+def test_quantize_linears_mixes_formats_by_glob(make_tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_model("llama", num_layers=2, tokenizer=False),
+                                                 dtype=torch.float32).eval()
+    names = quantize_linears(model.model.layers, {"*down_proj": "int8", "*.self_attn.*": "w8a8"})
+    assert len(names) == 2 * 5  # q, k, v, o and down in each layer; gate and up match no glob
+    mlp, attn = model.model.layers[1].mlp, model.model.layers[1].self_attn
+    assert mlp.down_proj.fmt == "int8" and attn.q_proj.fmt == "w8a8" and isinstance(mlp.up_proj, nn.Linear)
+    with pytest.raises(ValueError, match="unknown low-bit format 'int2'"):
+        quantize_linears(model.model.layers, {"*": "int2"})
+
+
+def test_no_library_warnings_reach_the_user():
+    """Building, running and checking every format raises no warning (torch's quantized-tensor deprecation
+    included), so nothing is printed even where warnings are shown."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fmt in FORMATS:
+            layer = QuantLinear.from_weight(make_weight(64, 64, 0), torch.randn(64), fmt)
+            layer(torch.randn(3, 64))
+            layer.reference(torch.randn(3, 64))
 
 
 # ---- machines without AVX-512 (or without AVX2) --------------------------------------------------------------
