@@ -195,10 +195,17 @@ class _Int4(_Kernel):
 # ---- int8 weight-only, per output channel -----------------------------------------------------------------
 
 def _int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes [n, k] and a float32 scale [n] that is exact in bf16."""
-    w = w.float()
-    scale = (w.abs().amax(1) / 127).clamp_min(1e-12).to(torch.bfloat16).float()
-    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    """Symmetric int8 codes [n, k] and a float32 scale [n] that is exact in bf16, from a float weight of any dtype,
+    CHUNK_BYTES of float32 rows at a time (a vocabulary-sized head never exists in float32 at once)."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, dtype=torch.float32)
+    rows = max(1, CHUNK_BYTES // (4 * max(k, 1)))
+    for r in range(0, n, rows):
+        c = w[r : r + rows].to(torch.float32, copy=True)
+        s = (c.abs().amax(1) / 127).clamp_min(1e-12).to(torch.bfloat16).float()
+        q[r : r + rows] = c.div_(s[:, None]).round_().clamp_(-127, 127)
+        scale[r : r + rows] = s
     return q, scale
 
 
@@ -269,6 +276,7 @@ class _W8A8(_Kernel):
             with _quiet():
                 zeros = torch.zeros(self.n, dtype=torch.int64)
                 wq = torch._make_per_channel_quantized_tensor(q, scale.double(), zeros, 0)
+                del q  # a copy is in wq: at most two int8 copies of the weight at once
                 self.packed = torch.ops.quantized.linear_prepack(wq, None)
         else:
             self.q = q
@@ -419,8 +427,9 @@ class QuantLinear(nn.Module):
         if group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, not {group_size}")
         out_features, in_features = weight.shape
-        w = weight.detach().to("cpu", torch.float32)
+        w = weight.detach().to("cpu")  # int8 formats quantize it a chunk at a time, in float32
         if fmt in ("int4", "nf4"):  # whole tiles: zero rows and columns, sliced off / met by zero inputs
+            w = w.float()
             unit = group_size if fmt == "int4" else NF4_BLOCKSIZE
             pad_in, pad_out = _round_up(in_features, unit) - in_features, _round_up(out_features, OUT_TILE) - out_features
             w = F.pad(w, (0, pad_in, 0, pad_out))
