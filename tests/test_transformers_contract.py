@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offspec.models.registry import SUPPORTED_MODEL_TYPES, family_of, kv_geometry, layer_windows
+from offspec.models.registry import check_supported, kv_layout, layer_windows
 from offspec.runtime.kv_cache import StaticKVCache
 from offspec.runtime.masks import causal_mask, pad_mask, window_mask
 from offspec.transformers_contract import (cache_arg_name, call_layer, layer_position_embeddings, run_decoder,
@@ -56,8 +56,9 @@ def offspec_masks(config, cache: StaticKVCache, pos: torch.Tensor, layer_idx: in
     return window_mask(mask, pos[0], cache.positions[: cache.span], window) if window else mask
 
 
-def test_every_supported_family_has_a_tiny_config():
-    assert {t for t, _ in TINY_FAMILIES.values()} == set(SUPPORTED_MODEL_TYPES)
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_every_tiny_family_is_accepted_by_its_structure(family):
+    check_supported(_tiny_config(family, 3, False))
 
 
 @pytest.mark.parametrize("family", list(TINY_FAMILIES))
@@ -66,7 +67,7 @@ def test_decoder_layers_over_offspec_cache_equal_dynamic_cache(family):
     config = model.config
     ids = torch.randint(3, 250, (1, PREFIX + NEW), generator=torch.Generator().manual_seed(1))
     prefix_io, new_io, _ = reference_decode(model, ids)
-    cache = StaticKVCache(*kv_geometry(config), 16, torch.float32)
+    cache = StaticKVCache.for_layout(kv_layout(config), 16, torch.float32)
     decoder = model.model
     with torch.no_grad():
         for part, io, pos in (("prefix", prefix_io, torch.arange(PREFIX)[None]),
@@ -94,7 +95,7 @@ def test_model_forward_with_prepared_masks_equals_dynamic_cache(family):
     config = model.config
     ids = torch.randint(3, 250, (1, PREFIX + NEW), generator=torch.Generator().manual_seed(2))
     _, _, want = reference_decode(model, ids)
-    cache = StaticKVCache(*kv_geometry(config), 16, torch.float32)
+    cache = StaticKVCache.for_layout(kv_layout(config), 16, torch.float32)
     windows = [w for w in layer_windows(config) if w]
     with torch.no_grad():
         for chunk, pos in ((ids[:, :PREFIX], torch.arange(PREFIX)[None]),
@@ -102,7 +103,7 @@ def test_model_forward_with_prepared_masks_equals_dynamic_cache(family):
             cache.begin(pos)
             full = pad_mask(causal_mask(cache.length, pos.shape[-1], torch.float32), cache.span)
             windowed = window_mask(full, pos[0], cache.positions[: cache.span], windows[0]) if windows else full
-            masks = ({"full_attention": full, "sliding_attention": windowed} if family_of(config.model_type)
+            masks = ({"full_attention": full, "sliding_attention": windowed} if check_supported(config)
                      .masks_by_layer_type else windowed)
             try:
                 got = run_decoder(model.model, chunk, masks, pos, cache)
