@@ -112,10 +112,11 @@ def causal_lm_mapping() -> dict[str, str]:
 
 
 def knows_model_type(model_type: str) -> bool:
-    """Whether the installed transformers has a config class for a model_type (its public auto mapping)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    """Whether the installed transformers has a config class for a model_type (its auto mapping, with the types
+    registered through AutoConfig.register)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    return model_type in CONFIG_MAPPING_NAMES
+    return model_type in CONFIG_MAPPING
 
 
 def causal_lm_class_name(model_type: str) -> str | None:

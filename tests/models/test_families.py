@@ -41,7 +41,8 @@ def plans(store) -> dict[str, ResidencyPlan]:
     b, r = man.layer_bytes, man.resident.size
     return {
         "all-streamed": plan_residency(b, r, minimum_budget_bytes(b, r, 0, 0)),
-        "mixed": ResidencyPlan((DISK, DEVICE, DISK, DEVICE), tuple(b), r, 0, 0, 2, max(b)),
+        "mixed": ResidencyPlan(tuple(DISK if i % 2 == 0 else DEVICE for i in range(len(b))), tuple(b), r, 0, 0, 2,
+                               max(b)),
         "all-resident": plan_residency(b, r, 1 << 34),
     }
 
@@ -160,6 +161,29 @@ def test_nf4_store_equals_transformers_with_dequantized_weights(make_tiny_model,
             for _ in range(2):  # the second pass reuses each slot's prepared bindings
                 model.reset()
                 assert (model.forward(ids) - ref).abs().max().item() < 1e-4, f"{family} {name}"
+        finally:
+            model.close()
+
+
+def test_nf4_conv1d_weights_equal_transformers_with_dequantized_weights(tmp_path):
+    """GPT-2 keeps its linear weights [in, out] in Conv1D modules: packed as NF4, they are applied transposed."""
+    from transformers import AutoModelForCausalLM
+
+    from offspec.models.tiny import default_config, tiny_config
+    from tests.helpers import load_dequantized_nf4
+
+    torch.manual_seed(0)
+    ref_model = AutoModelForCausalLM.from_config(tiny_config(default_config("gpt2"))).eval()
+    ref_model.save_pretrained(tmp_path / "src")
+    store = convert_model(tmp_path / "src", tmp_path / "nf4", bits=4, dtype="float32", progress=False)
+    assert load_dequantized_nf4(ref_model, store) >= 4 * 2
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    for name, plan in plans(store).items():
+        model = OffloadedModel(store, plan, cache_tokens=32)
+        try:
+            assert (model.forward(ids) - ref).abs().max().item() < 1e-4, name
         finally:
             model.close()
 
