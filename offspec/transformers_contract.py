@@ -259,6 +259,22 @@ def kv_shapes(causal_lm: torch.nn.Module) -> dict[int, tuple[tuple[int, int], tu
     return {i: ((k[1], k[3]), (v[1], v[3])) for i, (k, v) in cache.shapes.items()}
 
 
+def checkpoint_model(config):
+    """The model transformers builds for a checkpoint's config (random weights, on the current device): its causal
+    LM, or for a multimodal config whose class is not one (Mistral 3) its image-text-to-text model, else (a tower
+    that needs another library) its text decoder's causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto, cfg in ((AutoModelForCausalLM, config), (AutoModelForImageTextToText, config),
+                      (AutoModelForCausalLM, text_config(config))):
+        try:
+            return auto.from_config(cfg)
+        except (ValueError, ImportError):
+            if cfg is not config:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class CheckpointNames:
     """Checkpoint tensor names -> the names of the model transformers builds for the checkpoint's config, by
     transformers' own conversion mapping (the renames it applies when loading: original layouts such as EXAONE's
@@ -268,20 +284,14 @@ class CheckpointNames:
     converters) cannot be streamed one at a time: `name` raises ContractError for them."""
 
     def __init__(self, config) -> None:
-        from transformers import AutoModelForCausalLM
-
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
         except ImportError as exc:
             raise ContractError(f"transformers {transformers_version()}: its checkpoint conversion mapping is not "
                                 f"where offspec expects it ({exc})") from None
-        try:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
-        except ValueError:  # a multimodal config whose own class is no causal LM (Mistral 3): its text decoder's
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(text_config(config))
+        with torch.device("meta"):
+            model = checkpoint_model(config)
         mapping = get_model_conversion_mapping(model)
         self._renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
         self._converters = [t for t in mapping if isinstance(t, WeightConverter)]

@@ -103,7 +103,7 @@ def _check_config(config) -> None:
     except ValueError as exc:
         raise _refusal(config, f"no single text decoder in its config ({exc})") from None
     if getattr(text, "use_bidirectional_attention", False):
-        raise _refusal(config, "bidirectional attention (an embedding model, not a causal decoder)")
+        raise _refusal(config, "bidirectional attention (not a causal decoder)")
     others = sorted({t for t in getattr(text, "layer_types", None) or () if t not in ATTENTION_TYPES})
     if others:
         raise _refusal(config, f"layers of type {', '.join(others)} (offspec streams attention layers with a "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from offspec.errors import ModelError
-from offspec.transformers_contract import text_config, transformers_version
+from offspec.transformers_contract import transformers_version
 
 PARTS = ("layer forward", "mask", "head", "cache")
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "families.json"
@@ -58,15 +58,11 @@ def _first_line(exc: BaseException) -> str:
 def _reference(tiny):
     """transformers' own model of the tiny config: the checkpoint's class (a multimodal one for a multimodal
     config), or its text decoder's causal LM where that class cannot be built here (a vision tower's extra
-    dependency, or no causal-LM class)."""
-    from transformers import AutoModelForCausalLM
+    dependency)."""
+    from offspec.transformers_contract import checkpoint_model
 
     torch.manual_seed(0)
-    try:
-        return AutoModelForCausalLM.from_config(tiny).float().eval()
-    except (ImportError, ValueError):
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(text_config(tiny)).float().eval()
+    return checkpoint_model(tiny).float().eval()
 
 
 def _layers_of(model, layer_cls: type, n: int) -> torch.nn.ModuleList:

@@ -24,7 +24,7 @@ from offspec.runtime.model import OffloadedModel
 from offspec.runtime.plan import DEVICE, DISK, ResidencyPlan, minimum_budget_bytes, plan_residency
 from offspec.store.convert import convert_model
 from offspec.store.manifest import read_manifest
-from offspec.transformers_contract import causal_lm_mapping, text_config, transformers_version
+from offspec.transformers_contract import causal_lm_mapping, transformers_version
 
 EVERY = sorted(causal_lm_mapping())
 # Each layout and head quirk once (the default suite).
@@ -77,14 +77,11 @@ def states_by_itself(config, msg: str) -> bool:
 
 
 def reference(tiny):
-    from transformers import AutoModelForCausalLM
+    """transformers' own model of the checkpoint's config (a multimodal class for a multimodal config)."""
+    from offspec.transformers_contract import checkpoint_model
 
     torch.manual_seed(0)
-    try:
-        return AutoModelForCausalLM.from_config(tiny).float().eval()
-    except ImportError:  # a vision tower that needs another library: the text decoder's own class
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(text_config(tiny)).float().eval()
+    return checkpoint_model(tiny).float().eval()
 
 
 def plans(store) -> dict[str, ResidencyPlan]:
@@ -169,6 +166,13 @@ def test_representative_families(model_type, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", EVERY)
 def test_every_causal_lm_family_runs_or_is_refused_with_its_reason(model_type, tmp_path):
+    check_model_type(model_type, tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["mistral3", "llava"])
+def test_multimodal_checkpoints_run_as_their_text_decoder(model_type, tmp_path):
+    """Image-text-to-text checkpoints (not causal LMs to transformers' auto mapping) whose text model sits under
+    model.language_model: the text decoder runs, greedy equal to the multimodal model's own on text."""
     check_model_type(model_type, tmp_path)
 
 
