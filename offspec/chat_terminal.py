@@ -15,6 +15,7 @@ from pathlib import Path
 
 from offspec import console
 from offspec.chat import ChatSession, is_command
+from offspec.cli.format import context_full_line, format_stats
 from offspec.errors import ContextError, OffspecError, format_error
 
 PROMPT, MORE = ">>> ", "... "
@@ -122,7 +123,7 @@ def run_chat(session: ChatSession, reader, interactive: bool, quiet: bool = Fals
             continue
         if is_command(message):
             try:
-                res = session.command(message, console.format_stats, reader.confirm)
+                res = session.command(message, format_stats, reader.confirm)
             except OffspecError as exc:
                 if not interactive:
                     raise
@@ -146,9 +147,9 @@ def run_chat(session: ChatSession, reader, interactive: bool, quiet: bool = Fals
             continue
         console.write_text("\n")
         if result.stats.context_full:
-            console.error_line(console.context_full_line(session.engine.context_tokens))
+            console.error_line(context_full_line(session.engine.context_tokens))
         if result.interrupted:
             console.status_line("(answer interrupted; kept in the history)")
         elif interactive and not quiet:
-            console.status_line(console.format_stats(result.stats))
+            console.status_line(format_stats(result.stats))
 

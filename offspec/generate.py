@@ -42,11 +42,10 @@ class GenerationConfig:
     budget: int | None = None  # None = auto (hardware-aware)
     spec: bool = True
     tree: str = "specexec"  # specexec: best-first growth | sequoia: DP shape
-    expand: int = 32  # draft nodes expanded per growth round
     branch: int = 8  # children per expanded node
     max_depth: int = 32
     stop_ids: tuple[int, ...] = ()  # token ids that end the text, besides the engine's end-of-text ids
-    ahead: bool = True  # greedy runs: while a streamed target pass runs, grow the next tree from the expected leaf
+    ahead: bool = True  # while a streamed target pass runs, grow the next tree from the expected leaf
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -97,6 +96,7 @@ class StepEvent:
     ahead_started: bool = False  # a tree for the next pass was grown during this pass
     ahead_used: bool = False  # this pass verified a tree grown during the previous pass (its draft_s was hidden)
     ahead_saved_s: float = 0.0
+    drafter: str = ""  # the drafter that grew this pass's tree
 
 
 @dataclass
@@ -131,6 +131,7 @@ class GenerationStats:
     ahead_started: int = 0  # trees grown during a target pass for the pass after it
     ahead_used: int = 0  # of those, kept by verification and verified next
     ahead_saved_s: float = 0.0  # drafting seconds the used ones hid behind target passes
+    trees_by_drafter: dict[str, int] = field(default_factory=dict)  # trees verified, by the drafter that grew them
 
     @property
     def tokens_per_pass(self) -> float:
@@ -170,6 +171,8 @@ class GenerationStats:
             self.ahead_started += int(ev.ahead_started)
             self.ahead_used += int(ev.ahead_used)
             self.ahead_saved_s += ev.ahead_saved_s
+            if ev.drafter:
+                self.trees_by_drafter[ev.drafter] = self.trees_by_drafter.get(ev.drafter, 0) + 1
         self.tokens += len(ev.tokens)
         self.committed += ev.committed
         if ev.finish:
@@ -184,6 +187,8 @@ class GenerationStats:
                 setattr(self, f.name, max(mine, theirs))
             elif isinstance(mine, (int, float)) and not isinstance(mine, bool) and f.name != "seed":
                 setattr(self, f.name, mine + theirs)
+        for name, n in other.trees_by_drafter.items():
+            self.trees_by_drafter[name] = self.trees_by_drafter.get(name, 0) + n
         self.finish, self.seed = other.finish or self.finish, other.seed
         self.drafter = other.drafter or self.drafter
         self.context_full = self.context_full or other.context_full
@@ -356,7 +361,7 @@ class Engine:
         from the draft's own logits (sampling, penalties)."""
         p = tuple(self._sequoia_p(cfg.branch)) if cfg.tree == "sequoia" else ()
         rank = sampler.rank_logits if sampler.ranks_draft else None
-        return GrowOptions(cfg.tree, cfg.expand, cfg.branch, max_depth, rank, p)
+        return GrowOptions(cfg.tree, cfg.branch, max_depth, rank, p)
 
     def _grow(self, drafter: Drafter, budget: int, opts: GrowOptions) -> Draft:
         """The drafter's tree for this pass."""
@@ -378,7 +383,11 @@ class Engine:
 
     def _budget(self, cfg: GenerationConfig, room: int) -> int:
         """Drafted nodes for the next step: fixed, or the planner's choice (0 = a plain step)."""
-        budget = cfg.budget if cfg.budget is not None else (self.planner.next_budget() if self.planner else 64)
+        if self.planner is None:
+            return min(cfg.budget if cfg.budget is not None else 64, room)
+        name, budget = self.planner.choose(cfg.budget)
+        if hasattr(self.drafter, "select"):  # several drafters: the planner picked the one that drafts this tree
+            self.drafter.select(name)
         return min(budget, room)
 
     def _spec_step(self, root: int, draft: Draft, budget: int, cfg: GenerationConfig, opts: GrowOptions,
@@ -386,16 +395,19 @@ class Engine:
         from offspec.speculative.verify import commit_target, forward_tree, verify_tree
 
         ahead = False
-        # An early tree only for runs whose ranking does not depend on the next step's sampler (greedy, no penalties).
-        if (cfg.ahead and opts.rank_logits is None and getattr(self.target, "streamer", None) is not None
-                and hasattr(drafter, "draft_ahead")):
-            ahead = drafter.draft_ahead(draft, budget, opts)  # runs while the target's CPU waits on the disk
+        if cfg.ahead and getattr(self.target, "streamer", None) is not None and hasattr(drafter, "draft_ahead"):
+            rank_after = None
+            if opts.rank_logits is not None:  # the early tree ranks by the rule and noise of the step after its path
+                def rank_after(path: list[int]):
+                    committed = self.target_ids + [root] + path[:-1]
+                    return TreeSampler(cfg.sampling, sampler.seed, committed, len(committed)).rank_logits
+            ahead = drafter.draft_ahead(draft, budget, opts, rank_after)  # runs while the target's CPU waits on the disk
         tree = draft.tree
         t0 = clock(*self._devices())
         start = self.target.cache.length
         logits = forward_tree(self.target, tree)  # one streamed pass over the whole tree, [N, V]
         pass_s = clock(*self._devices()) - t0
-        res = verify_tree(tree, lambda node: sampler.choose(logits[node], tree.path_tokens(node)))
+        res = verify_tree(tree, lambda node, path: sampler.choose(logits[node], path))
         commit_target(self.target, start, res)
         self.target_ids.extend([root] + res.tokens[:-1])
         drafter.commit(list(res.tokens), draft, res.accepted)
@@ -405,7 +417,7 @@ class Engine:
             self.planner.observe(draft, n, pass_s, len(res.accepted))
         ev = StepEvent(list(res.tokens), tree_size=n, accepted=len(res.accepted), target_pass_s=pass_s,
                        draft_s=0.0 if draft.ahead else draft.draft_s, streamed_bytes=self.target.stats.streamed_bytes,
-                       budget=budget, ahead_started=ahead, ahead_used=draft.ahead)
+                       budget=budget, ahead_started=ahead, ahead_used=draft.ahead, drafter=draft.drafter)
         if draft.ahead:
             ev.ahead_saved_s = draft.draft_s
         if cfg.logprobs:

@@ -12,7 +12,7 @@ from offspec.generate import Engine
 PROBE_TEXT = "def main():\n    print('Hello, world!')  # Über 100 tokens? 日本語 ✓\n"
 
 
-DRAFT_KEYWORDS = ("ngram", "self")  # --draft values that name a drafter rather than a model
+DRAFT_KEYWORDS = ("ngram", "self", "auto")  # --draft values that name a drafter rather than a model
 
 
 @dataclass
@@ -30,13 +30,35 @@ class Loaded:
 
 
 def draft_kind(model: str | None, draft: str | None, spec: bool = True) -> str:
-    """What drafts: "none", "ngram", "self" or "model". Without --draft: the demo's draft model for the demo,
-    n-gram drafting for any other --model (it costs milliseconds and falls back to plain steps)."""
+    """What drafts: "none", "ngram", "self", "model" or "auto" (several drafters, the planner picks per tree: --draft
+    auto, or a comma-separated list). Without --draft: the demo's draft model for the demo, n-gram drafting for any
+    other --model (it costs milliseconds and falls back to plain steps)."""
     if not spec:
         return "none"
     if draft is None:
         return "model" if model is None else "ngram"
+    if "," in draft:
+        return "auto"
     return draft if draft in DRAFT_KEYWORDS else "model"
+
+
+def auto_members(draft: str, target_store: Path, demo: bool) -> list[str]:
+    """The --draft values an auto drafter holds: a comma-separated list as given; for `auto`, n-grams, the target's
+    own NF4 copy where it can have one (a 16-bit store whose source is still there) and, for the demo, its draft."""
+    if draft != "auto":
+        items = [d.strip() for d in draft.split(",") if d.strip()]
+        if not items or "auto" in items or len(set(items)) < len(items):
+            raise ConfigError(f"bad --draft '{draft}': list drafters (self, ngram or a model) once each")
+        return items
+    members = ["ngram"]
+    try:
+        self_draft_manifest(target_store)
+        members.append("self")
+    except OffspecError:
+        pass
+    if demo:
+        members.append("demo")
+    return members
 
 
 def check_draft_options(model: str | None, draft: str | None, spec: bool, ngram: bool | None,
@@ -137,10 +159,11 @@ def generation_eos(store: Path) -> tuple[int, ...]:
 class DraftPlan:
     """A drafter chosen but not opened yet: its kind, its model's store and the memory it will hold."""
 
-    kind: str  # "none" | "ngram" | "self" | "model"
+    kind: str  # "none" | "ngram" | "self" | "model" | "auto"
     store: Path | None = None  # the draft model's store (the NF4 copy for self)
     reserved_bytes: int = 0
     ngram: bool = False  # n-gram candidates next to a model or self draft (a hybrid)
+    members: tuple[DraftPlan, ...] = ()  # auto: the drafters the planner picks from
 
 
 def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: RuntimeConfig, cache_tokens: int,
@@ -149,6 +172,15 @@ def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: 
     from offspec.store.resolve import resolve_model
 
     hybrid = kind in ("model", "self") and bool(ngram or corpus)
+    if kind == "auto":
+        members = []
+        for d in auto_members(draft or "auto", target_store, store is not None):
+            base = d.removesuffix("+ngram")
+            member_store = store if base == "demo" else None
+            sub = "model" if base == "demo" else draft_kind("-", base)
+            members.append(plan_draft(sub, base, target_store, tokenizer, rc, cache_tokens, progress,
+                                      ngram=d != base, store=member_store))
+        return DraftPlan(kind, None, sum(m.reserved_bytes for m in members), members=tuple(members))
     if kind == "model":
         if store is None:
             check_family(draft, progress)
@@ -174,6 +206,11 @@ def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: Runti
 
     if dp.kind == "none":
         return None
+    if dp.kind == "auto":
+        from offspec.speculative.drafters import AutoDrafter
+
+        return AutoDrafter([open_drafter(m, target, target_store, tokenizer, rc, cache_tokens, ngram_corpus)
+                            for m in dp.members])
     index = None
     if dp.kind == "ngram" or dp.ngram:
         from offspec.speculative.ngram import NgramIndex
@@ -198,9 +235,17 @@ def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: Runti
 
 
 def parse_drafters(text: str) -> list[tuple[str, str | None, bool]]:
-    """--drafters 'ngram,self,MODEL,self+ngram' -> [(kind, --draft value, hybrid)], in order."""
+    """--drafters 'ngram,self,MODEL,self+ngram,auto' -> [(kind, --draft value, hybrid)], in order; `auto` is the
+    planner choosing per tree among the other entries listed."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
     out = []
-    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+    for item in items:
+        if item == "auto":
+            others = [i for i in items if i != "auto"]
+            if len(others) < 2:
+                raise ConfigError("--drafters auto picks among the other drafters listed: list at least two")
+            out.append(("auto", ",".join(others), False))
+            continue
         hybrid = item.endswith("+ngram")
         base = item[: -len("+ngram")] if hybrid else item
         if base == "ngram" and hybrid:
@@ -250,7 +295,7 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         from offspec.store.demo import demo_draft, demo_target
 
         target_store = demo_target(rc.bits, rc.dtype, progress=progress)
-        if kind == "model" and draft is None:  # the demo's own draft; not converted when something else drafts
+        if (kind == "model" and draft is None) or (kind == "auto" and draft == "auto"):  # the demo's own draft
             demo_draft_store = demo_draft(rc.dtype, progress=progress)
     else:
         check_family(model, progress)

@@ -38,15 +38,15 @@ def _engine(target_store, draft_store=None, streamed=True, eos_ids=(), auto=Fals
         from offspec.runtime.pass_curve import measure_pass_curve
         from offspec.speculative.tree_size import BudgetPlanner
 
-        planner = BudgetPlanner(measure_pass_curve(target, sizes=(1, 8, 24)), expand=8)
+        planner = BudgetPlanner(measure_pass_curve(target, sizes=(1, 8, 24)))
     return Engine(target, draft, load_tokenizer(target_store), planner, eos_ids=eos_ids)
 
 
 PROMPTS = [[5, 17, 33, 90, 12], [7], list(range(40, 70))]
 
 
-@pytest.mark.parametrize("budget,expand,branch", [(1, 1, 1), (8, 4, 2), (48, 16, 4), (120, 32, 8)])
-def test_speculative_greedy_equals_plain_greedy(stores, budget, expand, branch):
+@pytest.mark.parametrize("budget,branch", [(1, 1), (8, 2), (48, 4), (120, 8)])
+def test_speculative_greedy_equals_plain_greedy(stores, budget, branch):
     target_store, draft_store = stores
     plain = _engine(target_store)
     spec = _engine(target_store, draft_store)
@@ -54,7 +54,7 @@ def test_speculative_greedy_equals_plain_greedy(stores, budget, expand, branch):
         plain.reset()
         spec.reset()
         want = generate(plain, prompt, GenerationConfig(max_new_tokens=24, spec=False))
-        got = generate(spec, prompt, GenerationConfig(max_new_tokens=24, budget=budget, expand=expand, branch=branch))
+        got = generate(spec, prompt, GenerationConfig(max_new_tokens=24, budget=budget, branch=branch))
         assert got.token_ids == want.token_ids
         assert got.stats.passes <= want.stats.passes
 
@@ -62,7 +62,7 @@ def test_speculative_greedy_equals_plain_greedy(stores, budget, expand, branch):
 def test_target_as_its_own_draft_accepts_the_whole_chain(stores):
     target_store, _ = stores
     engine = _engine(target_store, target_store)
-    res = list(engine.steps([3, 4, 5], GenerationConfig(max_new_tokens=40, budget=6, expand=1, branch=1, max_depth=6)))
+    res = list(engine.steps([3, 4, 5], GenerationConfig(max_new_tokens=40, budget=6, branch=1, max_depth=6)))
     passes = [e for e in res if not e.prefill]
     assert all(e.accepted == 6 for e in passes[:-1])
     assert all(len(e.tokens) == 7 for e in passes[:-1])
@@ -93,11 +93,12 @@ SAMPLED = {
                             frequency_penalty=0.2, repeat_last_n=8),
     "greedy-penalties": dict(temperature=0.0, repeat_penalty=1.5, frequency_penalty=0.5),
 }
-SPEC_SETUPS = [  # (drafter, budget, tree, expand, branch)
-    ("draft", 1, "specexec", 1, 1), ("draft", 8, "specexec", 4, 2), ("draft", 48, "specexec", 16, 4),
-    ("draft", "auto", "specexec", 8, 4), ("draft", 24, "sequoia", 32, 4), ("draft", "auto", "sequoia", 32, 3),
-    ("self", 6, "specexec", 2, 2), ("self", 30, "sequoia", 32, 3),
-    ("ngram", 12, "specexec", 8, 4), ("nf4-self", 8, "specexec", 4, 2), ("nf4-self+ngram", 16, "sequoia", 32, 3),
+SPEC_SETUPS = [  # (drafter, budget, tree, branch)
+    ("draft", 1, "specexec", 1), ("draft", 8, "specexec", 2), ("draft", 48, "specexec", 4),
+    ("draft", "auto", "specexec", 4), ("draft", 24, "sequoia", 4), ("draft", "auto", "sequoia", 3),
+    ("self", 6, "specexec", 2), ("self", 30, "sequoia", 3),
+    ("ngram", 12, "specexec", 4), ("nf4-self", 8, "specexec", 2), ("nf4-self+ngram", 16, "sequoia", 3),
+    ("auto", "auto", "specexec", 3), ("auto", 10, "sequoia", 3),
 ]
 
 
@@ -111,6 +112,15 @@ def _seeded_engine(target_store, draft_store, nf4_store, drafter: str, auto: boo
     engine = _engine(target_store, auto=auto)
     if drafter == "ngram":
         engine.drafter = NgramDrafter(min_n=1)
+    elif drafter == "auto":  # the planner picks, per tree, among a draft model, the NF4 copy and n-grams
+        from offspec.speculative.drafters import AutoDrafter
+        from offspec.speculative.tree_size import BudgetPlanner
+
+        engine.drafter = AutoDrafter([ModelDrafter(open_model(draft_store, cache_tokens=64)),
+                                      ModelDrafter(open_self_draft(engine.target, nf4_store, cache_tokens=64), "self"),
+                                      NgramDrafter(min_n=1)])
+        if engine.planner is not None:
+            engine.planner = BudgetPlanner(engine.planner.pass_s, cost=engine.drafter.cost)
     else:
         engine.drafter = ModelDrafter(open_self_draft(engine.target, nf4_store, cache_tokens=64), name="self")
         if drafter.endswith("+ngram"):
@@ -127,10 +137,10 @@ def test_seeded_speculative_output_equals_seeded_plain_output(stores, nf4_store,
     cfg = GenerationConfig(max_new_tokens=20, seed=seed, **SAMPLED[case])
     want = generate(plain, prompt, replace(cfg, spec=False)).token_ids
     assert len(want) == 20
-    for drafter, budget, tree, expand, branch in SPEC_SETUPS:
+    for drafter, budget, tree, branch in SPEC_SETUPS:
         spec = _seeded_engine(target_store, draft_store, nf4_store, drafter, auto=budget == "auto")
         got = generate(spec, prompt, replace(cfg, budget=None if budget == "auto" else budget, tree=tree,
-                                             expand=expand, branch=branch, max_depth=6))
+                                             branch=branch, max_depth=6))
         assert got.token_ids == want, (drafter, budget, tree)
         if drafter == "self":  # the target as its own draft proposes the target's choices: long accepted paths
             assert got.stats.passes < 20 / 2
@@ -158,7 +168,7 @@ def test_max_new_tokens_is_a_hard_limit_inside_an_accepted_path(stores, limit):
     free = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=12, spec=False)).token_ids
     eos = next(t for t in free[limit + 1:] if t not in free[: limit + 1])  # an end-of-text beyond the limit
     engine = _engine(target_store, target_store, eos_ids=[eos])
-    cfg = GenerationConfig(max_new_tokens=limit, budget=8, expand=2, branch=1, max_depth=8)
+    cfg = GenerationConfig(max_new_tokens=limit, budget=8, branch=1, max_depth=8)
     res = generate(engine, PROMPTS[0], cfg)
     assert res.token_ids == free[:limit]
     assert res.stats.finish == "length"
@@ -172,7 +182,7 @@ def test_end_of_text_inside_an_accepted_path_stops_there_and_counts_as_a_token(s
     target_store, _ = stores
     free = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=12, spec=False)).token_ids
     k = next(i for i in range(2, 12) if free[i] not in free[:i])
-    cfg = GenerationConfig(max_new_tokens=12, budget=8, expand=2, branch=1, max_depth=8)
+    cfg = GenerationConfig(max_new_tokens=12, budget=8, branch=1, max_depth=8)
     res = generate(_engine(target_store, target_store, eos_ids=[free[k]]), PROMPTS[0], cfg)
     assert res.token_ids == free[:k] and res.stats.finish == "stop"
     plain = generate(_engine(target_store, eos_ids=[free[k]]), PROMPTS[0], replace(cfg, spec=False))
@@ -190,7 +200,7 @@ def test_stop_strings_end_the_text_before_them_also_inside_an_accepted_path(stor
     cut = text.index(stop)
     cfg = GenerationConfig(max_new_tokens=16, stop=(stop, "never-seen-text"))
     plain = generate(_engine(target_store), PROMPTS[0], replace(cfg, spec=False))
-    spec = generate(_engine(target_store, target_store), PROMPTS[0], replace(cfg, budget=12, expand=2, branch=1))
+    spec = generate(_engine(target_store, target_store), PROMPTS[0], replace(cfg, budget=12, branch=1))
     for res in (plain, spec):
         assert res.text == text[:cut] and res.stats.finish == "stop"
         assert stop in tok.decode(res.token_ids) and stop not in tok.decode(res.token_ids[:-1])
@@ -270,7 +280,7 @@ def test_tree_pass_computes_the_lm_head_for_internal_nodes_only(stores):
     target_store, draft_store = stores
     full, lazy = _engine(target_store), _engine(target_store)
     draft = open_model(draft_store, cache_tokens=64)
-    tree = grow_tree(draft, [5, 6, 7], budget=20, expand=4, branch=3).tree
+    tree = grow_tree(draft, [5, 6, 7], budget=20, branch=3).tree
     for e in (full, lazy):
         e.target.forward(torch.tensor([[5, 6]]))
     full.target.supports_logit_rows = False
@@ -308,7 +318,7 @@ def test_self_draft_accepts_more_than_a_separate_random_draft(stores, nf4_store)
     own = _engine(target_store)
     own.drafter = ModelDrafter(open_self_draft(own.target, nf4_store, cache_tokens=64), name="self")
     other = _engine(target_store, draft_store)
-    cfg = GenerationConfig(max_new_tokens=24, budget=8, expand=1, branch=1, max_depth=8)
+    cfg = GenerationConfig(max_new_tokens=24, budget=8, branch=1, max_depth=8)
     mine, theirs = generate(own, PROMPTS[0], cfg), generate(other, PROMPTS[0], cfg)
     assert mine.token_ids == theirs.token_ids
     assert mine.stats.tokens_per_pass > 2 * theirs.stats.tokens_per_pass
@@ -343,24 +353,22 @@ def test_ngram_drafter_speculates_on_repeated_text(stores):
     assert res.stats.drafter == "ngram"
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_trees_grown_during_the_target_pass_are_used_when_their_leaf_is_accepted(stores, temperature):
-    """The target as its own draft: the expected leaf is nearly always accepted, so most greedy trees come from the
-    previous pass; the output is the same as without drafting ahead (greedy: plain greedy; seeded sampling, which
-    does not draft ahead: the same tokens with and without the option)."""
+@pytest.mark.parametrize("temperature,penalty", [(0.0, 1.0), (0.9, 1.0), (0.9, 1.3)])
+def test_trees_grown_during_the_target_pass_are_used_when_their_leaf_is_accepted(stores, temperature, penalty):
+    """The target as its own draft: the expected leaf is nearly always accepted, so most trees come from the
+    previous pass, greedy and seeded (the early tree ranks by the next step's rule, noise and penalty window); the
+    output is the same as without drafting ahead and as plain decoding."""
     target_store, _ = stores
-    base = dict(max_new_tokens=30, budget=6, expand=2, branch=2, max_depth=4, temperature=temperature, seed=5)
+    base = dict(max_new_tokens=30, budget=6, branch=2, max_depth=4, temperature=temperature, seed=5,
+                repeat_penalty=penalty)
     on = generate(_engine(target_store, target_store), PROMPTS[0], GenerationConfig(**base))
     off = generate(_engine(target_store, target_store), PROMPTS[0], GenerationConfig(**base, ahead=False))
     assert on.token_ids == off.token_ids
     assert off.stats.ahead_started == 0
-    if temperature > 0:  # the next tree's ranking needs the next step's noise: no early trees when sampling
-        assert on.stats.ahead_started == 0
-    else:
-        assert on.stats.ahead_started >= on.stats.passes - 1
-        plain = generate(_engine(target_store), PROMPTS[0], GenerationConfig(max_new_tokens=30, spec=False))
-        assert on.token_ids == plain.token_ids
-        assert on.stats.ahead_used >= on.stats.passes // 2 and on.stats.ahead_saved_s > 0
+    assert on.stats.ahead_started >= on.stats.passes - 1
+    plain = generate(_engine(target_store), PROMPTS[0], GenerationConfig(**base, spec=False))
+    assert on.token_ids == plain.token_ids
+    assert on.stats.ahead_used >= on.stats.passes // 2 and on.stats.ahead_saved_s > 0
 
 
 def test_a_missed_early_tree_is_dropped_cleanly(stores):

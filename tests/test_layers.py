@@ -22,8 +22,6 @@ RANK_NAMES = {0: "bottom", 1: "store", 2: "models", 3: "runtime", 4: "speculativ
 
 # Known upward imports, to be removed (this list may only shrink): (importer, imported) -> why it is here.
 KNOWN: dict[tuple[str, str], str] = {
-    ("offspec.console", "offspec.runtime.plan"): "console formats plan tables: the table belongs to a surface",
-    ("offspec.console", "offspec.generate"): "console formats GenerationStats (a type-checking import)",
 }
 
 

@@ -17,6 +17,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +26,8 @@ import torch
 
 from offspec.speculative.ngram import MIN_N, MIN_PROB, NgramIndex, propose
 from offspec.speculative.specexec import CausalLM, GrowResult, RankLogits, advance_draft, grow_tree
+
+RankAfter = Callable[[list[int]], RankLogits | None]  # path tokens -> the ranking of the step after that path
 from offspec.speculative.tree import DraftTree
 from offspec.speculative.tree_size import DraftCost
 
@@ -35,8 +38,7 @@ log = logging.getLogger("offspec")
 class GrowOptions:
     """How a tree is grown: shape policy, expansion width, depth, and how a model draft ranks children."""
 
-    tree: str = "specexec"  # specexec: best-first | sequoia: DP shape (model drafters only)
-    expand: int = 32
+    tree: str = "specexec"  # specexec: the top-budget nodes, level by level | sequoia: DP shape (model drafters only)
     branch: int = 8
     max_depth: int = 32
     rank_logits: RankLogits | None = None  # the target's rule and noise (None: the draft's own logits)
@@ -53,6 +55,7 @@ class Draft:
     grown: GrowResult | None = None  # a model drafter's cache bookkeeping
     ngram_nodes: int = 0  # nodes the n-gram index contributed
     ahead: bool = False  # grown during the previous target pass (its draft_s was hidden behind that pass)
+    drafter: str = ""  # the name of the drafter that grew it
 
 
 class Drafter(Protocol):
@@ -142,11 +145,11 @@ class ModelDrafter:
                 self.shapes.save()
             grown = fill_tree(self.model, self.pending, shape, opts.rank_logits)
         else:
-            grown = grow_tree(self.model, self.pending, budget=budget, expand=opts.expand, branch=opts.branch,
-                              max_depth=opts.max_depth, rank_logits=opts.rank_logits)
+            grown = grow_tree(self.model, self.pending, budget=budget, branch=opts.branch, max_depth=opts.max_depth,
+                              rank_logits=opts.rank_logits)
         self.held.extend(self.pending)
         self.pending = []
-        return Draft(grown.tree, grown.draft_s, grown.rounds, grown)
+        return Draft(grown.tree, grown.draft_s, grown.rounds, grown, drafter=self.name)
 
     def commit(self, tokens: list[int], draft: Draft | None = None, accepted: list[int] | None = None) -> None:
         if self._ahead is not None and self._ahead.base is draft:
@@ -161,24 +164,32 @@ class ModelDrafter:
         self.pending = pending
 
     # ------------------------------------------------------------------ drafting during the target pass
-    def draft_ahead(self, draft: Draft, budget: int, opts: GrowOptions) -> bool:
+    def draft_ahead(self, draft: Draft, budget: int, opts: GrowOptions, rank_after: RankAfter | None = None) -> bool:
         """Start growing, in a thread, the tree that follows draft's likeliest leaf (call right before the target
-        pass that verifies draft; `commit` keeps it if verification accepts that leaf). False if not started."""
-        if opts.tree != "specexec" or opts.rank_logits is not None or draft.grown is None or self._ahead is not None:
+        pass that verifies draft; `commit` keeps it if verification accepts that leaf). False if not started.
+
+        rank_after(path tokens) -> how the early tree ranks children (the target's rule and noise at the positions
+        after that path), needed when opts ranks by the target's rule (sampling, penalties)."""
+        if opts.tree != "specexec" or draft.grown is None or self._ahead is not None:
+            return False
+        if opts.rank_logits is not None and rank_after is None:
             return False
         path = draft.tree.likeliest_path()
         if not path:
             return False
-        tokens = [draft.tree.token(n) for n in path]
+        tokens = draft.tree.tokens[torch.tensor(path, dtype=torch.long, device=draft.tree.device)].tolist()
+        rank = rank_after(tokens) if opts.rank_logits is not None else None
         self.model.cache.crop(draft.grown.cache_start)  # the tree's slots go: the path is appended causally instead
         job = _Ahead(draft, path, tokens)
 
         early_budget = budget + max(1, budget // 4)  # re-rooted at the target's token, it loses that node and siblings
+        threads = max(1, torch.get_num_threads() // 2)  # the target's pass keeps the rest (per-thread setting)
 
         def run() -> None:
             try:
-                job.grown = grow_tree(self.model, tokens, budget=early_budget, expand=opts.expand,
-                                      branch=opts.branch, max_depth=opts.max_depth + 1)
+                torch.set_num_threads(threads)
+                job.grown = grow_tree(self.model, tokens, budget=early_budget, branch=opts.branch,
+                                      max_depth=opts.max_depth + 1, rank_logits=rank)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the engine's thread
                 job.error = exc
 
@@ -197,7 +208,9 @@ class ModelDrafter:
         base_start = job.base.grown.cache_start
         child = -1
         if accepted == job.path:
-            child = next((c for c in early.tree.children(0) if early.tree.token(c) == tokens[-1]), -1)
+            kids = early.tree.children_of(0)
+            match = kids[early.tree.tokens[kids] == tokens[-1]]
+            child = int(match[0]) if match.numel() else -1
         slot_of = {node: s for s, node in enumerate(early.cached_nodes)}
         if child < 0 or child not in slot_of:  # missed: back to the base tree's prefix, the tokens are pending
             self.model.cache.crop(base_start)
@@ -210,8 +223,9 @@ class ModelDrafter:
         self.held.extend(tokens)  # the path and the target's token (the new root) are cached now
         self.pending = []
         cached = [r[early.cached_nodes[s]] for s in kept[1:]]
-        grown = GrowResult(sub, cached, early.cache_start + 1, early.rounds, early.draft_s)
-        self._ready = Draft(sub, early.draft_s, early.rounds, grown, ahead=True)
+        grown = GrowResult(sub, cached, early.cache_start + 1, early.rounds, early.draft_s, early.level_rows,
+                           early.level_s)
+        self._ready = Draft(sub, early.draft_s, early.rounds, grown, ahead=True, drafter=self.name)
 
     def _fit(self, ready: Draft, budget: int) -> Draft:
         """The kept early tree cut to its `budget` likeliest nodes (the draft cache keeps the slots that remain)."""
@@ -226,8 +240,9 @@ class ModelDrafter:
             self.model.cache.keep(g.cache_start, torch.tensor(slots, dtype=torch.long))
         else:
             self.model.cache.crop(g.cache_start)
-        grown = GrowResult(tree, [r[g.cached_nodes[s]] for s in slots], g.cache_start, g.rounds, g.draft_s)
-        return Draft(tree, ready.draft_s, ready.rounds, grown, ahead=True)
+        grown = GrowResult(tree, [r[g.cached_nodes[s]] for s in slots], g.cache_start, g.rounds, g.draft_s,
+                           g.level_rows, g.level_s)
+        return Draft(tree, ready.draft_s, ready.rounds, grown, ahead=True, drafter=self.name)
 
     def _drop_ready(self) -> None:
         """Forget a kept early tree (its root stays cached); wait for a running one and undo it."""
@@ -319,7 +334,7 @@ class NgramDrafter:
         tree = DraftTree(ctx[-1], capacity=budget + 1)
         parents, tokens, scores = propose(self.index, ctx, budget, opts.max_depth, self.min_n, opts.branch, self.min_prob)
         add_levels(tree, parents, tokens, scores)
-        return Draft(tree, time.perf_counter() - t0, 0, None, len(tokens))
+        return Draft(tree, time.perf_counter() - t0, 0, None, len(tokens), drafter=self.name)
 
     def commit(self, tokens: list[int], draft: Draft | None = None, accepted: list[int] | None = None) -> None:
         self.index.extend(tokens)
@@ -351,11 +366,18 @@ def extend_with_ngrams(tree: DraftTree, index: NgramIndex, context: list[int], b
 
     Every node of the tree (drafted leaves included) is a starting point: its context is context + its path. New
     nodes are chosen best-first by the node's cumulative score + log(count / total), like the index's own trees,
-    and never duplicate an existing child.
+    and never duplicate an existing child. The tree is read once and the new nodes are added one batch per depth.
     """
     room = budget - tree.budget
     if room <= 0:
         return 0
+    lists = tree.lists()
+    parents, tokens, depths = list(lists.parents), list(lists.tokens), list(lists.depths)
+    scores = tree.logprobs.tolist()
+    child_tokens: list[set[int]] = [set() for _ in tokens]
+    for i, p in enumerate(parents):
+        if p >= 0:
+            child_tokens[p].add(tokens[i])
     tail = list(context[-index.max_n :])
     heap: list[tuple[float, int, int, int]] = []  # (-score, order, token, parent)
     paths: dict[int, list[int]] = {}
@@ -363,39 +385,105 @@ def extend_with_ngrams(tree: DraftTree, index: NgramIndex, context: list[int], b
 
     def path_of(node: int) -> list[int]:
         if node not in paths:
-            paths[node] = [] if node == 0 else (path_of(tree.parent(node)) + [tree.token(node)])[-index.max_n :]
+            paths[node] = [] if node == 0 else (path_of(parents[node]) + [tokens[node]])[-index.max_n :]
         return paths[node]
 
     def push(node: int, base: float) -> None:
         nonlocal order
-        depth = int(tree.depths[node])
-        if depth >= max_depth:
+        if depths[node] >= max_depth:
             return
         _, counts = index.continuations((tail + path_of(node))[-index.max_n :], min_n)
         if not counts:
             return
-        have = set(tree.tokens[tree.children_of(node)].tolist())
         total = sum(counts.values())
         for tok, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:branch]:
-            if tok not in have:
+            if tok not in child_tokens[node]:
                 heapq.heappush(heap, (-(base + math.log(c / total)), order, tok, node))
         order += 1
 
-    scores = tree.logprobs.tolist()
-    for node in range(tree.size):
+    n_old = len(tokens)
+    for node in range(n_old):
         push(node, scores[node])
-    added = 0
     floor = math.log(min_prob) if min_prob > 0 else -math.inf
-    while heap and added < room:
+    while heap and len(tokens) - n_old < room:
         neg, _, tok, parent = heapq.heappop(heap)
         if -neg < floor:
             break
-        if bool((tree.tokens[tree.children_of(parent)] == tok).any()):
+        if tok in child_tokens[parent]:
             continue
-        node = int(tree.add(parent, [tok], [-neg])[0])
-        added += 1
+        node = len(tokens)
+        parents.append(parent)
+        tokens.append(tok)
+        depths.append(depths[parent] + 1)
+        scores.append(-neg)
+        child_tokens.append(set())
+        child_tokens[parent].add(tok)
         push(node, -neg)
-    return added
+    new = list(range(n_old, len(tokens)))
+    where = list(range(n_old)) + [-1] * len(new)  # host node -> tree node
+    for d in sorted({depths[i] for i in new}):
+        level = [i for i in new if depths[i] == d]
+        dev = tree.device
+        idx = tree.append(torch.tensor([where[parents[i]] for i in level], dtype=torch.long, device=dev),
+                          torch.tensor([tokens[i] for i in level], dtype=torch.long, device=dev),
+                          torch.tensor([scores[i] for i in level], dtype=torch.float32, device=dev))
+        for i, t in zip(level, idx.tolist()):
+            where[i] = t
+    return len(new)
+
+
+class AutoDrafter:
+    """Several drafters behind one: before each tree the budget planner picks the one (and the budget) with the most
+    expected tokens per second (`select`), from each one's own cost curve and acceptance. Every member follows the
+    committed context; the ones not drafting catch up at their next tree."""
+
+    def __init__(self, members: list[Drafter]) -> None:
+        if not members:
+            raise ValueError("AutoDrafter needs at least one drafter")
+        self.members: dict[str, Drafter] = {}
+        for m in members:
+            name, k = m.name, 2
+            while name in self.members:  # two drafts of one kind: model, model-2
+                name, k = f"{m.name}-{k}", k + 1
+            m.name = name
+            self.members[name] = m
+        self.name = "auto(" + ",".join(self.members) + ")"
+        self.cost = {name: m.cost for name, m in self.members.items()}
+        self.current: Drafter = members[0]
+
+    @property
+    def draft_model(self) -> CausalLM | None:
+        return next((m.draft_model for m in self.members.values() if hasattr(m, "draft_model")), None)
+
+    def select(self, name: str) -> None:
+        """The member that drafts the next tree (an unknown name keeps the current one)."""
+        self.current = self.members.get(name, self.current)
+
+    def start(self, ids: list[int]) -> None:
+        for m in self.members.values():
+            m.start(ids)
+
+    def grow(self, budget: int, opts: GrowOptions) -> Draft:
+        return self.current.grow(budget, opts)
+
+    def draft_ahead(self, draft: Draft, budget: int, opts: GrowOptions, rank_after: RankAfter | None = None) -> bool:
+        m = self.members.get(draft.drafter)
+        return m.draft_ahead(draft, budget, opts, rank_after) if hasattr(m, "draft_ahead") else False
+
+    def commit(self, tokens: list[int], draft: Draft | None = None, accepted: list[int] | None = None) -> None:
+        for name, m in self.members.items():
+            if draft is not None and draft.drafter == name:
+                m.commit(tokens, draft, accepted)
+            else:
+                m.commit(tokens)
+
+    def reset(self) -> None:
+        for m in self.members.values():
+            m.reset()
+
+    def close(self) -> None:
+        for m in self.members.values():
+            m.close()
 
 
 class HybridDrafter:
@@ -426,11 +514,12 @@ class HybridDrafter:
                                    self.ngram.min_n, opts.branch, self.ngram.min_prob)
         d.draft_s += time.perf_counter() - t0
         d.ngram_nodes = added
+        d.drafter = self.name
         return d
 
-    def draft_ahead(self, draft: Draft, budget: int, opts: GrowOptions) -> bool:
+    def draft_ahead(self, draft: Draft, budget: int, opts: GrowOptions, rank_after: RankAfter | None = None) -> bool:
         model_budget = max(1, budget - int(budget * self.ngram_share)) if budget > 1 else budget
-        return self.model.draft_ahead(draft, model_budget, opts)
+        return self.model.draft_ahead(draft, model_budget, opts, rank_after)
 
     def commit(self, tokens: list[int], draft: Draft | None = None, accepted: list[int] | None = None) -> None:
         self.model.commit(tokens, draft, accepted)
@@ -444,5 +533,5 @@ class HybridDrafter:
         self.model.close()
 
 
-__all__ = ["Draft", "Drafter", "GrowOptions", "HybridDrafter", "ModelDrafter", "NgramDrafter", "ShapeCache",
+__all__ = ["AutoDrafter", "Draft", "Drafter", "GrowOptions", "HybridDrafter", "ModelDrafter", "NgramDrafter", "ShapeCache",
            "common_prefix", "extend_with_ngrams", "prefill", "sync_cache"]

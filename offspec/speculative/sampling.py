@@ -179,12 +179,13 @@ class TreeSampler:
         """Whether drafting should rank by rank_logits (greedy without penalties: the draft's own logits do)."""
         return not self.params.greedy or self.params.penalized
 
-    def rank_logits(self, tree, nodes: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """[E, V]: the draft's logits at tree nodes, processed like the target's and perturbed by the noise of each
-        child's position."""
-        hist = [self._history(tree.path_tokens(n)) for n in nodes] if self.params.penalized else None
+    def rank_logits(self, tree, nodes: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """[E, V]: the draft's logits at tree nodes (Long [E]), processed like the target's and perturbed by the noise
+        of each child's position (the paths are read once for the whole level, only when penalties need them)."""
+        nodes = torch.as_tensor(nodes, dtype=torch.long).to(tree.device)
+        hist = [self._history(p) for p in tree.paths_tokens(nodes)] if self.params.penalized else None
         x = process_logits(logits, self.params, hist)
         if self.params.greedy:
             return x
-        positions = self.root_index + 1 + tree.depths[torch.tensor(nodes, dtype=torch.long)]  # [E]
+        positions = self.root_index + 1 + tree.depths[nodes]  # [E]
         return x + gumbel_noise(self.seed, positions.to(x.device), x.shape[-1], x.device)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from offspec.errors import ConfigError
-from offspec.speculative.specexec import CausalLM, GrowResult, RankLogits, forward_nodes, forward_pending
+from offspec.speculative.specexec import (CausalLM, GrowResult, RankLogits, expand_nodes, forward_pending, model_device,
+                                         ranked_topk)
 from offspec.speculative.tree import DraftTree
 
 
@@ -194,7 +195,7 @@ def fill_tree(
     shape: TreeShape,
     rank_logits: RankLogits | None = None,
 ) -> GrowResult:
-    """Grow a tree of the given shape level by level (one batched draft forward per level).
+    """Grow a tree of the given shape level by level (one batched draft forward per level, tensor bookkeeping).
 
     Each node's rank-k child is the k-th best token of rank_logits(tree, nodes, logits) (default: the draft's
     logits); with the engine's sampling rule that is the draft's perturbed top-k under the position's noise.
@@ -203,44 +204,39 @@ def fill_tree(
     t0 = time.perf_counter()
     root_logits = forward_pending(draft, pending)
     cache_start = draft.cache.length
-    tree = DraftTree(pending[-1], capacity=shape.size)
-    counts = shape.num_children
-    depths = shape.depths
-    to_tree = [-1] * shape.size  # shape node -> tree node
-    to_tree[0] = 0
-    first_child = [0] * shape.size
+    dev = model_device(draft)
+    tree = DraftTree(pending[-1], capacity=shape.size, device=dev)
+    counts_list, depths = shape.num_children, shape.depths
+    first = [0] * shape.size
     for i in range(shape.size - 1, 0, -1):
-        first_child[shape.parents[i]] = i
-    slots: list[int] = []
-    rounds = 1
-    max_depth = max(depths)
-    for d in range(max_depth):
-        level = [s for s in range(shape.size) if depths[s] == d and counts[s] > 0 and to_tree[s] >= 0]
-        if not level:
+        first[shape.parents[i]] = i
+    counts = torch.tensor(counts_list, dtype=torch.long, device=dev)  # [S] children per shape node
+    first_child = torch.tensor(first, dtype=torch.long, device=dev)  # [S] its first child's shape index
+    to_tree = torch.full((shape.size,), -1, dtype=torch.long, device=dev)  # shape node -> tree node
+    to_tree[0] = 0
+    slots = torch.zeros(0, dtype=torch.long, device=dev)
+    rounds, level_rows, level_s = 1, [], []
+    for d in range(max(depths)):
+        level = torch.tensor([s for s in range(shape.size) if depths[s] == d and counts_list[s] > 0],
+                             dtype=torch.long, device=dev)  # shape nodes with children at this depth
+        level = level[to_tree[level] >= 0]  # whose node was drafted
+        if level.shape[0] == 0:
             break
-        nodes = [to_tree[s] for s in level]
+        nodes = to_tree[level]
+        c_max = int(counts[level].max())
         if d == 0:
-            logits = root_logits[None]  # [1, V]
+            vals, toks = ranked_topk(root_logits[None], tree, nodes, c_max, rank_logits)
         else:
-            logits = forward_nodes(draft, tree, nodes, slots, cache_start)  # [E, V]
-            slots.extend(nodes)
+            t1 = time.perf_counter()
+            vals, toks = expand_nodes(draft, tree, nodes, slots, cache_start, c_max, rank_logits)  # [E, c_max]
+            slots = torch.cat([slots, nodes])
             rounds += 1
-        if rank_logits is not None:
-            logits = rank_logits(tree, nodes, logits)
-        logq = torch.log_softmax(logits.float(), dim=-1)  # [E, V]
-        c_max = min(max(counts[s] for s in level), logq.shape[-1])
-        vals, toks = logq.topk(c_max, dim=-1)  # [E, c_max]
-        vals, toks = vals.clamp_max(0.0).cpu(), toks.cpu()
-        support = torch.isfinite(vals).sum(dim=-1).tolist()  # tokens the ranking leaves possible, per row
-        par, tok, cum, shape_kids = [], [], [], []
-        for row, s in enumerate(level):
-            c = min(counts[s], support[row])  # fewer children than the shape says only when fewer are possible
-            base = float(tree.logprobs[to_tree[s]])
-            par += [to_tree[s]] * c
-            tok += toks[row, :c].tolist()
-            cum += (base + vals[row, :c]).tolist()
-            shape_kids += range(first_child[s], first_child[s] + c)
-        idx = tree.add(torch.tensor(par, dtype=torch.long), tok, cum).tolist()
-        for s, t in zip(shape_kids, idx):
-            to_tree[s] = t
-    return GrowResult(tree, slots, cache_start, rounds, time.perf_counter() - t0)
+            level_rows.append(int(nodes.shape[0]))
+            level_s.append(time.perf_counter() - t1)
+        ranks = torch.arange(vals.shape[1], device=dev)[None]  # [1, c_max]
+        # fewer children than the shape says only where the ranking leaves fewer tokens possible
+        take = (ranks < counts[level][:, None]) & torch.isfinite(vals)  # [E, c_max]
+        cum = tree.logprobs[nodes][:, None] + vals
+        idx = tree.append(nodes[:, None].expand_as(take)[take], toks[take], cum[take])
+        to_tree[(first_child[level][:, None] + ranks).expand_as(take)[take]] = idx
+    return GrowResult(tree, slots.tolist(), cache_start, rounds, time.perf_counter() - t0, level_rows, level_s)

@@ -4,8 +4,26 @@ target cache)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class TreeLists:
+    """A host copy of a tree's structure (read once), for walks that visit nodes one by one."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+
+    def children(self) -> list[list[int]]:
+        """Children of every node, in creation order."""
+        out: list[list[int]] = [[] for _ in self.tokens]
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                out[p].append(i)
+        return out
 
 
 class DraftTree:
@@ -73,6 +91,29 @@ class DraftTree:
         p = self.parent(i)
         return 0 if p < 0 else int((self._parents[:i] == p).sum())
 
+    @property
+    def ranks(self) -> torch.Tensor:
+        """Long [N]: each node's position among its parent's children (creation order; 0 for the root)."""
+        n = self._size
+        parents = self.parents
+        order = torch.sort(parents, stable=True).indices  # siblings grouped, in creation order
+        grouped = parents[order]
+        first = torch.searchsorted(grouped, grouped)  # where each node's sibling group starts
+        out = torch.empty(n, dtype=torch.long, device=self.device)
+        out[order] = torch.arange(n, device=self.device) - first
+        return out
+
+    def lists(self) -> TreeLists:
+        """The tree's tokens, parents and depths as Python lists: one read per field, for host-side walks."""
+        return TreeLists(self.tokens.tolist(), self.parents.tolist(), self.depths.tolist())
+
+    def paths_tokens(self, nodes: torch.Tensor) -> list[list[int]]:
+        """Token paths (root first) of several nodes, read in one transfer."""
+        nodes = torch.as_tensor(nodes, dtype=torch.long).to(self.device)
+        rows = self.ancestors[nodes].tolist()  # [E][N]
+        tokens = self.tokens.tolist()
+        return [[t for t, on in zip(tokens, row) if on] for row in rows]
+
     def path(self, i: int) -> list[int]:
         """Node indices from the root to i, both included (the ancestor row, in index order)."""
         return torch.nonzero(self._ancestors[i, : self._size]).reshape(-1).tolist()
@@ -132,6 +173,22 @@ class DraftTree:
         self._size = start + k
         return idx
 
+    def append(self, parents: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+        """Add children (Long [K] parents, all < size; tensors on the tree's device) without reading anything back
+        to the host; Long[K] indices."""
+        k = int(tokens.shape[0])
+        start = self._size
+        self._reserve(start + k)
+        idx = torch.arange(start, start + k, device=self.device)
+        self._tokens[idx] = tokens
+        self._parents[idx] = parents
+        self._depths[idx] = self._depths[parents] + 1
+        self._logprobs[idx] = logprobs.float()
+        self._ancestors[idx] = self._ancestors[parents]
+        self._ancestors[idx, idx] = True
+        self._size = start + k
+        return idx
+
     def best_nodes(self, k: int | None = None) -> torch.Tensor:
         """Long [<= k]: drafted nodes by cumulative logprob, best first; ties go to the older node, so every prefix
         is ancestor-closed (a child never outscores its parent)."""
@@ -146,16 +203,16 @@ class DraftTree:
         out = self._ancestors[rows][:, cols.clamp_min(0)]  # [R, C]
         return out & valid[None, :]
 
-    def _subset(self, keep: torch.Tensor, root: int) -> tuple[DraftTree, torch.Tensor]:
+    def _subset(self, keep: torch.Tensor, root: int, room: int = 0) -> tuple[DraftTree, torch.Tensor]:
         """A new tree of the nodes keep (ascending, ancestor-closed under `root`, starting with it), and Long[N]
-        old->new index (-1 dropped); depths and logprobs relative to `root`."""
+        old->new index (-1 dropped); depths and logprobs relative to `root`; capacity for `room` more nodes."""
         k = keep.shape[0]
         remap = torch.full((self._size,), -1, dtype=torch.long, device=self.device)
         remap[keep] = torch.arange(k, device=self.device)
         parents = self._parents[keep]  # [K]
         new_parents = torch.where(parents >= 0, remap[parents.clamp_min(0)], parents)
         new_parents[0] = -1
-        out = DraftTree(0, capacity=k, device=self.device)
+        out = DraftTree(0, capacity=k + room, device=self.device)
         out._tokens[:k] = self._tokens[keep]
         out._parents[:k] = new_parents
         out._depths[:k] = self._depths[keep] - self._depths[root]

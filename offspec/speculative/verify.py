@@ -62,36 +62,27 @@ def commit_target(target: CausalLM, prefix_len: int, result: VerifyResult) -> No
     target.cache.keep(prefix_len, torch.tensor([0, *result.accepted], dtype=torch.long))
 
 
-def _result(tree: DraftTree, accepted: list[int], ranks: list[int], next_token: int, stopped_inner: bool) -> VerifyResult:
-    tokens = [tree.token(i) for i in accepted] + [int(next_token)]
-    return VerifyResult(accepted, int(next_token), tokens, ranks, len(accepted) + int(stopped_inner))
-
-
-def _child_by_token(tree: DraftTree, node: int, token: int) -> tuple[int, int]:
-    """(child, rank) of node holding token, or (-1, -1)."""
-    for rank, child in enumerate(tree.children(node)):
-        if tree.token(child) == token:
-            return child, rank
-    return -1, -1
-
-
-def verify_tree(tree: DraftTree, choose: Callable[[int], int]) -> VerifyResult:
-    """Follow the target's choice at each node (choose(node) -> token) while it is a child.
+def verify_tree(tree: DraftTree, choose: Callable[[int, list[int]], int]) -> VerifyResult:
+    """Follow the target's choice at each node (choose(node, path tokens from the root to it) -> token) while it is
+    a child. The tree's structure is read to the host once.
 
     Sampling is deterministic given the context (position-keyed Gumbel noise, see sampling.py), so this one walk
     verifies greedy and sampled decoding alike and keeps the target's output exactly.
     """
-    node, accepted, ranks = 0, [], []
+    lists = tree.lists()
+    kids = lists.children()
+    node, accepted, ranks, path = 0, [], [], [lists.tokens[0]]
     while True:
-        token = choose(node)
-        child, rank = _child_by_token(tree, node, token)
-        if child < 0:
-            return _result(tree, accepted, ranks, token, bool(tree.children(node)))
-        accepted.append(child)
+        token = int(choose(node, path))
+        rank = next((r for r, c in enumerate(kids[node]) if lists.tokens[c] == token), -1)
+        if rank < 0:
+            return VerifyResult(accepted, token, path[1:] + [token], ranks, len(accepted) + int(bool(kids[node])))
+        node = kids[node][rank]
+        accepted.append(node)
         ranks.append(rank)
-        node = child
+        path.append(token)
 
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor | TreeLogits) -> VerifyResult:
     """Follow the target's argmax through the tree while it is a child."""
-    return verify_tree(tree, lambda node: int(logits[node].argmax()))
+    return verify_tree(tree, lambda node, _path: int(logits[node].argmax()))

@@ -405,7 +405,14 @@ def test_drafters_side_by_side_on_one_plan(bench_models, bench_home, streaming_b
     assert len({c["records"][0]["text"] for c in rows}) == 1  # greedy: every drafter writes the plain text
     assert r["plan"]["reserved_bytes"] > 0  # the plan left room for the draft model
     assert _config_name(rows[1]) == "ngram budget 4"
+    auto = bench.run_bench(str(target), None, device_memory=streaming_budget, warm=True, budgets="4",
+                           prompts=str(prompts), max_new_tokens=6, repeats=1, curve_sizes=(1,), progress=False,
+                           drafters=f"ngram,{draft},auto")
+    assert [c["drafter"] for c in auto["configs"]] == ["", "ngram", "model", "auto(ngram,model)"]
+    assert len({c["records"][0]["text"] for c in auto["configs"]}) == 1
     with pytest.raises(ConfigError):
         bench.run_bench(str(target), str(draft), drafters="ngram")
+    with pytest.raises(ConfigError):
+        bench.run_bench(str(target), drafters="ngram,auto")
     with pytest.raises(ConfigError):
         bench.run_bench(str(target), drafters="ngram+ngram")

@@ -183,13 +183,16 @@ def test_no_spec_decodes_plainly(runner, cli_app, tiny):
 
 @pytest.mark.parametrize("extra,drafter", [([], "ngram"), (["--draft", "ngram"], "ngram"),
                                            (["--draft", "self"], "self"), (["--draft", "self", "--ngram"], "self+ngram"),
-                                           (["--draft", "{draft}", "--ngram"], "model+ngram")])
+                                           (["--draft", "{draft}", "--ngram"], "model+ngram"),
+                                           (["--draft", "self,ngram"], "auto(self,ngram)"),
+                                           (["--draft", "auto"], "auto(ngram,self)"),
+                                           (["--draft", "{draft},self,ngram"], "auto(model,self,ngram)")])
 def test_every_drafter_from_the_command_line_equals_plain_greedy(runner, cli_app, tiny, extra, drafter):
     """Without --draft a --model drafts with n-grams; every drafter's greedy output is the plain one."""
     common = ["Say hello hello hello hello", "--model", tiny.target, "-n", 16, "--json", "--dtype", "float32",
               "--raw"]
     plain = json.loads(run(runner, cli_app, *common, "--no-spec").stdout)
-    extra = [str(tiny.draft) if e == "{draft}" else e for e in extra]
+    extra = [e.replace("{draft}", str(tiny.draft)) for e in extra]
     res = run(runner, cli_app, *common, "--budget", 8, *extra)
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)

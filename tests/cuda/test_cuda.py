@@ -188,7 +188,7 @@ def test_one_speculative_step_syncs_once_per_round_and_once_to_verify(stores):
             return grown
 
         engine._grow = grow
-        steps = engine.steps(PROMPTS[2], GenerationConfig(max_new_tokens=64, budget=32, expand=8, branch=4))
+        steps = engine.steps(PROMPTS[2], GenerationConfig(max_new_tokens=64, budget=32, branch=4))
         assert next(steps).prefill
         next(steps)  # one warm step (allocator, kernels), then the counted one
         n = _count_syncs(lambda: next(steps))

@@ -89,10 +89,9 @@ def gemma3_pair(make_tiny_model, tmp_path_factory):
     return target, draft
 
 
-@pytest.mark.parametrize("budget,expand,branch,tree", [(8, 4, 2, "specexec"), (40, 16, 3, "specexec"),
-                                                       (24, 8, 4, "sequoia")])
+@pytest.mark.parametrize("budget,branch,tree", [(8, 2, "specexec"), (40, 3, "specexec"), (24, 4, "sequoia")])
 def test_gemma3_speculative_greedy_equals_plain_greedy_with_trees_deeper_than_the_window(
-        gemma3_pair, budget, expand, branch, tree):
+        gemma3_pair, budget, branch, tree):
     """Sliding window 4; trees up to 8 deep: windowed tree masks in both the target and the draft."""
     from offspec.runtime.model import open_model
 
@@ -104,7 +103,7 @@ def test_gemma3_speculative_greedy_equals_plain_greedy_with_trees_deeper_than_th
     want = generate(plain, prompt, GenerationConfig(max_new_tokens=20, spec=False)).token_ids
     spec = Engine(open_model(target_store, device_memory_bytes=streamed, cache_tokens=64),
                   open_model(draft_store, cache_tokens=64))
-    cfg = GenerationConfig(max_new_tokens=20, budget=budget, expand=expand, branch=branch, max_depth=8, tree=tree)
+    cfg = GenerationConfig(max_new_tokens=20, budget=budget, branch=branch, max_depth=8, tree=tree)
     got = generate(spec, prompt, cfg)
     assert got.token_ids == want
 

@@ -27,14 +27,14 @@ def _confident_tree(n: int) -> DraftTree:
 
 
 def test_disk_bound_curve_grows_the_budget():
-    planner = BudgetPlanner({1: 2.0, 1025: 2.2}, expand=32)  # a streamed target: tree tokens are nearly free
+    planner = BudgetPlanner({1: 2.0, 1025: 2.2})  # a streamed target: tree tokens are nearly free
     assert planner.next_budget() >= 256
     planner.observe(_Grown(_confident_tree(planner.next_budget())), planner.next_budget() + 1, 2.1, 20)
     assert planner.next_budget() >= 128
 
 
 def test_compute_bound_curve_keeps_the_tree_small():
-    planner = BudgetPlanner({1: 0.05, 17: 0.08, 257: 1.0, 1025: 4.0}, expand=32)
+    planner = BudgetPlanner({1: 0.05, 17: 0.08, 257: 1.0, 1025: 4.0})
     planner.observe(_Grown(_confident_tree(64), draft_s=0.02), 65, 0.3, 3)
     assert planner.next_budget() <= 64
 
@@ -55,7 +55,7 @@ def test_measured_curve_is_cached_and_leaves_the_cache_alone(make_tiny_model, tm
 def test_falls_back_to_plain_steps_when_drafting_costs_more_than_it_brings():
     from offspec.speculative.tree_size import PROBE_EVERY
 
-    planner = BudgetPlanner({1: 1.0, 17: 2.0, 65: 4.0, 257: 9.0}, expand=32)
+    planner = BudgetPlanner({1: 1.0, 17: 2.0, 65: 4.0, 257: 9.0})
     planner.observe(_Grown(_confident_tree(16), draft_s=6.0, rounds=6), 17, 2.0, 1)
     assert planner.next_budget() == 0
     for _ in range(PROBE_EVERY):
@@ -76,9 +76,9 @@ def test_engine_with_plain_fallback_still_equals_plain_greedy(make_tiny_model, t
         def __init__(self):
             self.n = 0
 
-        def next_budget(self):
+        def choose(self, budget=None):
             self.n += 1
-            return 0 if self.n % 3 else 12
+            return "", 0 if self.n % 3 else 12
 
         def observe(self, *a):
             pass

@@ -36,7 +36,7 @@ def _tree(kind: str, ctx: list[int], rank_logits):
         draft = FakeLM(vocab=VOCAB, seed=21, scale=1.0).perturbed(1.5, seed=5)
         drafter = HybridDrafter(ModelDrafter(draft), NgramDrafter(_datastore(), min_n=1), ngram_share=0.5)
     drafter.start(ctx)
-    return drafter.grow(8, GrowOptions(expand=2, branch=3, max_depth=3, rank_logits=rank_logits)).tree
+    return drafter.grow(8, GrowOptions(branch=3, max_depth=3, rank_logits=rank_logits)).tree
 
 
 def _step(kind: str, targets: dict, ctx: list[int], params: SamplingParams, seed: int) -> list[int]:
@@ -48,7 +48,7 @@ def _step(kind: str, targets: dict, ctx: list[int], params: SamplingParams, seed
     target = targets[tuple(ctx)]
     logits = forward_tree(target, tree)
     target.cache.crop(len(ctx) - 1)
-    return verify_tree(tree, lambda node: sampler.choose(logits[node], tree.path_tokens(node))).tokens
+    return verify_tree(tree, lambda node, path: sampler.choose(logits[node], path)).tokens
 
 
 @pytest.mark.parametrize("kind", ["ngram", "hybrid"])

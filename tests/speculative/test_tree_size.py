@@ -35,18 +35,17 @@ def test_interpolation_is_piecewise_linear_with_last_slope() -> None:
 
 def test_flat_curve_picks_a_large_budget() -> None:
     disk_bound = {1: 2.0, 64: 2.01, 256: 2.03, 1024: 2.12}  # streaming weights dominates
-    assert pick_budget(disk_bound, 0.005, saturating, CANDIDATES, expand=32) >= 1024
+    assert pick_budget(disk_bound, 0.005, saturating, CANDIDATES) >= 1024
 
 
 def test_steep_curve_picks_a_small_budget() -> None:
     compute_bound = {1: 0.02, 64: 0.05, 256: 0.2, 1024: 0.8}
-    assert pick_budget(compute_bound, 0.005, saturating, CANDIDATES, expand=32) <= 64
+    assert pick_budget(compute_bound, 0.005, saturating, CANDIDATES) <= 64
 
 
 def test_draft_time_forms() -> None:
     curve = {1: 1.0, 100: 1.0}
     assert step_seconds(64, curve, 0.1) == pytest.approx(1.1)
-    assert step_seconds(64, curve, 0.1, expand=32) == pytest.approx(1.3)  # 1 + 2 rounds
     assert step_seconds(64, curve, lambda b: b / 100) == pytest.approx(1.64)
     # drafting that grows fast with the budget pulls the choice down even on a flat curve
     assert pick_budget(curve, lambda b: b / 50, saturating, CANDIDATES) < 256
@@ -67,3 +66,72 @@ def test_expected_tokens_by_budget() -> None:
     p = [0.6, 0.3]
     curve = expected_tokens_by_budget(tree, p)
     assert curve == pytest.approx([1.0, 1.6, 1.96, 2.26])  # nodes by logprob: 1, 3, 2
+
+
+def test_draft_cost_fits_fixed_and_per_row_seconds_per_level() -> None:
+    """Level forwards that cost 0.04 s + 2 ms a row, 6 levels a tree at budget 64: the curve recovers both parts."""
+    from offspec.speculative.tree_size import DraftCost
+
+    cost = DraftCost()
+    for rows in ([8, 30, 12, 6, 4, 4], [8, 26, 16, 8, 4, 2]):
+        secs = [0.04 + 0.002 * r for r in rows]
+        cost.observe(sum(secs) + 0.01, len(rows) + 1, 64, rows, secs)
+    fixed, per_row = cost.forward_s()
+    assert fixed == pytest.approx(0.04, rel=1e-6) and per_row == pytest.approx(0.002, rel=1e-6)
+    assert cost.levels(64) == pytest.approx(6)
+    assert cost.levels(256) == pytest.approx(8)  # one more level per doubling
+    assert cost.seconds(64) == pytest.approx(6 * 0.04 + 64 * 0.002 + 0.01)
+    assert cost.seconds(0) == 0.0
+    ngram = DraftCost()
+    ngram.observe(0.002, 0, 20)
+    assert ngram.seconds(40) == pytest.approx(0.004)
+
+
+class _Draft:
+    """What the planner reads of a drafted tree."""
+
+    def __init__(self, drafter: str, tree: DraftTree, level_rows: list[int], level_s: list[float]) -> None:
+        from types import SimpleNamespace
+
+        self.drafter, self.tree, self.ahead = drafter, tree, False
+        self.rounds = len(level_rows) + 1 if level_rows else 0
+        self.draft_s = sum(level_s) if level_rows else level_s[0]
+        self.grown = SimpleNamespace(level_rows=level_rows, level_s=level_s) if level_rows else None
+
+
+def _chain(n: int, p: float) -> DraftTree:
+    """A chain of n nodes, each accepted with probability p."""
+    tree = DraftTree(0, capacity=n + 1)
+    for i in range(n):
+        tree.add(i, [i + 1], [(i + 1) * math.log(p)])
+    return tree
+
+
+def _feed(planner, strong_level_s: float, steps: int = 6) -> None:
+    """A strong drafter (chains the target accepts at 0.95, 16 levels a tree) and a weak, nearly free one (0.3)."""
+    for _ in range(steps):
+        name, budget = planner.choose()
+        b = max(budget, 8)
+        if name == "strong":
+            rows = [max(1, b // 16)] * min(16, b)
+            d = _Draft("strong", _chain(b, 0.95), rows, [strong_level_s] * len(rows))
+            accepted = min(b, 16)
+        else:
+            d = _Draft("weak", _chain(b, 0.3), [], [1e-4])
+            accepted = 0
+        planner.observe(d, b + 1, planner.pass_s.get(b + 1, planner.pass_s[1]), accepted)
+
+
+@pytest.mark.parametrize("level_s,want", [(0.01, "strong"), (2.0, "weak")])
+def test_planner_picks_the_drafter_with_more_tokens_per_second(level_s, want) -> None:
+    """One target pass costs 1 s: a drafter accepting long chains wins while its levels are cheap, and loses to a
+    nearly free weak one (or plain steps) when 16 levels of it cost more than what its tokens save."""
+    from offspec.speculative.tree_size import BudgetPlanner, DraftCost
+
+    planner = BudgetPlanner({1: 1.0, 65: 1.05, 257: 1.2}, cost={"strong": DraftCost(), "weak": DraftCost()})
+    _feed(planner, level_s)
+    name, budget = planner.choose()
+    if want == "strong":
+        assert (name, budget > 0) == ("strong", True)
+    else:
+        assert name == "weak" or budget == 0

@@ -44,7 +44,7 @@ def test_target_as_its_own_draft_accepts_its_argmax_chain() -> None:
     prompt = [3, 0, 4]
     target = FakeLM(vocab=8, seed=6)
     prefill(target, prompt[:-1])
-    grown = grow_tree(FakeLM(vocab=8, seed=6), prompt, budget=40, expand=8, branch=4, max_depth=8)
+    grown = grow_tree(FakeLM(vocab=8, seed=6), prompt, budget=40, branch=4, max_depth=8)
     logits = forward_tree(target, grown.tree)
     chain, node = [], 0
     while grown.tree.children(node):
@@ -54,7 +54,7 @@ def test_target_as_its_own_draft_accepts_its_argmax_chain() -> None:
     assert result.accepted == chain and len(chain) >= 3
     assert result.next_token == int(logits[chain[-1]].argmax())
     sampler = TreeSampler(SamplingParams(0.0), None, prompt[:-1], len(prompt) - 1)
-    assert verify_tree(grown.tree, lambda n: sampler.choose(logits[n], grown.tree.path_tokens(n))).accepted == chain
+    assert verify_tree(grown.tree, lambda n, path: sampler.choose(logits[n], path)).accepted == chain
 
 
 def chi2_pvalue(counts: torch.Tensor, p: torch.Tensor) -> float:
@@ -111,11 +111,11 @@ def seeded_step(draft: FakeLM, targets: dict, ctx: list[int], params: SamplingPa
     if tree == "sequoia":
         grown = fill_tree(draft, ctx, TreeShape((-1, 0, 0, 0, 1, 1, 2)), sampler.rank_logits)
     else:
-        grown = grow_tree(draft, ctx, budget=6, expand=2, branch=3, max_depth=3, rank_logits=sampler.rank_logits)
+        grown = grow_tree(draft, ctx, budget=6, branch=3, max_depth=3, rank_logits=sampler.rank_logits)
     t = targets[tuple(ctx)]
     logits = forward_tree(t, grown.tree)
     t.cache.crop(len(ctx) - 1)
-    return verify_tree(grown.tree, lambda node: sampler.choose(logits[node], grown.tree.path_tokens(node)))
+    return verify_tree(grown.tree, lambda node, path: sampler.choose(logits[node], path))
 
 
 @pytest.mark.parametrize("tree,case", [("specexec", "t0.8-p0.95-k4"), ("specexec", "min-p0.2"),
