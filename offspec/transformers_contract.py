@@ -160,9 +160,8 @@ def tie_unbound_weights(causal_lm: torch.nn.Module) -> list[str]:
     return done
 
 
-def _given_output(hidden: torch.Tensor):
-    """The base model's output as a causal LM reads it: the final hidden states, nothing else (None for any other
-    field the class may read, e.g. a MoE model's router logits)."""
+@lru_cache(maxsize=1)
+def _given_output_class() -> type:
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     class GivenOutput(BaseModelOutputWithPast):
@@ -171,7 +170,13 @@ def _given_output(hidden: torch.Tensor):
                 raise AttributeError(name)
             return None
 
-    return GivenOutput(last_hidden_state=hidden)
+    return GivenOutput
+
+
+def _given_output(hidden: torch.Tensor):
+    """The base model's output as a causal LM reads it: the final hidden states, nothing else (None for any other
+    field the class may read, e.g. a MoE model's router logits)."""
+    return _given_output_class()(last_hidden_state=hidden)
 
 
 class _GivenHiddenStates(torch.nn.Module):
