@@ -304,6 +304,7 @@ class CheckpointNames:
         self._prefix = model.base_model_prefix
         self._names = {n: True for n in model.state_dict()}
         self.parameters = frozenset(n for n, _ in model.named_parameters(remove_duplicate=False))
+        self.state = frozenset(self._names)  # parameters and persistent buffers: what a checkpoint may hold
         self.model_class = type(model).__name__
 
     def name(self, key: str) -> str:

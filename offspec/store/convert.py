@@ -277,8 +277,9 @@ class FolderSource:
         self._stack = contextlib.ExitStack()
         try:
             self._where = self._open_shards()
+            naming = checkpoint_naming(src)
             self._layers, self._resident = group_names(list(self._where), self.num_layers, str(src),
-                                                       expected=checkpoint_naming(src).parameters)
+                                                       expected=naming.parameters, known=naming.state)
         except BaseException:
             self._stack.close()
             raise

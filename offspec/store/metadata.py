@@ -126,12 +126,16 @@ def find_layout(names: list[str], num_layers: int, where: str) -> Layout:
 
 
 def group_names(names: list[str], num_layers: int, where: str, layout: Layout | None = None,
-                expected: frozenset[str] | None = None) -> tuple[dict[int, dict[str, str]], dict[str, str]]:
+                expected: frozenset[str] | None = None,
+                known: frozenset[str] | None = None) -> tuple[dict[int, dict[str, str]], dict[str, str]]:
     """Split full tensor names into {layer: {relative: full}} and {text-model name: full} for the other tensors
     of the text model (a multimodal checkpoint's other parts are left out); ModelError on gaps.
 
     expected: the parameter names of the model the checkpoint is for; a layer missing one of them is an error
-    (without them, a tensor that both neighbouring layers have is)."""
+    (without them, a tensor that both neighbouring layers have is). known: every name the model loads; a tensor
+    it would not load (e.g. key projections a KV-sharing layer does not have) is left out, as transformers does."""
+    if known is not None:
+        names = [n for n in names if n in known]
     layout = layout or find_layout(names, num_layers, where)
     layers: dict[int, dict[str, str]] = {i: {} for i in range(num_layers)}
     resident: dict[str, str] = {}
@@ -167,6 +171,7 @@ class CheckpointNaming:
 
     rename: Callable[[str], str]
     parameters: frozenset[str] | None = None
+    state: frozenset[str] | None = None  # every name the model loads; others are left out, as transformers does
 
 
 _NAMINGS: dict[tuple[str, int], CheckpointNaming] = {}
@@ -194,7 +199,7 @@ def checkpoint_naming(src: Path) -> CheckpointNaming:
                 except ContractError as exc:
                     raise ModelError(f"{src}: {exc}") from None
 
-            _NAMINGS[key] = CheckpointNaming(rename, names.parameters)
+            _NAMINGS[key] = CheckpointNaming(rename, names.parameters, names.state)
     return _NAMINGS[key]
 
 
@@ -290,7 +295,7 @@ def _folder_metadata(src: Path) -> SourceMetadata:
             nbytes = math.prod(shape) * size
             specs[name] = TensorSpec(shape, dtype.startswith("float") or dtype == "bfloat16", nbytes,
                                      "" if dtype.startswith("float") or dtype == "bfloat16" else dtype)
-    layers, resident = group_names(list(specs), n, str(src), expected=naming.parameters)
+    layers, resident = group_names(list(specs), n, str(src), expected=naming.parameters, known=naming.state)
     tie = ties_embeddings(config, resident)
     return SourceMetadata(
         src, "folder", str(config["model_type"]), n, _sizing_config(config), tie,

@@ -312,3 +312,24 @@ def test_a_checkpoint_saved_without_its_base_models_prefix_runs(tmp_path):
             assert (model.forward(ids) - ref(ids).logits).abs().max().item() < 1e-4
     finally:
         model.close()
+
+
+def test_tensors_the_model_does_not_load_are_left_out(tmp_path):
+    """Gemma 3n checkpoints carry key/value projections for the layers that reuse another layer's keys; transformers
+    ignores them when loading, and so does the store."""
+    from transformers import AutoModelForCausalLM
+
+    from offspec.models.tiny import default_config, tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(default_config("gemma3n_text")))
+    shared = [i for i, layer in enumerate(model.model.layers) if layer.self_attn.is_kv_shared_layer]
+    assert shared
+    model.save_pretrained(tmp_path / "src")
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    extra = f"model.layers.{shared[0]}.self_attn.k_proj.weight"
+    tensors[extra] = torch.zeros(32, 64)
+    save_file(tensors, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    m = read_manifest(_convert(tmp_path / "src", tmp_path / "store", dtype="float32"))
+    assert "self_attn.k_proj.weight" not in m.layers[shared[0]].tensors
+    assert "self_attn.k_proj.weight" in m.layers[0].tensors
