@@ -234,6 +234,47 @@ def pass_time_curve(model, sizes: tuple[int, ...] | None = None, repeats: int = 
     return out
 
 
+DRAFT_LEVEL_ROWS = (1, 16, 64)  # rows of a draft forward: one tree level of a narrow, a middling and a wide tree
+
+
+def ram_read_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """GB/s of reading memory already in use (a float sum over a touched buffer, best of `repeats`), with the
+    torch threads the draft uses: what a draft forward's weights can be read at, at best."""
+    import torch
+
+    buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.nbytes / best / 1e9
+
+
+def draft_forward_figures(name: str, model, repeats: int = 3) -> dict:
+    """A draft model's forward seconds for one tree level of T rows (after a 128-token prefix), against the time
+    to read the weights a forward reads once from RAM (the limit)."""
+    nbytes = model.forward_weight_bytes()
+    gbps = ram_read_gbps()
+    read_s = nbytes / gbps / 1e9
+    levels = [{"rows": c["tokens"], "forward_s": c["pass_s_median"], "forward_s_best": c["pass_s_best"],
+               "x_read": c["pass_s_median"] / read_s}
+              for c in pass_time_curve(model, DRAFT_LEVEL_ROWS, repeats, prefix=128)]
+    return {"drafter": name, "weight_bytes": nbytes, "ram_read_gbps": gbps, "read_s": read_s, "levels": levels}
+
+
+def _draft_models(drafter) -> list[tuple[str, object]]:
+    """(name, model) of the draft models behind a drafter (an auto drafter's members each)."""
+    if drafter is None:
+        return []
+    members = getattr(drafter, "members", None)
+    if members is not None:
+        return [pair for m in members.values() for pair in _draft_models(m)]
+    model = getattr(drafter, "draft_model", None)
+    return [(drafter.name.removesuffix("+ngram"), model)] if model is not None else []
+
+
 # ---------------------------------------------------------------------- decoding sections
 def _aggregate(records: list[dict]) -> dict:
     """Figures of one configuration from its per-prompt records: generation (prefill excluded) and prefill apart."""
@@ -512,10 +553,17 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
             # 3. plain decoding, then speculative decoding at each budget, each followed by a raw read
             rows = []
             current = drafter_list[0] if drafter_list else None
+            measured: set[str] = set()
+            result["draft_forward"] = []
             for name, cfg, d in configs:
                 if d is not None and d != current:
                     _switch_drafter(loaded, d[1], d[2], rc, any(b is None for b in budget_list))
                     current = d
+                for dname, dmodel in _draft_models(engine.drafter if name != "plain" else None):
+                    if dname not in measured:  # 3b. each draft model's forward per tree level, once
+                        measured.add(dname)
+                        step(f"{dname} draft forward per level")
+                        result["draft_forward"].append(draft_forward_figures(dname, dmodel, repeats))
                 label = "plain decoding" if name == "plain" else f"budget {name}"
                 if name != "plain" and drafter_list:
                     label = f"{engine.drafter_name} {label}"

@@ -150,6 +150,16 @@ def summary_lines(result: dict) -> list[str]:
     if result.get("curve"):
         lines.append("target pass: " + ", ".join(f"{c['tokens']} tok {c['pass_s_median']:.3f} s"
                                                   for c in result["curve"]))
+    for d in result.get("draft_forward", []):
+        lines.append(f"draft {d['drafter']} forward per tree level ({format_bytes(d['weight_bytes'])} of weights read, "
+                     f"{d['read_s'] * 1e3:.0f} ms at {_fmt(d['ram_read_gbps'], '.1f')} GB/s from RAM): "
+                     + ", ".join(f"{lv['rows']} rows {lv['forward_s'] * 1e3:.0f} ms ({_fmt(lv['x_read'], '.1f', 'x')})"
+                                 for lv in d["levels"]))
+    peaks = [(r["peak_rss_bytes"], r["planned_bytes"]) for c in result.get("configs", []) for r in c.get("records", [])
+             if r.get("peak_rss_bytes")]
+    if peaks:
+        lines.append(f"peak RSS {format_bytes(max(p for p, _ in peaks))} against the memory plan's "
+                     f"{format_bytes(max(q for _, q in peaks))}")
     if result.get("peer"):
         p = result["peer"]
         lines.append(f"peer {p['name']}: {p['tok_per_s']:.3f} tok/s ({p['s_per_token']:.2f} s/token) "

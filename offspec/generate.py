@@ -333,7 +333,7 @@ class Engine:
                     event.draft_s = draft.draft_s if draft is not None else 0.0
                     if self.planner is not None and left > 1:
                         self.planner.observe_plain(event.target_pass_s)
-            _cut(event, left, stop_ids, stops)
+            cut_event(event, left, stop_ids, stops)
             produced += len(event.tokens)
             yield event
             if event.finish:
@@ -444,7 +444,7 @@ class Engine:
         return self.drafter.name if self.drafter is not None else ""
 
 
-def _cut(event: StepEvent, left: int, stop_ids: set[int], stops: StopStrings | None) -> None:
+def cut_event(event: StepEvent, left: int, stop_ids: set[int], stops: StopStrings | None) -> None:
     """Cut event's tokens at end-of-text (dropped), at a completed stop string, or at `left` tokens; set finish
     and the committed count (end-of-text included)."""
     toks = event.tokens

@@ -13,6 +13,8 @@ PROBE_TEXT = "def main():\n    print('Hello, world!')  # Über 100 tokens? 日�
 
 
 DRAFT_KEYWORDS = ("ngram", "self", "auto")  # --draft values that name a drafter rather than a model
+DEFAULT_SEQUENCES = 4  # sequences decoded at once when serving (fewer if the memory budget cannot hold their caches)
+CURVE_CACHE_TOKENS = 512  # the target's own cache when it serves several sequences (each has a batch cache row)
 
 
 @dataclass
@@ -23,6 +25,8 @@ class Loaded:
     tokenizer: object
     drafter: str = ""  # the drafter's name ("" = plain decoding)
     plans: dict[str, DraftPlan] = field(default_factory=dict)  # drafters the plan left room for (reserve_for)
+    sequences: int = 1  # sequences the memory plan holds KV caches for (load_engine's `sequences`)
+    sequence_kv_bytes: int = 0  # KV cache bytes each of them takes (target and draft)
 
     def close(self) -> None:
         """Stop the reader threads of the target and of a draft model."""
@@ -39,7 +43,18 @@ def draft_kind(model: str | None, draft: str | None, spec: bool = True) -> str:
         return "model" if model is None else "ngram"
     if "," in draft:
         return "auto"
+    if draft.partition(":")[0] == "self":  # self, or self:FORMAT
+        return "self"
     return draft if draft in DRAFT_KEYWORDS else "model"
+
+
+def self_format(draft: str | None, device: str) -> str:
+    """The low-bit format of a self-draft: the one named in --draft self:FORMAT, else the fastest here."""
+    from offspec.runtime.self_draft import check_self_format, default_self_format
+    from offspec.runtime.device import resolve_device
+
+    _, _, fmt = (draft or "self").partition(":")
+    return check_self_format(fmt) if fmt else default_self_format(resolve_device(device))
 
 
 def auto_members(draft: str, target_store: Path, demo: bool) -> list[str]:
@@ -52,7 +67,7 @@ def auto_members(draft: str, target_store: Path, demo: bool) -> list[str]:
         return items
     members = ["ngram"]
     try:
-        self_draft_manifest(target_store)
+        self_draft_manifest(target_store, self_format(None, "cpu"))
         members.append("self")
     except OffspecError:
         pass
@@ -164,6 +179,7 @@ class DraftPlan:
     reserved_bytes: int = 0
     ngram: bool = False  # n-gram candidates next to a model or self draft (a hybrid)
     members: tuple[DraftPlan, ...] = ()  # auto: the drafters the planner picks from
+    fmt: str = ""  # self: the low-bit format of the copy
 
 
 def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: RuntimeConfig, cache_tokens: int,
@@ -190,11 +206,15 @@ def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: 
 
         return DraftPlan(kind, store, model_bytes(store, cache_tokens, rc.device), hybrid)
     if kind == "self":
-        from offspec.runtime.sizing import nf4_copy_bytes
+        from offspec.runtime.sizing import self_draft_bytes
 
-        store = self_draft_store(target_store, progress)  # converted once, before the target takes memory
-        reserved = nf4_copy_bytes(target_store, self_draft_manifest(target_store), cache_tokens, rc.device)
-        return DraftPlan(kind, store, reserved, hybrid)
+        fmt = self_format(draft, rc.device)
+        man = self_draft_manifest(target_store, fmt)
+        # nf4: the NF4 store of the target's source, converted once before the target takes memory; the other
+        # formats are quantized from the target's own store when the copy opens
+        store = self_draft_store(target_store, progress) if fmt == "nf4" else target_store
+        reserved = self_draft_bytes(target_store, man, cache_tokens, rc.device, fmt=fmt)
+        return DraftPlan(kind, store, reserved, hybrid, fmt=fmt)
     return DraftPlan(kind)
 
 
@@ -223,7 +243,7 @@ def open_drafter(dp: DraftPlan, target, target_store: Path, tokenizer, rc: Runti
     if dp.kind == "self":
         from offspec.runtime.self_draft import open_self_draft
 
-        model = open_self_draft(target, dp.store, cache_tokens)
+        model = open_self_draft(target, dp.fmt, dp.store if dp.fmt == "nf4" else None, cache_tokens)
     else:
         from offspec.runtime.model import open_model
 
@@ -276,14 +296,17 @@ def check_budget_fits_machine(rc: RuntimeConfig) -> None:
 def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                 rc: RuntimeConfig = RuntimeConfig(), cache_tokens: int = 4096, progress: bool = True,
                 budget_auto: bool = True, ngram: bool | None = None,
-                ngram_corpus: str | Path | None = None, reserve_for: tuple[str, ...] = ()) -> Loaded:
+                ngram_corpus: str | Path | None = None, reserve_for: tuple[str, ...] = (),
+                sequences: int | None = 1) -> Loaded:
     """Resolve the target (and the draft), open them under the budgets, build the drafter, wire an Engine.
 
     draft: a model, "self" (the target's NF4 copy) or "ngram"; ngram: add (True) or refuse (False) n-gram candidates
     next to a model or self draft (None: only with --ngram-corpus); ngram_corpus: a text file for the index.
     reserve_for: more --draft values the target's plan leaves room for (bench compares drafters on one plan);
     their plans are in Loaded.plans. cache_tokens (--ctx-size) sizes the KV caches, capped at the target's
-    context; the engine stops there."""
+    context; the engine stops there. sequences: the plan also holds KV caches for that many sequences decoded
+    together (a server's batch; see batch.BatchEngine), None for as many as the budget allows, up to
+    DEFAULT_SEQUENCES."""
     from offspec.runtime.model import open_model
     from offspec.store.resolve import resolve_model
 
@@ -309,8 +332,19 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     plans = {d: plan_draft(draft_kind(model, d), d, target_store, tokenizer, rc, cache_tokens, progress)
              for d in reserve_for}
     reserved = max([dp.reserved_bytes] + [p.reserved_bytes for p in plans.values()])
+    own_cache, per_sequence = cache_tokens, 0
+    if sequences != 1:  # a batch cache row per sequence, and a draft cache per sequence beyond the draft's own
+        from offspec.runtime.sizing import store_kv_bytes_per_token
+
+        target_kv = store_kv_bytes_per_token(target_store, rc.device) * (cache_tokens + 1)
+        draft_kv = store_kv_bytes_per_token(dp.store, rc.device) * cache_tokens if dp.store is not None else 0
+        per_sequence = target_kv + draft_kv
+        own_cache = min(cache_tokens, CURVE_CACHE_TOKENS)
+        if sequences is None:
+            sequences = _sequences_that_fit(target_store, rc, reserved - draft_kv, per_sequence, own_cache)
+        reserved += sequences * per_sequence - draft_kv
     target = open_model(target_store, rc.device, rc.device_memory_bytes, rc.host_memory_bytes,
-                        reserved_bytes=reserved, cache_tokens=cache_tokens, warm=rc.warm,
+                        reserved_bytes=reserved, cache_tokens=own_cache, warm=rc.warm,
                         device_memory_over_min=rc.device_memory_over_min)
     drafter = open_drafter(dp, target, target_store, tokenizer, rc, cache_tokens, ngram_corpus)
     planner = None
@@ -320,18 +354,40 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         planner = make_planner(target, cost=drafter.cost)
     eos = set(stop_ids(tokenizer, target.config)) | set(generation_eos(target_store))
     engine = Engine(target, None, tokenizer, planner, context_tokens=cache_tokens, eos_ids=eos, drafter=drafter)
-    return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans)
+    return Loaded(engine, target_store, dp.store, tokenizer, engine.drafter_name, plans, sequences, per_sequence)
 
 
-def self_draft_manifest(target_store: Path):
-    """The target's manifest, if its NF4 copy can be built: a 16-bit store whose source still exists."""
+def _sequences_that_fit(target_store: Path, rc: RuntimeConfig, reserved: int, per_sequence: int,
+                        cache_tokens: int) -> int:
+    """The most sequences, up to DEFAULT_SEQUENCES, whose KV caches the device budget holds beside the minimum
+    the target needs (a `min+SIZE` budget grows with them: DEFAULT_SEQUENCES)."""
+    from offspec.runtime.device import resolve_device
+    from offspec.runtime.sizing import plan_for_store
+    from offspec.store.manifest import read_manifest
+
+    if rc.device_memory_over_min is not None:
+        return DEFAULT_SEQUENCES
+    dev = resolve_device(rc.device)
+    budget = rc.device_memory_bytes
+    if budget is None:
+        from offspec.runtime.memory import default_budgets
+
+        budget = default_budgets(dev)[0]
+    _, minimum = plan_for_store(target_store, read_manifest(target_store), dev.type, 0, rc.host_memory_bytes or 0,
+                                reserved, cache_tokens, over_min=0)
+    return max(1, min(DEFAULT_SEQUENCES, (budget - minimum) // max(per_sequence, 1)))
+
+
+def self_draft_manifest(target_store: Path, fmt: str = "nf4"):
+    """The target's manifest, if its low-bit copy can be built: a 16-bit store (whose source still exists, for the
+    NF4 copy, which is converted from it)."""
     from offspec.store.manifest import read_manifest
 
     man = read_manifest(target_store)
     if man.bits == 4:
         raise ConfigError("--draft self needs a 16-bit target: this store is already NF4, so its NF4 copy would be "
                           "the target itself (use --bits 16)")
-    if not Path(man.source).exists():
+    if fmt == "nf4" and not Path(man.source).exists():
         raise ModelError(f"--draft self builds the target's NF4 copy from its source, and {man.source} is gone")
     return man
 

@@ -209,9 +209,10 @@ class HeadRunner:
         import copy
 
         self._given = _GivenHiddenStates()
+        self._causal_lm, self._prefix = causal_lm, causal_lm.base_model_prefix
         self._lm = copy.copy(causal_lm)
         self._lm._modules = dict(causal_lm._modules)
-        self._lm._modules[causal_lm.base_model_prefix] = self._given
+        self._lm._modules[self._prefix] = self._given
         params = inspect.signature(inspect.unwrap(type(causal_lm).forward)).parameters
         self._kwargs = {"logits_to_keep": 0} if "logits_to_keep" in params else {}
         if "use_cache" in params:
@@ -220,6 +221,9 @@ class HeadRunner:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., V] of final hidden states [1, T, hidden] (or [T, hidden]), in the model's dtype."""
         flat = hidden.dim() == 2
+        for name, mod in self._causal_lm._modules.items():  # the causal LM's head may be replaced after (a draft's)
+            if name != self._prefix and self._lm._modules.get(name) is not mod:
+                self._lm._modules[name] = mod
         self._given.hidden = hidden = hidden[None] if flat else hidden
         # placeholder ids: a head may read how many positions there are (Gemma 4), never which tokens
         ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)

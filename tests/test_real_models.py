@@ -136,8 +136,8 @@ def test_smollm2_every_drafter_greedy_equals_plain_greedy(smollm2, tmp_path_fact
     plain = Engine(target, None, tok)
     want = generate(plain, ids, GenerationConfig(max_new_tokens=32, spec=False)).token_ids
     drafters = {"ngram": NgramDrafter(),
-                "self": ModelDrafter(open_self_draft(target, nf4, cache_tokens=512), name="self"),
-                "self+ngram": HybridDrafter(ModelDrafter(open_self_draft(target, nf4, cache_tokens=512)),
+                "self": ModelDrafter(open_self_draft(target, "nf4", nf4, cache_tokens=512), name="self"),
+                "self+ngram": HybridDrafter(ModelDrafter(open_self_draft(target, "nf4", nf4, cache_tokens=512)),
                                             NgramDrafter())}
     for name, drafter in drafters.items():
         plain.reset()

@@ -92,14 +92,16 @@ def plan(
     ctx_tokens = context_tokens(target.store_dir, ctx_size, target.config)
     reserved = 0
     draft_label = "draft model (resident)"
-    if draft == "self":  # sized from the (estimated) manifest: plan never builds the NF4 copy
-        from offspec.runtime.sizing import nf4_copy_bytes
+    if draft is not None and draft.partition(":")[0] == "self":  # sized from the (estimated) manifest, not built
+        from offspec.loader import self_format
+        from offspec.runtime.sizing import self_draft_bytes
 
         if man.bits == 4:
             raise ConfigError("--draft self needs a 16-bit target: this one is NF4, so its NF4 copy would be the "
                               "target itself (use --bits 16)")
-        reserved = nf4_copy_bytes(target.store_dir, man, ctx_tokens, kind, config=target.config)
-        draft_label = "self-draft: NF4 copy (resident)"
+        fmt = self_format(draft, kind)
+        reserved = self_draft_bytes(target.store_dir, man, ctx_tokens, kind, config=target.config, fmt=fmt)
+        draft_label = f"self-draft: {fmt} copy (resident)"
     elif draft is not None and draft != "ngram":
         check_family(draft)
         d = plan_inputs(draft, 16, dtype)

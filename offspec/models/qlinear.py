@@ -529,3 +529,19 @@ def quantize_linear(linear: nn.Module, fmt: str, *, group_size: int = 64) -> Qua
     """One nn.Linear / NF4Linear (or QuantLinear, re-quantized from its reference weight) as a QuantLinear."""
     weight, bias = linear_weight(linear)
     return QuantLinear.from_weight(weight, bias, fmt, group_size=group_size)
+
+
+def quantized_nbytes(out_features: int, in_features: int, fmt: str, *, group_size: int = 64) -> int:
+    """Bytes a QuantLinear of this shape holds in `fmt`, its bias aside (what memory plans count, without building
+    it)."""
+    if fmt == "int4":
+        n, k = _round_up(out_features, OUT_TILE), _round_up(in_features, group_size)
+        return n * k // 2 + 4 * n * (k // group_size)
+    if fmt == "int8":
+        return out_features * in_features + 2 * out_features
+    if fmt == "w8a8":
+        return out_features * in_features + 8 * out_features
+    if fmt == "nf4":  # the fused kernel's layout keeps the block scales in bf16
+        n, k = _round_up(out_features, OUT_TILE), _round_up(in_features, NF4_BLOCKSIZE)
+        return n * k // 2 + n * k // NF4_BLOCKSIZE * (2 if cpu_kernels().avx512_bf16 else 4)
+    raise ValueError(f"unknown low-bit format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -36,7 +36,8 @@ class StaticKVCache(CacheProtocol):
         """layout: per layer (key heads, key dim, value heads, value dim), or None for a layer that writes no KV
         (it reuses another's); by default every layer has num_kv_heads x head_dim keys and values."""
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
-        self.layout = tuple(layout) if layout is not None else ((num_kv_heads, head_dim, num_kv_heads, head_dim),) * num_layers
+        uniform = ((num_kv_heads, head_dim, num_kv_heads, head_dim),) * num_layers
+        self.layout = tuple(layout) if layout is not None else uniform
         self.dtype, self.device, self.static = dtype, torch.device(device), static
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
@@ -138,3 +139,107 @@ class StaticKVCache(CacheProtocol):
 
     def reset(self) -> None:
         self.length = 0
+
+
+class BatchKVCache(CacheProtocol):
+    """Key/value buffers of several sequences, one row each: [rows, H_kv, capacity + 1, D].
+
+    Row r holds `lengths[r]` committed slots. A batched forward runs over some rows (`begin(rows, counts,
+    position_ids)`): row rows[i]'s counts[i] new tokens are written at its slots [length, length + count);
+    the padding positions of shorter rows all go to the last slot (scratch, never read unmasked or kept).
+    Attention reads `span` slots of those rows: a view when the rows are 0..n-1, a gathered copy otherwise.
+    Nothing is shared between rows: each sequence's keys, positions, `keep` and `crop` are its own.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, rows: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", layout: tuple | None = None) -> None:
+        """layout: per layer (key heads, key dim, value heads, value dim) or None, as in StaticKVCache."""
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.rows, self.capacity, self.dtype, self.device = rows, capacity, dtype, torch.device(device)
+        uniform = ((num_kv_heads, head_dim, num_kv_heads, head_dim),) * num_layers
+        self.layout = tuple(layout) if layout is not None else uniform
+
+        def buf(heads: int, dim: int) -> torch.Tensor:
+            return torch.zeros((rows, heads, capacity + 1, dim), dtype=dtype, device=self.device)
+
+        with torch.inference_mode(False):
+            self.keys = [buf(g[0], g[1]) if g else None for g in self.layout]
+            self.values = [buf(g[2], g[3]) if g else None for g in self.layout]
+            self.positions = torch.zeros(rows, capacity + 1, dtype=torch.long, device=self.device)  # [rows, slots]
+        self.lengths = [0] * rows
+        self.span = 0
+        self._rows = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._contiguous = True
+        self._write_idx = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+
+    @classmethod
+    def for_layout(cls, layout, rows: int, capacity: int, dtype: torch.dtype,
+                   device: torch.device | str = "cpu") -> BatchKVCache:
+        """A batch cache for a per-layer layout (models.registry.kv_layout)."""
+        first = next((g for g in layout if g is not None), (1, 1, 1, 1))
+        return cls(len(layout), first[0], first[1], rows, capacity, dtype, device, layout)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return layout_bytes_per_token(self.layout, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bytes_per_token * self.rows * (self.capacity + 1)
+
+    def begin(self, rows: list[int], counts: list[int], position_ids: torch.Tensor) -> int:
+        """Prepare a forward of position_ids [n, T] over `rows` (counts[i] real tokens in row i, the rest padding);
+        returns the span attention reads."""
+        t = position_ids.shape[-1]
+        for r, c in zip(rows, counts):
+            if not 1 <= c <= t or self.lengths[r] + c > self.capacity:
+                raise ValueError(f"row {r}: {c} tokens after {self.lengths[r]} do not fit {self.capacity} slots")
+        lengths = torch.tensor([self.lengths[r] for r in rows], dtype=torch.long, device=self.device)[:, None]
+        cols = torch.arange(t, device=self.device)[None]  # [1, T]
+        real = cols < torch.tensor(counts, dtype=torch.long, device=self.device)[:, None]  # [n, T]
+        self._write_idx = torch.where(real, lengths + cols, self.capacity)  # padding -> the scratch slot
+        self._rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self._contiguous = list(rows) == list(range(len(rows)))
+        self.positions[self._rows[:, None], self._write_idx] = position_ids.to(self.device)
+        end = max(self.lengths[r] + c for r, c in zip(rows, counts))
+        self.span = min(self.capacity, -(-end // SPAN_BUCKET) * SPAN_BUCKET)
+        return self.span
+
+    def key_positions(self) -> torch.Tensor:
+        """[n, span]: the position held by each slot the current forward's rows read."""
+        return self.positions[self._rows, : self.span]
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.keys[layer_idx], self.values[layer_idx]  # [rows, H_kv, capacity + 1, D]
+        rows = self._rows[:, None]  # [n, 1]
+        k[rows, :, self._write_idx] = key_states.transpose(1, 2)  # key_states: [n, H_kv, T, D] -> [n, T, H_kv, D]
+        v[rows, :, self._write_idx] = value_states.transpose(1, 2)
+        if self._contiguous:
+            n = self._rows.shape[0]
+            return k[:n, :, : self.span], v[:n, :, : self.span]
+        return k[:, :, : self.span].index_select(0, self._rows), v[:, :, : self.span].index_select(0, self._rows)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max((self.lengths[r] for r in self._rows.tolist()), default=0)
+
+    # --- per-row bookkeeping (the engine's) ---
+    def advance(self, rows: list[int], counts: list[int]) -> None:
+        for r, c in zip(rows, counts):
+            self.lengths[r] += c
+
+    def crop(self, row: int, length: int) -> None:
+        """Drop row's slots >= length."""
+        self.lengths[row] = max(0, min(length, self.lengths[row]))
+
+    @torch.inference_mode()
+    def keep(self, row: int, start: int, indices: torch.Tensor) -> None:
+        """Keep row's slots start + indices (ascending) among those >= start, compacted to start..start+K-1."""
+        k_len = int(indices.numel())
+        if k_len and not (indices.device.type == "cpu"
+                          and torch.equal(indices, torch.arange(k_len, dtype=indices.dtype))):
+            src = indices.to(device=self.device, dtype=torch.long) + start
+            for buf in self.keys + self.values:
+                if buf is not None:
+                    buf[row, :, start : start + k_len].copy_(buf[row].index_select(1, src))
+            self.positions[row, start : start + k_len].copy_(self.positions[row].index_select(0, src))
+        self.lengths[row] = start + k_len

@@ -38,6 +38,24 @@ def pad_mask(mask: torch.Tensor, span: int) -> torch.Tensor:
 
 def window_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
     """`mask` [1, 1, T, S] with keys outside a sliding window also blocked: a query at position p keeps
-    the keys at positions q with p - q < window (q_pos [T], k_pos [S]; ancestors and prefix alike)."""
-    outside = (q_pos[:, None] - k_pos[None, :]) >= window  # [T, S]
+    the keys at positions q with p - q < window (q_pos [T], k_pos [S]; ancestors and prefix alike).
+    A batch: mask [B, 1, T, S] with q_pos [B, T] and k_pos [B, S]."""
+    outside = (q_pos[..., :, None] - k_pos[..., None, :]) >= window  # [T, S] or [B, T, S]
+    if outside.dim() == 3:
+        outside = outside[:, None]
     return mask.masked_fill(outside, torch.finfo(mask.dtype).min)
+
+
+def batch_mask(lengths: list[int], ancestors: list[torch.Tensor], q_len: int, span: int, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """[B, 1, q_len, span] for B sequences in one forward, each in its own cache row: sequence i's query j
+    (j < T_i, ancestors[i] a bool [T_i, T_i] as in tree_mask) sees its committed slots [0, lengths[i]) and
+    its new slots lengths[i] + k where ancestors[i][j, k]; a padding query (j >= T_i) sees slot 0 only."""
+    visible = torch.zeros(len(lengths), q_len, span, dtype=torch.bool, device=device)
+    for i, (length, anc) in enumerate(zip(lengths, ancestors)):
+        t = anc.shape[0]
+        visible[i, :t, :length] = True
+        visible[i, :t, length : length + t] = anc.to(device)
+        visible[i, t:, 0] = True
+    mask = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=device)
+    return mask.masked_fill_(visible, 0)[:, None]

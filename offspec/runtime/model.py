@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,10 +12,10 @@ from torch import nn
 
 from offspec.errors import StoreError
 from offspec.models.binding import LayerBinding
-from offspec.models.nf4 import swap_nf4_linears
+from offspec.models.nf4 import NF4Linear, swap_nf4_linears
 from offspec.models.registry import build_skeleton, kv_layout, load_config
 from offspec.runtime.device import pick_compute_dtype, resolve_device
-from offspec.runtime.kv_cache import StaticKVCache
+from offspec.runtime.kv_cache import BatchKVCache, StaticKVCache
 from offspec.runtime.masks import causal_mask, pad_mask, window_mask
 from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan
 from offspec.runtime.sizing import plan_for_store, upcast_plan
@@ -43,9 +44,12 @@ class OffloadedModel:
 
     def __init__(self, store_dir: str | Path, plan: ResidencyPlan, device: torch.device | str = "cpu",
                  warm: bool = False, cache_tokens: int = 2048, manifest: Manifest | None = None,
-                 config=None, static_cache: bool = False, share: OffloadedModel | None = None) -> None:
-        """share: another model of the same architecture (the target, for its NF4 self-draft) whose embeddings,
-        norm, lm_head and memory-resident layers this one uses as they are (the same tensors, no second copy)."""
+                 config=None, static_cache: bool = False, share: OffloadedModel | None = None,
+                 prepare_layer: Callable[[int, torch.nn.Module], None] | None = None) -> None:
+        """share: another model of the same architecture (the target, for its low-bit self-draft) whose embeddings,
+        norm, lm_head and memory-resident layers this one uses as they are (the same tensors, no second copy).
+        prepare_layer(i, layer): called on each layer this model loads into memory, right after its weights are
+        bound (the self-draft quantizes it there, one layer at a time, and lets the stored bytes go)."""
         self.store_dir = Path(store_dir)
         self.manifest = manifest or read_manifest(self.store_dir)
         self.config = config if config is not None else load_config(self.store_dir)
@@ -82,6 +86,9 @@ class OffloadedModel:
                 buf = load_blob(self.store_dir, self.manifest.layers[i], self.device)
                 views = self._upcast(tensor_views(self.manifest.layers[i].tensors, buf))
                 LayerBinding(self.layers[i], views, self.dtype).bind()
+                if prepare_layer is not None:
+                    prepare_layer(i, self.layers[i])
+                del buf, views
         self._check_bound(ringed)
         self.streamer: LayerStreamer | None = None
         self._slot_compute: list[torch.Tensor] | None = None
@@ -145,6 +152,33 @@ class OffloadedModel:
         for dst, src in self._upcast_pairs[key]:
             dst.copy_(src)
 
+    def forward_weight_bytes(self) -> int:
+        """Bytes of weights one forward reads from memory: every resident layer, norm and head (each tensor once,
+        low-bit layers in their kernel's layout); not the embedding table (a forward reads a row per token), not
+        streamed layers (their bytes come from disk, `plan.streamed_bytes_per_pass`)."""
+        from offspec.models.qlinear import QuantLinear
+
+        seen: set[int] = set()
+        total = 0
+        streamed = {id(self.layers[i]) for i in self.plan.layers(DISK)} if self.streamer is not None else set()
+        skip = {id(m) for layer in self.layers if id(layer) in streamed for m in layer.modules()}
+        skip.add(id(self.causal_lm.get_input_embeddings()))
+        for mod in list(self.decoder.modules()) + list(self.lm_head.modules()):
+            if id(mod) in skip:
+                continue
+            if isinstance(mod, QuantLinear):
+                total += mod.nbytes
+                continue
+            tensors = [t for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None]
+            if isinstance(mod, NF4Linear):  # packed codes and block scales, as bound or repacked for the fused kernel
+                packed, state = mod._fused or (mod.weight, mod.state)
+                tensors += [t for t in (packed, getattr(state, "absmax", None)) if isinstance(t, torch.Tensor)]
+            for t in tensors:
+                if not t.is_meta and t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.nbytes
+        return total
+
     def memory_resident_layers(self) -> list[int]:
         """Layers whose weights this model keeps in device memory (RAM on the CPU) for good."""
         return [i for i, t in enumerate(self.plan.tiers) if t == DEVICE or (t == HOST and self.device.type != "cuda")]
@@ -191,9 +225,21 @@ class OffloadedModel:
                     raise StoreError(f"{self.store_dir}: the store has no tensor {name} of decoder layer {i}")
 
     @property
+    def lm_head(self) -> nn.Module | None:
+        """The causal LM's output layer (its output embeddings), whatever the class calls it."""
+        return self.causal_lm.get_output_embeddings()
+
+    @lm_head.setter
+    def lm_head(self, module: nn.Module) -> None:
+        """Another output layer (the self-draft's low-bit copy of the target's); the head runs through it."""
+        self.causal_lm.set_output_embeddings(module)
+
+    @property
     def vocab_size(self) -> int:
-        out = self.causal_lm.get_output_embeddings()
-        return int(out.weight.shape[0]) if out is not None else int(text_config(self.config).vocab_size)
+        out = self.lm_head
+        if out is None:
+            return int(text_config(self.config).vocab_size)
+        return int(getattr(out, "out_features", None) or out.weight.shape[0])
 
     @property
     def max_context(self) -> int:
@@ -236,12 +282,13 @@ class OffloadedModel:
     # ------------------------------------------------------------------ forward
     supports_logit_rows = True
 
-    def _masks(self, mask: torch.Tensor, q_pos: torch.Tensor, span: int):
-        """The attention_mask argument: one mask (windowed when every layer has the window), or a dict by layer type."""
+    def _masks(self, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+        """The attention_mask argument: one mask (windowed when every layer has the window), or a dict by layer type.
+        q_pos [T] and k_pos [span] (a batch: [B, T] and [B, span]) are the positions of queries and cache slots."""
         def windowed(window: int | None) -> torch.Tensor:
-            if window is None or span <= window:  # keys further than span - 1 back do not exist
+            if window is None or k_pos.shape[-1] <= window:  # else no key can be that far back
                 return mask
-            return window_mask(mask, q_pos, self.cache.positions[:span], window)
+            return window_mask(mask, q_pos, k_pos, window)
 
         fam = self.family
         if fam.masks_by_layer_type:
@@ -251,14 +298,15 @@ class OffloadedModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, last_only: bool = False,
-                logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+                logit_rows: torch.Tensor | None = None, cache: StaticKVCache | None = None) -> torch.Tensor:
         """Logits [1, T, V] (float32) for input_ids [1, T]; appends the T positions to the KV cache.
 
         attn_mask: additive [1, 1, T, cache.length + T] (0 visible); causal when None. Sliding-window layers
         also hide keys outside their window. last_only: logits of the last position only; logit_rows: of
-        those positions only (others can be had later from `logits_at` until the next forward)."""
+        those positions only (others can be had later from `logits_at` until the next forward).
+        cache: another cache than the model's own (see `fork`)."""
         t0 = time.perf_counter()
-        cache = self.cache
+        cache = self.cache if cache is None else cache
         input_ids = input_ids.to(self.device)
         t = input_ids.shape[1]
         start = cache.length
@@ -268,14 +316,9 @@ class OffloadedModel:
         span = cache.begin(position_ids)
         if attn_mask is None:
             attn_mask = causal_mask(start, t, self.dtype, self.device)
-        masks = self._masks(pad_mask(attn_mask.to(self.device, self.dtype), span), position_ids[0], span)
-        self._streamed = 0
-        wait0 = self.streamer.stats.wait_s if self.streamer else 0.0
-        try:
-            h = run_decoder(self.decoder, input_ids, masks, position_ids, cache)  # [1, T, hidden], normed
-        finally:  # an interrupted pass must still hand its slots back, or the ring runs dry
-            while self._held:
-                self._done(*self._held.pop())
+        masks = self._masks(pad_mask(attn_mask.to(self.device, self.dtype), span), position_ids[0],
+                            cache.positions[:span])
+        h, wait_s = self._run(input_ids, masks, position_ids, cache)  # [1, T, hidden], normed
         cache.advance(t)
         if last_only:
             h = h[:, -1:]
@@ -283,11 +326,51 @@ class OffloadedModel:
         if logit_rows is not None:
             h = h[:, logit_rows]
         logits = self._logits(h)
-        self.stats = PassStats(t, time.perf_counter() - t0, self._streamed,
-                               (self.streamer.stats.wait_s - wait0) if self.streamer else 0.0)
+        self.stats = PassStats(t, time.perf_counter() - t0, self._streamed, wait_s)
         return logits
 
     __call__ = forward
+
+    def _run(self, input_ids: torch.Tensor, masks, position_ids: torch.Tensor, cache) -> tuple[torch.Tensor, float]:
+        """The family's forward over `cache`, streamed layers bound on the way: (final normed hidden states, seconds
+        spent waiting for the disk); counts the streamed bytes of the pass."""
+        self._streamed = 0
+        wait0 = self.streamer.stats.wait_s if self.streamer else 0.0
+        try:
+            h = run_decoder(self.decoder, input_ids, masks, position_ids, cache)
+        finally:  # an interrupted pass must still hand its slots back, or the ring runs dry
+            while self._held:
+                self._done(*self._held.pop())
+        return h, (self.streamer.stats.wait_s - wait0) if self.streamer else 0.0
+
+    @torch.inference_mode()
+    def forward_batch(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
+                      cache: BatchKVCache, rows: list[int], counts: list[int]) -> torch.Tensor:
+        """Final hidden states [B, T, hidden] of B sequences in one pass: each streamed layer is read once for all.
+
+        Row i of input_ids and position_ids [B, T] holds counts[i] tokens of cache row rows[i], then padding;
+        attn_mask: additive [B, 1, T, S] (runtime.masks.batch_mask), S <= the span. The rows' caches advance
+        by counts (keep or crop them after); `head` turns the rows that are needed into logits."""
+        t0 = time.perf_counter()
+        input_ids, position_ids = input_ids.to(self.device), position_ids.to(self.device)
+        span = cache.begin(rows, counts, position_ids)
+        masks = self._masks(pad_mask(attn_mask.to(self.device, self.dtype), span), position_ids,
+                            cache.key_positions())
+        h, wait_s = self._run(input_ids, masks, position_ids, cache)
+        cache.advance(rows, counts)
+        self.stats = PassStats(sum(counts), time.perf_counter() - t0, self._streamed, wait_s)
+        return h
+
+    @torch.inference_mode()
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final hidden states h [..., hidden]: the causal LM's own head (models/registry)."""
+        return self._logits(h)
+
+    def fork(self, cache_tokens: int) -> CacheView:
+        """These weights over a KV cache of their own (one per sequence when several sequences share a model)."""
+        cache = StaticKVCache.for_layout(kv_layout(self.config), cache_tokens, self.dtype, self.device,
+                                         static=self.cache.static)
+        return CacheView(self, cache)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).float()
@@ -307,6 +390,28 @@ class OffloadedModel:
         if self._copier is not None:  # CUDA: stop the thread that hands pinned slots back
             self._copier.close()
             self._copier = None
+
+
+class CacheView:
+    """A model with a KV cache of its own: `forward` runs the model over this cache; every other attribute (dtype,
+    device, logits_at after this view's forward, ...) is the model's. Closing it leaves the model open."""
+
+    def __init__(self, model: OffloadedModel, cache: StaticKVCache) -> None:
+        self.model, self.cache = model, cache
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.model.forward(*args, cache=self.cache, **kwargs)
+
+    __call__ = forward
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    def close(self) -> None:
+        pass
 
 
 def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,

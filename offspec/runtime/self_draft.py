@@ -1,23 +1,76 @@
-"""The target's own NF4 copy as its draft: kept resident, sharing whatever the target keeps resident."""
+"""The target's own low-bit copy as its draft: kept resident in a fast CPU kernel's layout, sharing whatever the
+target keeps resident (embeddings, norm, memory-resident layers)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from offspec.errors import ModelError
+from offspec.errors import ConfigError, ModelError
 from offspec.models.nf4 import NF4Linear
 from offspec.runtime.model import OffloadedModel
 from offspec.runtime.plan import DEVICE, ResidencyPlan
 
+# What the copy holds (models/qlinear.py): w8a8 = int8 weights per channel times 8-bit activations (fbgemm's dynamic
+# linear, integer accumulation), int8 = int8 weights only, int4 = 4-bit groups of 64 (torch's int4 pack), nf4 = the
+# NF4 store of the target's source (bitsandbytes). Measured side by side in scripts/bench_kernels.py.
+SELF_FORMATS = ("w8a8", "int8", "int4", "nf4")
 
-def open_self_draft(target: OffloadedModel, nf4_store: str | Path, cache_tokens: int = 2048,
-                    verify: bool = True) -> OffloadedModel:
-    """A fully resident model over the NF4 store of the target's source: its NF4 layers where the target streams,
-    the target's own modules (embeddings, norm, lm_head, memory-resident layers) everywhere else, one KV cache
-    of its own."""
-    nf4_store = Path(nf4_store)
+
+def default_self_format(device: torch.device | str = "cpu") -> str:
+    """w8a8 on CPUs where torch has fbgemm (x86): the fastest of the formats for every tree width but one row, and
+    closer to the target than 4-bit formats; NF4 elsewhere (CUDA, or a CPU without fbgemm)."""
+    from offspec.models.qlinear import cpu_kernels
+
+    if torch.device(device).type != "cpu":
+        return "nf4"
+    return "w8a8" if cpu_kernels().fbgemm else "nf4"
+
+
+def check_self_format(fmt: str) -> str:
+    if fmt not in SELF_FORMATS:
+        raise ConfigError(f"bad --draft self:{fmt}: the self-draft holds one of {', '.join(SELF_FORMATS)}")
+    return fmt
+
+
+def _own_small_tensors(layer: nn.Module) -> None:
+    """Copy what is left of a layer's stored tensors (norms, biases) so the layer's blob can be freed."""
+    for mod in layer.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    c = t.detach().clone()
+                    table[name] = nn.Parameter(c, requires_grad=False) if isinstance(t, nn.Parameter) else c
+
+
+def open_self_draft(target: OffloadedModel, fmt: str = "nf4", nf4_store: str | Path | None = None,
+                    cache_tokens: int = 2048, verify: bool = True) -> OffloadedModel:
+    """A fully resident low-bit copy of the target with one KV cache of its own. Layers the target keeps in memory
+    are the target's own (the same tensors); the others are quantized into `fmt` from the target's 16-bit store, one
+    layer at a time, or, for nf4, read from the NF4 store of the target's source. The copy's lm_head is its own
+    low-bit copy of the target's (the head is the largest single matrix a draft forward reads)."""
+    check_self_format(fmt)
+    if fmt == "nf4":
+        if nf4_store is None:
+            raise ModelError("the nf4 self-draft needs the NF4 store of the target's source")
+        return _open_nf4(target, Path(nf4_store), cache_tokens, verify)
+    from offspec.models.qlinear import quantize_linear, quantize_linears
+
+    def prepare(_i: int, layer: nn.Module) -> None:
+        quantize_linears(layer, fmt)
+        _own_small_tensors(layer)
+
+    man = target.manifest
+    plan = ResidencyPlan(tuple([DEVICE] * man.num_layers), tuple(man.layer_bytes), 0, 0, 0, 0, 0, target.device.type)
+    draft = OffloadedModel(target.store_dir, plan, target.device, cache_tokens=cache_tokens, manifest=man,
+                           config=target.config, share=target, prepare_layer=prepare)
+    draft.lm_head = quantize_linear(target.lm_head, fmt)
+    return draft
+
+
+def _open_nf4(target: OffloadedModel, nf4_store: Path, cache_tokens: int, verify: bool) -> OffloadedModel:
     if verify:
         from offspec.store.integrity import ensure_verified
 

@@ -86,6 +86,13 @@ def kv_bytes_per_token(config, compute: torch.dtype) -> int:
     return layout_bytes_per_token(kv_layout(config), compute)
 
 
+def store_kv_bytes_per_token(store_dir: str | Path, device: str = "cpu") -> int:
+    """KV cache bytes per token of a store's model in the dtype it computes in on `device`."""
+    manifest = read_manifest(Path(store_dir))
+    dev = torch.device(device) if device in ("cpu", "cuda") else resolve_device(device)
+    return kv_bytes_per_token(load_config(store_dir), pick_compute_dtype(manifest.torch_dtype, dev))
+
+
 def model_bytes(store_dir: str | Path | None, cache_tokens: int, device: str = "cpu", manifest: Manifest | None = None,
                 config=None) -> int:
     """Memory a fully resident model takes (weights in their compute dtype plus its KV cache): a draft's reserve.
@@ -101,26 +108,39 @@ def model_bytes(store_dir: str | Path | None, cache_tokens: int, device: str = "
                                              compute) * cache_tokens
 
 
-def nf4_copy_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tokens: int, device: str = "cpu",
-                   config=None) -> int:
-    """Memory of a store's resident NF4 copy (its self-draft), sized from the manifest without building it: every
-    2-D float layer weight packed (half a byte per element plus a float32 scale per 64), the other layer tensors in
-    the compute dtype, and the copy's own KV cache. Its embeddings, norm and lm_head are the target's (not counted).
-    config: a config object to read instead of store_dir/config.json (a source planned before conversion)."""
+def self_draft_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tokens: int, device: str = "cpu",
+                     config=None, fmt: str = "nf4") -> int:
+    """Memory of a store's resident low-bit copy (its self-draft, runtime/self_draft.py), sized from the manifest
+    without building it: every 2-D float layer weight in `fmt` (models/qlinear.quantized_nbytes; nf4 as the NF4
+    store packs it: half a byte per element plus a float32 scale per 64), the other layer tensors in the compute
+    dtype, the copy's own low-bit lm_head (not for nf4, which uses the target's), and its own KV cache. Its
+    embeddings and norm are the target's (not counted). config: a config object to read instead of
+    store_dir/config.json (a source planned before conversion)."""
+    from offspec.models.qlinear import quantized_nbytes
     from offspec.store.manifest import DTYPES
 
     compute = pick_compute_dtype(manifest.torch_dtype, resolve_device(device))
+
+    def weight_bytes(shape) -> int:
+        if fmt == "nf4":
+            n = math.prod(shape)
+            return (n + 1) // 2 + (n + 63) // 64 * 4
+        return quantized_nbytes(shape[0], shape[1], fmt)
+
     total = 0
     for blob in manifest.layers:
         for name, e in blob.tensors.items():
-            n = math.prod(e.shape) if e.shape else 1
-            if e.quant is not None:
-                n = math.prod(e.quant.shape)
             if name.endswith(".absmax"):
                 continue
-            if e.quant is not None or (len(e.shape) == 2 and name.endswith(".weight") and DTYPES[e.dtype].is_floating_point):
-                total += (n + 1) // 2 + (n + 63) // 64 * 4
+            shape = tuple(e.quant.shape) if e.quant is not None else tuple(e.shape)
+            if e.quant is not None or (len(shape) == 2 and name.endswith(".weight") and DTYPES[e.dtype].is_floating_point):
+                total += weight_bytes(shape)
             else:
+                n = math.prod(shape) if shape else 1
                 total += n * (compute.itemsize if DTYPES[e.dtype].is_floating_point else DTYPES[e.dtype].itemsize)
+    if fmt != "nf4":
+        head = manifest.resident.tensors.get("lm_head.weight") or manifest.resident.tensors.get("model.embed_tokens.weight")
+        if head is not None:
+            total += quantized_nbytes(head.shape[0], head.shape[1], fmt)
     config = config if config is not None else load_config(Path(store_dir))
     return total + kv_bytes_per_token(config, compute) * cache_tokens

@@ -12,6 +12,7 @@ budget planner (`cost`). The engine and the verification are the same for all of
 
 from __future__ import annotations
 
+import copy
 import heapq
 import logging
 import math
@@ -76,6 +77,10 @@ class Drafter(Protocol):
     def reset(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def fork(self, cache_tokens: int) -> Drafter:
+        """A drafter of the same kind and model with state of its own (a KV cache for cache_tokens, an index), for
+        another sequence drafted alongside this one."""
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -264,6 +269,9 @@ class ModelDrafter:
         if hasattr(self.model, "close"):
             self.model.close()
 
+    def fork(self, cache_tokens: int) -> ModelDrafter:
+        return ModelDrafter(self.model.fork(cache_tokens), self.name, self.shapes.path if self.shapes else None)
+
 
 @dataclass
 class _Ahead:
@@ -344,6 +352,12 @@ class NgramDrafter:
 
     def close(self) -> None:
         pass
+
+    def fork(self, cache_tokens: int = 0) -> NgramDrafter:
+        """The datastore's counts copied, the live string empty."""
+        index = copy.deepcopy(self.index)
+        index.truncate(0)
+        return NgramDrafter(index, self.min_n, self.name, self.min_prob)
 
 
 def add_levels(tree: DraftTree, parents: list[int], tokens: list[int], scores: list[float]) -> None:
@@ -485,6 +499,9 @@ class AutoDrafter:
         for m in self.members.values():
             m.close()
 
+    def fork(self, cache_tokens: int) -> AutoDrafter:
+        return AutoDrafter([m.fork(cache_tokens) for m in self.members.values()])
+
 
 class HybridDrafter:
     """A model (or self) draft and an n-gram index merged into one tree under one budget.
@@ -531,6 +548,9 @@ class HybridDrafter:
 
     def close(self) -> None:
         self.model.close()
+
+    def fork(self, cache_tokens: int) -> HybridDrafter:
+        return HybridDrafter(self.model.fork(cache_tokens), self.ngram.fork(), self.ngram_share)
 
 
 __all__ = ["AutoDrafter", "Draft", "Drafter", "GrowOptions", "HybridDrafter", "ModelDrafter", "NgramDrafter", "ShapeCache",

@@ -253,15 +253,31 @@ class BudgetPlanner:
     def draft_seconds(self, budget: int) -> float:
         return self.estimates[self.choice].draft_seconds(budget)
 
-    def observe_plain(self, pass_s: float) -> None:
-        """Feed back a plain step (one token, no draft)."""
-        self.pass_s[1] = 0.7 * self.pass_s[1] + 0.3 * pass_s if 1 in self.pass_s else pass_s
+    def choose_shared(self, sequences: int) -> tuple[str, int]:
+        """(drafter, drafted nodes per tree) when `sequences` trees share one target pass (budget 0: plain steps):
+        the budget with the most expected tokens per second when the pass carries sequences x (budget + 1)
+        tokens; a probe now and then when plain steps win, as alone."""
+        if sequences <= 1:
+            return self.choose()
+        self.steps += 1
+        shared = {tokens / sequences: s / sequences for tokens, s in self.pass_s.items()}
+        e = self.estimates[self.choice]
+        budget = best_budget(shared, e.draft_seconds, e.expected_tokens, self.candidates)[0]
+        if budget == 0 and self.plain_steps >= PROBE_EVERY:  # keeps the acceptance and draft estimates fresh
+            self.plain_steps = 0
+            budget = best_budget(shared, e.draft_seconds, e.expected_tokens, [b for b in self.candidates if b])[0]
+        return self.choice, budget
+
+    def observe_plain(self, pass_s: float, tokens: int = 1) -> None:
+        """Feed back a plain step (one token, no draft; `tokens` when several sequences shared the pass)."""
+        self.pass_s[tokens] = 0.7 * self.pass_s[tokens] + 0.3 * pass_s if tokens in self.pass_s else pass_s
         self.plain_steps += 1
 
-    def observe(self, draft, tree_size: int, pass_s: float, accepted: int) -> None:
+    def observe(self, draft, tree_size: int, pass_s: float, accepted: int, pass_tokens: int | None = None) -> None:
         """Feed back one speculative step: the Draft (its drafter, tree, cost), the measured pass and the accepted
-        length."""
-        self.pass_s[tree_size] = pass_s if tree_size not in self.pass_s else 0.7 * self.pass_s[tree_size] + 0.3 * pass_s
+        length (pass_tokens: the tokens of the whole pass when other sequences shared it)."""
+        key = pass_tokens or tree_size
+        self.pass_s[key] = pass_s if key not in self.pass_s else 0.7 * self.pass_s[key] + 0.3 * pass_s
         e = self._estimate(getattr(draft, "drafter", "") or self.choice)
         e.last_step = self.steps
         grown = getattr(draft, "grown", None)

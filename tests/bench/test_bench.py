@@ -405,6 +405,13 @@ def test_drafters_side_by_side_on_one_plan(bench_models, bench_home, streaming_b
     assert len({c["records"][0]["text"] for c in rows}) == 1  # greedy: every drafter writes the plain text
     assert r["plan"]["reserved_bytes"] > 0  # the plan left room for the draft model
     assert _config_name(rows[1]) == "ngram budget 4"
+    figures = r["draft_forward"]  # the draft model's forward per tree level, against its weights' RAM read time
+    assert [d["drafter"] for d in figures] == ["model"]
+    assert [lv["rows"] for lv in figures[0]["levels"]] == [1, 16, 64]
+    assert figures[0]["weight_bytes"] > 0 and all(lv["x_read"] > 0 for lv in figures[0]["levels"])
+    from offspec.bench_report import summary_lines
+
+    assert any(line.startswith("draft model forward per tree level") for line in summary_lines(r))
     auto = bench.run_bench(str(target), None, device_memory=streaming_budget, warm=True, budgets="4",
                            prompts=str(prompts), max_new_tokens=6, repeats=1, curve_sizes=(1,), progress=False,
                            drafters=f"ngram,{draft},auto")

@@ -94,14 +94,16 @@ def test_plan_table_streams_what_does_not_fit(runner, cli_app, tiny, monkeypatch
     before = nf4_stores()
     self_draft = runner.invoke(cli_app, ["plan", str(tiny.target), "--draft", "self", "--device-memory", "1GiB",
                                          "--device", "cpu"])
-    assert self_draft.exit_code == 0 and "self-draft: NF4 copy" in self_draft.stdout
-    from offspec.runtime.sizing import nf4_copy_bytes
+    from offspec.runtime.self_draft import default_self_format
+    from offspec.runtime.sizing import self_draft_bytes
 
+    fmt = default_self_format()
+    assert self_draft.exit_code == 0 and f"self-draft: {fmt} copy" in self_draft.stdout
     from offspec.cli import CTX_TOKENS
     from offspec.runtime.sizing import context_tokens
 
     ctx = context_tokens(store, CTX_TOKENS)
-    assert format_bytes(nf4_copy_bytes(store, read_manifest(store), ctx, "cpu")) in self_draft.stdout
+    assert format_bytes(self_draft_bytes(store, read_manifest(store), ctx, "cpu", fmt=fmt)) in self_draft.stdout
     assert nf4_stores() == before  # sized from the manifest, not built
     too_small = runner.invoke(cli_app, ["plan", str(tiny.target), "--device-memory", "1KiB", "--device", "cpu"])
     assert too_small.exit_code != 0 and "minimum" in too_small.stderr and too_small.stdout == ""

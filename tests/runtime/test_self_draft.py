@@ -1,4 +1,5 @@
-"""The target's NF4 self-draft: logits equal a dequantized-NF4 transformers reference; resident parts are shared."""
+"""The target's low-bit self-draft: logits equal transformers with the same quantization; resident parts are shared;
+the copy is sized from the manifest."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from offspec.runtime.model import OffloadedModel
 from offspec.runtime.plan import DEVICE, DISK, ResidencyPlan
 from offspec.runtime.self_draft import open_self_draft
-from offspec.runtime.sizing import nf4_copy_bytes
+from offspec.runtime.sizing import self_draft_bytes
 from offspec.store.convert import convert_model
 from offspec.store.manifest import QuantInfo, read_manifest
 from offspec.store.nf4 import dequantize_nf4, quantize_nf4
@@ -22,7 +23,7 @@ def pair(tiny_llama_dir, tmp_path_factory):
     man = read_manifest(target_store)
     plan = ResidencyPlan(TIERS, tuple(man.layer_bytes), man.resident.size, 0, 0, 2, max(man.layer_bytes))
     target = OffloadedModel(target_store, plan, cache_tokens=64)
-    draft = open_self_draft(target, nf4_store, cache_tokens=64)
+    draft = open_self_draft(target, "nf4", nf4_store, cache_tokens=64)
     yield target, draft, nf4_store
     target.close()
 
@@ -72,11 +73,11 @@ def test_self_draft_shares_the_targets_resident_parts(pair):
 def test_nf4_copy_is_sized_from_the_manifest(pair):
     target, _, nf4_store = pair
     man16, man4 = read_manifest(target.store_dir), read_manifest(nf4_store)
-    weights = nf4_copy_bytes(target.store_dir, man16, 0)
+    weights = self_draft_bytes(target.store_dir, man16, 0)
     # the packed data, scales and small tensors of the real NF4 store (blobs are padded, so they are larger)
     used = sum(e.nbytes for blob in man4.layers for e in blob.tensors.values())
     assert used <= weights <= sum(man4.layer_bytes)
-    assert nf4_copy_bytes(target.store_dir, man16, 10) > weights  # plus its own KV cache
+    assert self_draft_bytes(target.store_dir, man16, 10) > weights  # plus its own KV cache
 
 
 def test_fused_cpu_kernel_matches_dequantize_then_linear():
@@ -101,3 +102,84 @@ def test_fused_cpu_kernel_matches_dequantize_then_linear():
     assert lin.pack_for_cpu() and lin.weight is None
     got = lin(x).float()
     assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def target16(tiny_llama_dir, tmp_path_factory):
+    store = convert_model(tiny_llama_dir, tmp_path_factory.mktemp("self-q") / "t16", bits=16, dtype="float32",
+                          progress=False)
+    man = read_manifest(store)
+    plan = ResidencyPlan(TIERS, tuple(man.layer_bytes), man.resident.size, 0, 0, 2, max(man.layer_bytes))
+    target = OffloadedModel(store, plan, cache_tokens=64)
+    yield target
+    target.close()
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "int8", "int4"])
+def test_quantized_self_draft_equals_transformers_with_the_same_quantization(target16, tiny_llama_dir, fmt):
+    """The copy quantizes the layers the target streams (one at a time, from the target's own store) and its own
+    lm_head; transformers' model with those same linears quantized gives the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from offspec.models.qlinear import QuantLinear, quantize_linear, quantize_linears
+
+    draft = open_self_draft(target16, fmt, cache_tokens=64)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    for i, tier in enumerate(TIERS):
+        if tier == DISK:
+            quantize_linears(ref.model.layers[i], fmt)
+    ref.lm_head = quantize_linear(ref.lm_head, fmt)
+    ids = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = draft.forward(ids)
+    assert (got - want).abs().max().item() < 1e-4
+    for i, tier in enumerate(TIERS):
+        q_d, q_t = draft.layers[i].self_attn.q_proj, target16.layers[i].self_attn.q_proj
+        if tier == DEVICE:
+            assert q_d is q_t  # the target's own resident layer
+        else:
+            assert isinstance(q_d, QuantLinear) and q_d.fmt == fmt
+            norm = draft.layers[i].input_layernorm.weight  # its own small copy: the layer's blob was let go
+            assert norm.untyped_storage().nbytes() == norm.nbytes
+    assert isinstance(draft.lm_head, QuantLinear) and draft.vocab_size == target16.vocab_size
+    assert draft.decoder.embed_tokens.weight.data_ptr() == target16.decoder.embed_tokens.weight.data_ptr()
+    assert draft.cache is not target16.cache
+
+
+@pytest.mark.parametrize("fmt", ["w8a8", "int8", "int4"])
+def test_quantized_self_draft_is_sized_from_the_manifest(target16, fmt):
+    """What the plan reserves is what a copy of every layer holds: quantized weights (biases in float32), the
+    small tensors, its own quantized head."""
+    from offspec.models.qlinear import QuantLinear
+
+    man = target16.manifest
+    plan = ResidencyPlan((DISK,) * man.num_layers, tuple(man.layer_bytes), man.resident.size, 0, 0, 2,
+                         max(man.layer_bytes))
+    streamed = OffloadedModel(target16.store_dir, plan, cache_tokens=64)
+    try:
+        draft = open_self_draft(streamed, fmt, cache_tokens=64)
+        held = draft.lm_head.nbytes
+        for layer in draft.layers:
+            for mod in layer.modules():
+                held += mod.nbytes if isinstance(mod, QuantLinear) else sum(
+                    t.nbytes for t in mod._parameters.values() if t is not None)
+        assert held == self_draft_bytes(target16.store_dir, man, 0, fmt=fmt)
+    finally:
+        streamed.close()
+
+
+def test_forward_weight_bytes_counts_what_a_forward_reads(target16):
+    """The quantized copy's layers and head in their kernels' layouts, the target's shared resident layers once,
+    no embedding table; the streaming target counts only what stays in memory."""
+    from offspec.models.qlinear import QuantLinear
+
+    draft = open_self_draft(target16, "w8a8", cache_tokens=64)
+    quant = sum(m.nbytes for m in draft.decoder.modules() if isinstance(m, QuantLinear)) + draft.lm_head.nbytes
+    shared = sum(p.nbytes for i, t in enumerate(TIERS) if t == DEVICE for p in target16.layers[i].parameters())
+    small = sum(p.nbytes for i, t in enumerate(TIERS) if t == DISK for p in draft.layers[i].parameters())
+    rotary = sum({b.data_ptr(): b.nbytes for b in draft.decoder.rotary_emb.buffers()}.values())
+    norm = draft.decoder.norm.weight.nbytes
+    assert draft.forward_weight_bytes() == quant + shared + small + norm + rotary
+    head = target16.lm_head.weight.nbytes
+    assert target16.forward_weight_bytes() == shared + head + norm + rotary

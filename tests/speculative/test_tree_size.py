@@ -135,3 +135,24 @@ def test_planner_picks_the_drafter_with_more_tokens_per_second(level_s, want) ->
         assert (name, budget > 0) == ("strong", True)
     else:
         assert name == "weak" or budget == 0
+
+
+def test_a_shared_pass_splits_the_budget_and_still_probes():
+    from offspec.speculative.tree_size import PROBE_EVERY, BudgetPlanner
+
+    flat = {1: 1.0, 16: 1.05, 64: 1.2, 256: 2.0, 1024: 8.0}  # a streamed pass: flat until compute takes over
+    curve = [1.0 + 3.0 * (1 - 0.9 ** b) for b in range(1025)]  # expected tokens by budget
+    alone = BudgetPlanner(flat)
+    alone.estimates[""].curve = curve
+    alone.budget = alone._best("")[0]
+    one = alone.choose_shared(1)[1]
+    eight = alone.choose_shared(8)[1]
+    assert 0 < eight < one  # eight trees share the flat part of the pass
+    costly = BudgetPlanner(flat)
+    costly.estimates[""].curve = curve
+    costly.estimates[""].cost.node_s = 0.5  # a slow draft, drafting once per sequence
+    assert costly.choose_shared(8)[1] == 0
+    for _ in range(PROBE_EVERY):
+        costly.observe_plain(1.1, tokens=8)
+    assert costly.choose_shared(8)[1] > 0  # a probe refreshes the estimates
+    assert costly.choose_shared(8)[1] == 0
