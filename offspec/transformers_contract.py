@@ -219,19 +219,20 @@ class HeadRunner:
             self._kwargs["use_cache"] = False
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [..., V] of final hidden states [1, T, hidden] (or [T, hidden]), in the model's dtype."""
-        flat = hidden.dim() == 2
+        """Logits [..., V] of final hidden states [..., hidden] (any leading shape: one position, rows of a tree,
+        a batch), in the model's dtype. The head runs over them as one sequence of positions."""
         for name, mod in self._causal_lm._modules.items():  # the causal LM's head may be replaced after (a draft's)
             if name != self._prefix and self._lm._modules.get(name) is not mod:
                 self._lm._modules[name] = mod
-        self._given.hidden = hidden = hidden[None] if flat else hidden
+        lead = hidden.shape[:-1]
+        self._given.hidden = flat = hidden.reshape(1, -1, hidden.shape[-1])
         # placeholder ids: a head may read how many positions there are (Gemma 4), never which tokens
-        ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        ids = torch.zeros(flat.shape[:2], dtype=torch.long, device=hidden.device)
         try:
             logits = self._lm(input_ids=ids, **self._kwargs).logits
         finally:
             self._given.hidden = None
-        return logits[0] if flat else logits
+        return logits.reshape(*lead, logits.shape[-1])
 
 
 class _KVRecorder:

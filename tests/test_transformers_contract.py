@@ -138,8 +138,12 @@ def test_the_head_runner_gives_the_causal_lms_own_logits(model_type):
         head = HeadRunner(model)
         got = head(hidden)
         rows = head(hidden[0, [2, 5]])  # rows of a tree: [R, hidden] -> [R, V]
+        one = head(hidden[0, 4])  # one position: [hidden] -> [V]
+        batch = head(torch.stack([hidden[0, :3], hidden[0, 3:6]]))  # a batch: [B, T, hidden] -> [B, T, V]
     assert (got - want).abs().max().item() < 1e-5
     assert (rows - want[0, [2, 5]]).abs().max().item() < 1e-5
+    assert (one - want[0, 4]).abs().max().item() < 1e-5
+    assert (batch - torch.stack([want[0, :3], want[0, 3:6]])).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma4_text", "minicpm3", "gemma3n_text", "falcon", "gpt2"])
