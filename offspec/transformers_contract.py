@@ -294,18 +294,18 @@ class CheckpointNames:
     converters) cannot be streamed one at a time: `name` raises ContractError for them."""
 
     def __init__(self, config) -> None:
+        with torch.device("meta"):
+            model = checkpoint_model(config)
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        except ImportError as exc:
-            raise ContractError(f"transformers {transformers_version()}: its checkpoint conversion mapping is not "
-                                f"where offspec expects it ({exc})") from None
-        with torch.device("meta"):
-            model = checkpoint_model(config)
-        mapping = get_model_conversion_mapping(model)
-        self._renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-        self._converters = [t for t in mapping if isinstance(t, WeightConverter)]
-        self._rename = rename_source_key
+        except ImportError:  # a transformers without load-time renames: checkpoints are named as their models
+            self._renamings, self._converters, self._rename = [], [], None
+        else:
+            mapping = get_model_conversion_mapping(model)
+            self._renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+            self._converters = [t for t in mapping if isinstance(t, WeightConverter)]
+            self._rename = rename_source_key
         self._prefix = model.base_model_prefix
         self._names = {n: True for n in model.state_dict()}
         self.parameters = frozenset(n for n, _ in model.named_parameters(remove_duplicate=False))
@@ -314,6 +314,8 @@ class CheckpointNames:
 
     def name(self, key: str) -> str:
         """The model's name for a checkpoint tensor (unchanged when nothing applies)."""
+        if self._rename is None:
+            return key if key in self._names or f"{self._prefix}.{key}" not in self._names else f"{self._prefix}.{key}"
         renamed, converter = self._rename(key, self._renamings, self._converters, self._prefix, self._names)
         if converter is not None:
             raise ContractError(f"transformers {transformers_version()} merges or splits {key} ({converter}) when "
