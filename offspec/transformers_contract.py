@@ -104,6 +104,227 @@ def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, *, mask: torch.Tens
     return out[0] if isinstance(out, tuple) else out
 
 
+def causal_lm_mapping() -> dict[str, str]:
+    """model_type -> the class name transformers' AutoModelForCausalLM builds for it (its public auto mapping)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def knows_model_type(model_type: str) -> bool:
+    """Whether the installed transformers has a config class for a model_type (its auto mapping, with the types
+    registered through AutoConfig.register)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def causal_lm_class_name(model_type: str) -> str | None:
+    return causal_lm_mapping().get(model_type)
+
+
+def text_config(config):
+    """The config of a model's text decoder: the config itself, or the text part of a multimodal one."""
+    return config.get_text_config(decoder=True)
+
+
+def decoder_layer_stack(causal_lm: torch.nn.Module, num_layers: int) -> tuple[str | None, torch.nn.ModuleList | None]:
+    """(qualified name, module) of the ModuleList holding a causal LM's num_layers decoder layers, e.g.
+    ("model.layers", ...) or ("transformer.h", ...); (None, None) if there is none."""
+    for name, mod in causal_lm.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) == num_layers and name.startswith(
+                causal_lm.base_model_prefix + "."):
+            return name, mod
+    return None, None
+
+
+def tie_unbound_weights(causal_lm: torch.nn.Module) -> list[str]:
+    """Parameters still on the meta device that transformers ties to another (the head to the embeddings), bound to
+    it as transformers' tying does; returns their names. `all_tied_weights_keys` is what `post_init` records."""
+    tied = dict(getattr(causal_lm, "all_tied_weights_keys", None) or {})
+    out = causal_lm.get_output_embeddings()
+    if not tied and out is not None and out.weight.is_meta:  # older classes: the output embeddings are the tie
+        names = {id(p): n for n, p in causal_lm.named_parameters()}
+        source = causal_lm.get_input_embeddings().weight
+        if id(out.weight) in names and id(source) in names:
+            tied = {names[id(out.weight)]: names[id(source)]}
+    done = []
+    for target, source in tied.items():
+        mod_name, _, leaf = target.rpartition(".")
+        mod = causal_lm.get_submodule(mod_name) if mod_name else causal_lm
+        if getattr(mod, leaf) is not None and getattr(mod, leaf).is_meta:
+            src = causal_lm.get_parameter(source)
+            if not src.is_meta:
+                mod._parameters[leaf] = src
+                done.append(target)
+    return done
+
+
+@lru_cache(maxsize=1)
+def _given_output_class() -> type:
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    class GivenOutput(BaseModelOutputWithPast):
+        def __getattr__(self, name: str):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return None
+
+    return GivenOutput
+
+
+def _given_output(hidden: torch.Tensor):
+    """The base model's output as a causal LM reads it: the final hidden states, nothing else (None for any other
+    field the class may read, e.g. a MoE model's router logits)."""
+    return _given_output_class()(last_hidden_state=hidden)
+
+
+class _GivenHiddenStates(torch.nn.Module):
+    """Stands in for a causal LM's base model: returns the final hidden states it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, *args, **kwargs):
+        return _given_output(self.hidden)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # a causal LM that calls a part of its base model (OPT: `self.model.decoder`)
+            if name.startswith("_"):
+                raise
+            return self
+
+
+class HeadRunner:
+    """A causal LM's own forward from final hidden states to logits: its lm_head and whatever the class does after
+    it (Gemma's final soft-capping, Granite's logit divisor, Cohere's logit scale, ...), run by transformers' code.
+
+    A shallow copy of the causal LM whose base model returns the given hidden states; the head's parameters are the
+    causal LM's own (bound later, tied or not)."""
+
+    def __init__(self, causal_lm: torch.nn.Module) -> None:
+        import copy
+
+        self._given = _GivenHiddenStates()
+        self._causal_lm, self._prefix = causal_lm, causal_lm.base_model_prefix
+        self._lm = copy.copy(causal_lm)
+        self._lm._modules = dict(causal_lm._modules)
+        self._lm._modules[self._prefix] = self._given
+        params = inspect.signature(inspect.unwrap(type(causal_lm).forward)).parameters
+        self._kwargs = {"logits_to_keep": 0} if "logits_to_keep" in params else {}
+        if "use_cache" in params:
+            self._kwargs["use_cache"] = False
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of final hidden states [..., hidden] (any leading shape: one position, rows of a tree,
+        a batch), in the model's dtype. The head runs over them as one sequence of positions."""
+        for name, mod in self._causal_lm._modules.items():  # the causal LM's head may be replaced after (a draft's)
+            if name != self._prefix and self._lm._modules.get(name) is not mod:
+                self._lm._modules[name] = mod
+        lead = hidden.shape[:-1]
+        self._given.hidden = flat = hidden.reshape(1, -1, hidden.shape[-1])
+        # placeholder ids: a head may read how many positions there are (Gemma 4), never which tokens
+        ids = torch.zeros(flat.shape[:2], dtype=torch.long, device=hidden.device)
+        try:
+            logits = self._lm(input_ids=ids, **self._kwargs).logits
+        finally:
+            self._given.hidden = None
+        return logits.reshape(*lead, logits.shape[-1])
+
+
+class _KVRecorder:
+    """A cache that only records the key and value shapes each layer writes (for a forward on the meta device)."""
+
+    is_compileable = False
+
+    def __init__(self) -> None:
+        self.shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.shapes[layer_idx] = (tuple(key_states.shape), tuple(value_states.shape))
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def kv_shapes(causal_lm: torch.nn.Module) -> dict[int, tuple[tuple[int, int], tuple[int, int]]]:
+    """Per decoder layer that writes the KV cache: ((key heads, key dim), (value heads, value dim)), found by running
+    the model's own forward on the meta device (no memory, no compute) over one token with a recording cache.
+    Layers that reuse another layer's keys (KV sharing) write nothing and are absent."""
+    base = causal_lm.base_model
+    meta = torch.device("meta")
+    cache = _KVRecorder()
+    one = torch.zeros(1, 1, dtype=torch.long, device=meta)
+    mask = torch.zeros(1, 1, 1, 1, device=meta, dtype=next(causal_lm.parameters()).dtype)
+    types = getattr(base.config, "layer_types", None)
+    with torch.no_grad():
+        try:
+            run_decoder(base, one, {t: mask for t in set(types)} if types else mask, one, cache)
+        except (TypeError, AttributeError, KeyError):  # a forward that takes one mask whatever its layer types
+            run_decoder(base, one, mask, one, cache)
+    return {i: ((k[1], k[3]), (v[1], v[3])) for i, (k, v) in cache.shapes.items()}
+
+
+def checkpoint_model(config):
+    """The model transformers builds for a checkpoint's config (random weights, on the current device): its causal
+    LM, or for a multimodal config whose class is not one (Mistral 3) its image-text-to-text model, else (a tower
+    that needs another library) its text decoder's causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto, cfg in ((AutoModelForCausalLM, config), (AutoModelForImageTextToText, config),
+                      (AutoModelForCausalLM, text_config(config))):
+        try:
+            return auto.from_config(cfg)
+        except (ValueError, ImportError):
+            if cfg is not config:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class CheckpointNames:
+    """Checkpoint tensor names -> the names of the model transformers builds for the checkpoint's config, by
+    transformers' own conversion mapping (the renames it applies when loading: original layouts such as EXAONE's
+    `transformer.h`, multimodal prefixes, a checkpoint saved without its base model's prefix).
+
+    Built from the model on the meta device. Tensors that transformers merges or splits on load (its weight
+    converters) cannot be streamed one at a time: `name` raises ContractError for them."""
+
+    def __init__(self, config) -> None:
+        with torch.device("meta"):
+            model = checkpoint_model(config)
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        except ImportError:  # a transformers without load-time renames: checkpoints are named as their models
+            self._renamings, self._converters, self._rename = [], [], None
+        else:
+            mapping = get_model_conversion_mapping(model)
+            self._renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+            self._converters = [t for t in mapping if isinstance(t, WeightConverter)]
+            self._rename = rename_source_key
+        self._prefix = model.base_model_prefix
+        self._names = {n: True for n in model.state_dict()}
+        self.parameters = frozenset(n for n, _ in model.named_parameters(remove_duplicate=False))
+        self.state = frozenset(self._names)  # parameters and persistent buffers: what a checkpoint may hold
+        self.model_class = type(model).__name__
+
+    def name(self, key: str) -> str:
+        """The model's name for a checkpoint tensor (unchanged when nothing applies)."""
+        if self._rename is None:
+            return key if key in self._names or f"{self._prefix}.{key}" not in self._names else f"{self._prefix}.{key}"
+        renamed, converter = self._rename(key, self._renamings, self._converters, self._prefix, self._names)
+        if converter is not None:
+            raise ContractError(f"transformers {transformers_version()} merges or splits {key} ({converter}) when "
+                                f"loading {self.model_class}, which offspec cannot convert one tensor at a time")
+        if renamed not in self._names and key in self._names:
+            return key
+        return renamed
+
+
 class CacheProtocol:
     """Mixin for offspec caches: the methods transformers' attention and masking code call on a cache."""
 

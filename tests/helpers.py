@@ -11,15 +11,18 @@ def load_dequantized_nf4(hf_model, store: Path) -> int:
     """Copy each NF4 weight of `store`, dequantized, into transformers' model (the NF4 oracle); returns the count."""
     from offspec.store.manifest import read_manifest, tensor_views
     from offspec.store.nf4 import dequantize_nf4
+    from offspec.transformers_contract import decoder_layer_stack
 
     quantized = 0
-    for i, entry in enumerate(read_manifest(store).layers):
+    manifest = read_manifest(store)
+    _, layers = decoder_layer_stack(hf_model, manifest.num_layers)
+    for i, entry in enumerate(manifest.layers):
         buf = torch.frombuffer(bytearray((Path(store) / entry.file).read_bytes()), dtype=torch.uint8)
         views = tensor_views(entry.tensors, buf)
         for name, e in entry.tensors.items():
             if e.quant is not None:
                 w = dequantize_nf4(views[name], views[name + ".absmax"], e.quant)
-                hf_model.model.layers[i].get_parameter(name).data.copy_(w)
+                layers[i].get_parameter(name).data.copy_(w)
                 quantized += 1
     return quantized
 

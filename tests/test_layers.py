@@ -23,7 +23,6 @@ RANK_NAMES = {0: "bottom", 1: "store", 2: "models", 3: "runtime", 4: "speculativ
 
 # Known upward imports, to be removed (this list may only shrink): (importer, imported) -> why it is here.
 KNOWN: dict[tuple[str, str], str] = {
-    ("offspec.store.convert", "offspec.models.registry"): "conversion checks the architecture is supported",
 }
 
 

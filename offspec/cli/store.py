@@ -27,9 +27,11 @@ def convert(
     dtype: DtypeOpt = "bfloat16",
 ) -> None:
     """Convert a model into a layer store (one aligned blob per decoder layer, checksummed)."""
+    from offspec.loader import check_family
     from offspec.store.convert import ConversionInterrupted, convert as convert_store, format_size
 
     with say_interrupted(ConversionInterrupted), console.quiet_transformers():
+        check_family(src)  # refused in one line before anything is written
         result = convert_store(src, out, bits=bits, dtype=dtype, progress=console.stderr_is_tty(),
                                on_choice=console.status_line)
     verb = "converted" if result.converted else "already converted"
@@ -82,6 +84,9 @@ def plan(
         console.status_line("warning: --host-memory does nothing on the CPU (it sizes pinned RAM for CUDA)")
     host_budget = host_budget or 0
     dev_budget = dev_budget or 0
+    from offspec.loader import check_family
+
+    check_family(model)  # the family checked on its first use, as generate does
     target = plan_inputs(model, bits, dtype)
     name, man, what = target.name, target.manifest, target.what
     ctx_tokens = context_tokens(target.store_dir, ctx_size, target.config)
@@ -98,6 +103,7 @@ def plan(
         reserved = self_draft_bytes(target.store_dir, man, ctx_tokens, kind, config=target.config, fmt=fmt)
         draft_label = f"self-draft: {fmt} copy (resident)"
     elif draft is not None and draft != "ngram":
+        check_family(draft)
         d = plan_inputs(draft, 16, dtype)
         reserved = model_bytes(d.store_dir, ctx_tokens, kind, manifest=d.manifest, config=d.config)
     residency, minimum = plan_for_store(target.store_dir, man, kind, dev_budget, host_budget, reserved, ctx_tokens,

@@ -27,9 +27,11 @@ class NF4Linear(nn.Module):
 
     `bind` points it at a packed view and a QuantState prepared once per (layer, buffer) by the caller."""
 
-    def __init__(self, in_features: int, out_features: int, info: QuantInfo) -> None:
+    def __init__(self, in_features: int, out_features: int, info: QuantInfo, transposed: bool = False) -> None:
+        """transposed: the stored weight is [in, out] (GPT-2's Conv1D): y = x W + b."""
         super().__init__()
         self.in_features, self.out_features, self.info = in_features, out_features, info
+        self.transposed = transposed
         self.weight: torch.Tensor | None = None  # packed uint8 view
         self.state = None  # bitsandbytes QuantState over the absmax view, dequantizing to the compute dtype
         self.bias: torch.Tensor | None = None
@@ -46,7 +48,7 @@ class NF4Linear(nn.Module):
         from offspec.store.nf4 import _bnb_functional
 
         bnbf = _bnb_functional()
-        if self.weight is None or self.weight.device.type != "cpu" or not bnbf.has_avx512bf16():
+        if self.weight is None or self.weight.device.type != "cpu" or not bnbf.has_avx512bf16() or self.transposed:
             return False
         if self.info.shape[0] % 32 or self.info.shape[1] % 2:
             return False
@@ -69,14 +71,25 @@ class NF4Linear(nn.Module):
             packed, state = self._fused
             out = _bnb_functional().gemv_4bit(x.to(torch.bfloat16), packed, state=state).to(x.dtype)
             return out + self.bias if self.bias is not None else out
-        return F.linear(x, self.dequantized(), self.bias)
+        weight = self.dequantized()
+        return F.linear(x, weight.t() if self.transposed else weight, self.bias)
 
 
 def swap_nf4_linears(layer: nn.Module, quant: dict[str, QuantInfo]) -> None:
-    """Replace each nn.Linear whose '<name>.weight' is NF4 in the store by an NF4Linear (no memory)."""
+    """Replace each nn.Linear (or GPT-2-style Conv1D) whose '<name>.weight' is NF4 in the store by an NF4Linear
+    (no memory); ModelError for a 2-D weight of any other module."""
+    from offspec.errors import ModelError
+
     for wname, info in quant.items():
         mod_name = wname.rsplit(".", 1)[0]
         parent_name, _, leaf = mod_name.rpartition(".")
         parent = layer.get_submodule(parent_name) if parent_name else layer
         old = getattr(parent, leaf)
-        setattr(parent, leaf, NF4Linear(old.in_features, old.out_features, info))
+        if isinstance(old, nn.Linear):
+            new = NF4Linear(old.in_features, old.out_features, info)
+        elif type(old).__name__ == "Conv1D" and hasattr(old, "nf"):  # transformers.pytorch_utils.Conv1D
+            new = NF4Linear(info.shape[0], old.nf, info, transposed=True)
+        else:
+            raise ModelError(f"NF4 weights for {type(old).__name__} modules ({wname}) are not supported: "
+                             "convert with --bits 16")
+        setattr(parent, leaf, new)

@@ -14,6 +14,12 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype:
     return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
 
 
+def layout_bytes_per_token(layout, dtype: torch.dtype) -> int:
+    """Bytes one cached position takes under a per-layer layout ((key heads, key dim, value heads, value dim) or
+    None for a layer that writes nothing)."""
+    return sum((kh * kd + vh * vd) * dtype.itemsize for kh, kd, vh, vd in (g for g in layout if g is not None))
+
+
 class StaticKVCache(CacheProtocol):
     """Per-layer key/value buffers [1, H_kv, capacity, D]; `length` slots are committed.
 
@@ -25,8 +31,13 @@ class StaticKVCache(CacheProtocol):
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", static: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", static: bool = False,
+                 layout: tuple | None = None) -> None:
+        """layout: per layer (key heads, key dim, value heads, value dim), or None for a layer that writes no KV
+        (it reuses another's); by default every layer has num_kv_heads x head_dim keys and values."""
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        uniform = ((num_kv_heads, head_dim, num_kv_heads, head_dim),) * num_layers
+        self.layout = tuple(layout) if layout is not None else uniform
         self.dtype, self.device, self.static = dtype, torch.device(device), static
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
@@ -37,9 +48,16 @@ class StaticKVCache(CacheProtocol):
         self._write_idx = torch.zeros(0, dtype=torch.long, device=self.device)
         self._reserve(capacity)
 
+    @classmethod
+    def for_layout(cls, layout, capacity: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                   static: bool = False) -> StaticKVCache:
+        """A cache for a per-layer layout (models.registry.kv_layout)."""
+        first = next((g for g in layout if g is not None), (1, 1, 1, 1))
+        return cls(len(layout), first[0], first[1], capacity, dtype, device, static, layout)
+
     @property
     def bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+        return layout_bytes_per_token(self.layout, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -50,11 +68,14 @@ class StaticKVCache(CacheProtocol):
         """Grow the buffers to hold `capacity` positions (copies only when growing)."""
         if capacity <= self.capacity:
             return
-        shape = (1, self.num_kv_heads, capacity, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        def buf(heads: int, dim: int) -> torch.Tensor:
+            return torch.zeros((1, heads, capacity, dim), dtype=self.dtype, device=self.device)
+
+        keys = [buf(g[0], g[1]) if g else None for g in self.layout]
+        values = [buf(g[2], g[3]) if g else None for g in self.layout]
         for old, new in zip(self.keys + self.values, keys + values):
-            new[:, :, : self.length].copy_(old[:, :, : self.length])
+            if new is not None:
+                new[:, :, : self.length].copy_(old[:, :, : self.length])
         positions = torch.zeros(capacity, dtype=torch.long, device=self.device)
         positions[: self.length].copy_(self.positions[: self.length])
         self.keys, self.values, self.positions, self.capacity = keys, values, positions, capacity
@@ -111,7 +132,8 @@ class StaticKVCache(CacheProtocol):
         if k_len:
             src = indices.to(device=self.device, dtype=torch.long) + start
             for buf in self.keys + self.values:
-                buf[:, :, start : start + k_len].copy_(buf.index_select(2, src))
+                if buf is not None:
+                    buf[:, :, start : start + k_len].copy_(buf.index_select(2, src))
             self.positions[start : start + k_len].copy_(self.positions.index_select(0, src))
         self.length = start + k_len
 
@@ -130,13 +152,19 @@ class BatchKVCache(CacheProtocol):
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, rows: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", layout: tuple | None = None) -> None:
+        """layout: per layer (key heads, key dim, value heads, value dim) or None, as in StaticKVCache."""
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.rows, self.capacity, self.dtype, self.device = rows, capacity, dtype, torch.device(device)
-        shape = (rows, num_kv_heads, capacity + 1, head_dim)
+        uniform = ((num_kv_heads, head_dim, num_kv_heads, head_dim),) * num_layers
+        self.layout = tuple(layout) if layout is not None else uniform
+
+        def buf(heads: int, dim: int) -> torch.Tensor:
+            return torch.zeros((rows, heads, capacity + 1, dim), dtype=dtype, device=self.device)
+
         with torch.inference_mode(False):
-            self.keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-            self.values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+            self.keys = [buf(g[0], g[1]) if g else None for g in self.layout]
+            self.values = [buf(g[2], g[3]) if g else None for g in self.layout]
             self.positions = torch.zeros(rows, capacity + 1, dtype=torch.long, device=self.device)  # [rows, slots]
         self.lengths = [0] * rows
         self.span = 0
@@ -144,9 +172,16 @@ class BatchKVCache(CacheProtocol):
         self._contiguous = True
         self._write_idx = torch.zeros(0, 0, dtype=torch.long, device=self.device)
 
+    @classmethod
+    def for_layout(cls, layout, rows: int, capacity: int, dtype: torch.dtype,
+                   device: torch.device | str = "cpu") -> BatchKVCache:
+        """A batch cache for a per-layer layout (models.registry.kv_layout)."""
+        first = next((g for g in layout if g is not None), (1, 1, 1, 1))
+        return cls(len(layout), first[0], first[1], rows, capacity, dtype, device, layout)
+
     @property
     def bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
+        return layout_bytes_per_token(self.layout, self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -204,6 +239,7 @@ class BatchKVCache(CacheProtocol):
                           and torch.equal(indices, torch.arange(k_len, dtype=indices.dtype))):
             src = indices.to(device=self.device, dtype=torch.long) + start
             for buf in self.keys + self.values:
-                buf[row, :, start : start + k_len].copy_(buf[row].index_select(1, src))
+                if buf is not None:
+                    buf[row, :, start : start + k_len].copy_(buf[row].index_select(1, src))
             self.positions[row, start : start + k_len].copy_(self.positions[row].index_select(0, src))
         self.lengths[row] = start + k_len

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from offspec.errors import StoreError
 from offspec.models.binding import LayerBinding
 from offspec.models.nf4 import NF4Linear, swap_nf4_linears
-from offspec.models.registry import build_skeleton, final_logits, kv_geometry, layer_windows, load_config
+from offspec.models.registry import build_skeleton, kv_layout, load_config
 from offspec.runtime.device import pick_compute_dtype, resolve_device
 from offspec.runtime.kv_cache import BatchKVCache, StaticKVCache
 from offspec.runtime.masks import causal_mask, pad_mask, window_mask
@@ -20,7 +21,7 @@ from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan
 from offspec.runtime.sizing import plan_for_store, upcast_plan
 from offspec.runtime.streamer import LayerStreamer, load_blob
 from offspec.store.manifest import Manifest, read_manifest, tensor_views
-from offspec.transformers_contract import run_decoder
+from offspec.transformers_contract import run_decoder, text_config
 
 
 @dataclass
@@ -36,9 +37,9 @@ class PassStats:
 class OffloadedModel:
     """A decoder-only model whose layers are device-resident, host-resident or streamed from disk.
 
-    The forward is the family's own transformers forward (`model.model(...)`): a streamed layer's
-    forward pre-hook waits for its blob and binds its weights (prepared once per ring slot), its
-    forward hook hands the slot back; the lm_head runs here, over the rows that are needed.
+    The forward is the family's own transformers forward (its causal LM's base model): a streamed layer's
+    forward pre-hook waits for its blob and binds its weights (prepared once per ring slot), its forward hook
+    hands the slot back; the head (the causal LM's own forward after its base model) runs over the rows needed.
     """
 
     def __init__(self, store_dir: str | Path, plan: ResidencyPlan, device: torch.device | str = "cpu",
@@ -57,12 +58,12 @@ class OffloadedModel:
         self.store_dtype = self.manifest.torch_dtype
         self.dtype = pick_compute_dtype(self.store_dtype, self.device)  # activations, KV cache, matmuls
         sk = build_skeleton(self.config, self.dtype, self.device)
-        self.family, self.decoder, self.layers, self.lm_head = sk.family, sk.decoder, sk.layers, sk.lm_head
+        self.family, self.causal_lm, self.decoder, self.layers = sk.family, sk.causal_lm, sk.decoder, sk.layers
+        self._skeleton, self.head = sk, sk.head
+        if self.layers is None or len(self.layers) != self.manifest.num_layers:
+            raise StoreError(f"{self.store_dir}: config has {len(self.layers or ())} decoder layers, manifest "
+                             f"{self.manifest.num_layers}")
         self.num_layers = len(self.layers)
-        if self.num_layers != self.manifest.num_layers:
-            raise StoreError(f"{self.store_dir}: config has {self.num_layers} layers, manifest {self.manifest.num_layers}")
-        windows = layer_windows(self.config)
-        self._window = max((w for w in windows if w), default=None)
         for i, entry in enumerate(self.manifest.layers):
             quant = {n: e.quant for n, e in entry.tensors.items() if e.quant is not None}
             if quant:
@@ -110,8 +111,8 @@ class OffloadedModel:
         for i in ringed:
             self.layers[i].register_forward_pre_hook(self._make_pre_hook(i))
             self.layers[i].register_forward_hook(self._make_post_hook(i))
-        self.cache = StaticKVCache(*kv_geometry(self.config), cache_tokens, self.dtype, self.device,
-                                   static=static_cache)
+        self.cache = StaticKVCache.for_layout(kv_layout(self.config), cache_tokens, self.dtype, self.device,
+                                              static=static_cache)
         self.stats = PassStats()
         self._last_hidden: torch.Tensor | None = None  # normed final hidden states of the last forward
 
@@ -161,7 +162,7 @@ class OffloadedModel:
         total = 0
         streamed = {id(self.layers[i]) for i in self.plan.layers(DISK)} if self.streamer is not None else set()
         skip = {id(m) for layer in self.layers if id(layer) in streamed for m in layer.modules()}
-        skip.add(id(self.decoder.embed_tokens))
+        skip.add(id(self.causal_lm.get_input_embeddings()))
         for mod in list(self.decoder.modules()) + list(self.lm_head.modules()):
             if id(mod) in skip:
                 continue
@@ -182,50 +183,67 @@ class OffloadedModel:
         """Layers whose weights this model keeps in device memory (RAM on the CPU) for good."""
         return [i for i, t in enumerate(self.plan.tiers) if t == DEVICE or (t == HOST and self.device.type != "cuda")]
 
+    def _outside_layers(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of a causal LM's parameters outside its decoder layers: embeddings, norm, head."""
+        in_layers = {id(p) for layer in self.layers for p in layer.parameters()}
+        return [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in in_layers]
+
     def _load_resident(self, share: OffloadedModel | None = None) -> None:
-        if share is not None:  # the same Parameter objects: embeddings, norm, lm_head (everything but the layers)
-            for root, other in ((self.decoder, share.decoder), (self.lm_head, share.lm_head)):
-                for name, p in other.named_parameters():
-                    if not name.startswith("layers."):
-                        mod_name, _, leaf = name.rpartition(".")
-                        (root.get_submodule(mod_name) if mod_name else root)._parameters[leaf] = p
+        if share is not None:  # the same Parameter objects: embeddings, norm, head (everything but the layers)
+            mine = dict(self._outside_layers(self.causal_lm))
+            for name, p in share._outside_layers(share.causal_lm):
+                if name in mine:
+                    mod_name, _, leaf = name.rpartition(".")
+                    (self.causal_lm.get_submodule(mod_name) if mod_name else self.causal_lm)._parameters[leaf] = p
             return
         entry = self.manifest.resident
         # views keep their blob's storage alive; upcast copies let the stored bytes go
         views = self._upcast(tensor_views(entry.tensors, load_blob(self.store_dir, entry, self.device)))
-        decoder, head = {}, {}
-        for name, t in views.items():
-            if name.startswith("model."):
-                decoder[name[len("model."):]] = t
-            elif name.startswith("lm_head."):
-                head[name[len("lm_head."):]] = t
-        if "weight" not in head:
-            if "embed_tokens.weight" not in decoder:
-                raise StoreError(f"{self.store_dir}: resident blob has no embeddings")
-            head["weight"] = decoder["embed_tokens.weight"]  # tied embeddings
+        prefix = self.causal_lm.base_model_prefix + "."
+        named = {n for n, _ in self.causal_lm.named_parameters(remove_duplicate=False)}
+        named |= {n for n, _ in self.causal_lm.named_buffers(remove_duplicate=False)}
+        # a checkpoint saved from the base model has no prefix ("h.0...", "wte.weight" for GPT-2)
+        views = {(prefix + n if n not in named and prefix + n in named else n): t for n, t in views.items()}
         try:
-            LayerBinding(self.decoder, decoder, self.dtype).bind()
-            LayerBinding(self.lm_head, head, self.dtype).bind()
+            LayerBinding(self.causal_lm, views, self.dtype).bind()
         except AttributeError as exc:
             raise StoreError(f"{self.store_dir}: resident blob does not fit the {self.config.model_type} "
                              f"architecture ({exc})") from None
+        self._skeleton.tie_weights()
 
     def _check_bound(self, ringed: list[int]) -> None:
-        """Every parameter outside the ring-bound layers holds real data (a store missing a tensor fails here)."""
-        skip = tuple(f"model.layers.{i}." for i in ringed)
-        named = [("model." + n, p) for n, p in self.decoder.named_parameters()]
-        named += [("lm_head." + n, p) for n, p in self.lm_head.named_parameters()]
-        for name, p in named:
-            if p.is_meta and not name.startswith(skip):
+        """Every parameter outside the ring-bound layers holds real data, and every parameter of a ring-bound layer
+        has its tensor in the layer's blob (a store missing a tensor fails here, not in the middle of a pass)."""
+        ring = {id(p) for i in ringed for p in self.layers[i].parameters()}
+        for name, p in self.causal_lm.named_parameters():
+            if p.is_meta and id(p) not in ring:
                 raise StoreError(f"{self.store_dir}: the store has no tensor {name}")
+        for i in ringed:
+            stored = self.manifest.layers[i].tensors
+            for name, p in self.layers[i].named_parameters():
+                if name not in stored:
+                    raise StoreError(f"{self.store_dir}: the store has no tensor {name} of decoder layer {i}")
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        """The causal LM's output layer (its output embeddings), whatever the class calls it."""
+        return self.causal_lm.get_output_embeddings()
+
+    @lm_head.setter
+    def lm_head(self, module: nn.Module) -> None:
+        """Another output layer (the self-draft's low-bit copy of the target's); the head runs through it."""
+        self.causal_lm.set_output_embeddings(module)
 
     @property
     def vocab_size(self) -> int:
-        return int(self.lm_head.out_features)
+        out = self.lm_head
+        if out is None:
+            return int(text_config(self.config).vocab_size)
+        return int(getattr(out, "out_features", None) or out.weight.shape[0])
 
     @property
     def max_context(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 1 << 20))
+        return int(getattr(text_config(self.config), "max_position_embeddings", None) or 1 << 20)
 
     # ------------------------------------------------------------------ streamed layers
     def _make_pre_hook(self, i: int):
@@ -265,14 +283,17 @@ class OffloadedModel:
     supports_logit_rows = True
 
     def _masks(self, mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
-        """The attention_mask argument: the full mask, its windowed form, or a dict by layer type.
+        """The attention_mask argument: one mask (windowed when every layer has the window), or a dict by layer type.
         q_pos [T] and k_pos [span] (a batch: [B, T] and [B, span]) are the positions of queries and cache slots."""
-        windowed = mask
-        if self._window is not None and k_pos.shape[-1] > self._window:  # else no key can be that far back
-            windowed = window_mask(mask, q_pos, k_pos, self._window)
-        if self.family.masks_by_layer_type:
-            return {"full_attention": mask, "sliding_attention": windowed}
-        return windowed
+        def windowed(window: int | None) -> torch.Tensor:
+            if window is None or k_pos.shape[-1] <= window:  # else no key can be that far back
+                return mask
+            return window_mask(mask, q_pos, k_pos, window)
+
+        fam = self.family
+        if fam.masks_by_layer_type:
+            return {t: windowed(w) for t, w in dict(zip(fam.layer_types, fam.windows)).items()}
+        return windowed(fam.windows[0] if fam.windows else None)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -342,16 +363,17 @@ class OffloadedModel:
 
     @torch.inference_mode()
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of final hidden states h [..., hidden]: the lm_head and the family's head quirk."""
+        """Float32 logits of final hidden states h [..., hidden]: the causal LM's own head (models/registry)."""
         return self._logits(h)
 
     def fork(self, cache_tokens: int) -> CacheView:
         """These weights over a KV cache of their own (one per sequence when several sequences share a model)."""
-        cache = StaticKVCache(*kv_geometry(self.config), cache_tokens, self.dtype, self.device, static=self.cache.static)
+        cache = StaticKVCache.for_layout(kv_layout(self.config), cache_tokens, self.dtype, self.device,
+                                         static=self.cache.static)
         return CacheView(self, cache)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return final_logits(self.family, self.config, self.lm_head(h).float())
+        return self.head(h).float()
 
     @torch.inference_mode()
     def logits_at(self, rows: torch.Tensor) -> torch.Tensor:

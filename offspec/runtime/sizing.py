@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from offspec.models.registry import kv_geometry, load_config
+from offspec.models.registry import kv_layout, load_config
 from offspec.runtime.device import pick_compute_dtype, resolve_device
-from offspec.runtime.kv_cache import kv_bytes_per_token as cache_bytes_per_token
+from offspec.runtime.kv_cache import layout_bytes_per_token
 from offspec.runtime.plan import ResidencyPlan, plan_residency
 from offspec.store.manifest import Manifest, read_manifest
 
@@ -83,7 +83,7 @@ def context_tokens(store_dir: str | Path | None, requested: int, config=None) ->
 
 def kv_bytes_per_token(config, compute: torch.dtype) -> int:
     """KV cache bytes per token of a model (every layer keeps its full KV), in the compute dtype."""
-    return cache_bytes_per_token(*kv_geometry(config), compute)
+    return layout_bytes_per_token(kv_layout(config), compute)
 
 
 def store_kv_bytes_per_token(store_dir: str | Path, device: str = "cpu") -> int:

@@ -24,7 +24,6 @@ import torch
 
 from offspec.config import check_bits_dtype
 from offspec.errors import ModelError, StoreError
-from offspec.models.registry import check_supported
 from offspec.store.locks import exclusive
 from offspec.store.manifest import (
     ALIGN,
@@ -43,6 +42,7 @@ from offspec.store.manifest import (
 )
 from offspec.store.metadata import (
     SourceMetadata,
+    checkpoint_naming,
     estimate_manifest,
     group_names,
     num_layers_of,
@@ -51,6 +51,7 @@ from offspec.store.metadata import (
     safetensors_files,
     split_layer_name,
     store_bytes,
+    ties_embeddings,
 )
 from offspec.store.nf4 import NF4_BLOCKSIZE, quantize_nf4
 
@@ -272,19 +273,19 @@ class FolderSource:
         self.src = src
         self.config = read_config(src)
         self.model_type = str(self.config["model_type"])
-        check_supported(self.model_type)
         self.num_layers = num_layers_of(self.config, str(src))
         self._stack = contextlib.ExitStack()
         try:
             self._where = self._open_shards()
-            self._layers, self._resident = group_names(list(self._where), self.num_layers, str(src))
+            naming = checkpoint_naming(src)
+            self._layers, self._resident = group_names(list(self._where), self.num_layers, str(src),
+                                                       expected=naming.parameters, known=naming.state)
         except BaseException:
             self._stack.close()
             raise
-        tie = self.config.get("tie_word_embeddings")
-        self.tie_word_embeddings = bool(tie) or "lm_head.weight" not in self._where
-        if self.tie_word_embeddings and "lm_head.weight" in self._resident:
-            self._resident.remove("lm_head.weight")
+        self.tie_word_embeddings = ties_embeddings(self.config, self._resident)
+        if self.tie_word_embeddings:
+            self._resident.pop("lm_head.weight", None)
 
     def _open(self, file: Path):
         from safetensors import safe_open
@@ -295,25 +296,28 @@ class FolderSource:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"{file}: unreadable safetensors file ({msg}); it may be truncated or corrupt") from None
 
-    def _open_shards(self) -> dict[str, tuple[object, Path]]:
-        """Map every tensor name to (open handle, file); follows model.safetensors.index.json if present."""
+    def _open_shards(self) -> dict[str, tuple[object, Path, str]]:
+        """Map every tensor's model name to (open handle, file, checkpoint name); follows
+        model.safetensors.index.json if present."""
         index = self.src / "model.safetensors.index.json"
-        where: dict[str, tuple[object, Path]] = {}
+        where: dict[str, tuple[object, Path, str]] = {}
+        rename = checkpoint_naming(self.src).rename
         for file in safetensors_files(self.src):
             handle = self._open(file)
             for k in handle.keys():
-                where[k] = (handle, file)
+                where[rename(k)] = (handle, file, k)
         if index.is_file():
+            found = {key for _, _, key in where.values()}
             for name, fname in json.loads(index.read_text())["weight_map"].items():
-                if name not in where:
+                if name not in found:
                     raise ModelError(f"{self.src / fname}: tensor {name} (listed in {index.name}) is missing")
         return where
 
     def _loader(self, name: str) -> Loader:
         def load(dtype: torch.dtype | None = None) -> torch.Tensor:  # a view of the file; cast by the caller
-            handle, file = self._where[name]
+            handle, file, key = self._where[name]
             try:
-                return handle.get_tensor(name)
+                return handle.get_tensor(key)
             except Exception as exc:
                 raise ModelError(f"{file}: cannot read tensor {name} ({exc}); the file may be corrupt") from None
 
@@ -324,8 +328,8 @@ class FolderSource:
         return {rel: self._loader(full) for rel, full in self._layers[i].items()}
 
     def resident_tensors(self) -> dict[str, Loader]:
-        """Loaders of every non-layer tensor by full name (lm_head left out when tied)."""
-        return {name: self._loader(name) for name in self._resident}
+        """Loaders of the text model's other tensors by their text-model names (lm_head left out when tied)."""
+        return {name: self._loader(full) for name, full in self._resident.items()}
 
     def write_metadata(self, dest: Path) -> None:
         """Write config.json, generation config and tokenizer files into dest."""
@@ -416,7 +420,6 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
             with phase(f"reading {src.name} (config and tokenizer)", enabled=progress):
                 source = open_source(src)
             with source:
-                check_supported(source.model_type)
                 journal = _open_journal(partial, key)
                 try:
                     _convert(source, partial, journal, chosen, dtype, progress, meta)

@@ -237,7 +237,8 @@ class GgufSource:
                 self._by_hf[hf] = info
         self.num_layers = int(self.config.num_hidden_layers)
         self._layers, resident = group_names(list(self._by_hf), self.num_layers, str(src))
-        self._resident = [n for n in resident if not (n == "lm_head.weight" and self.tie_word_embeddings)]
+        self._resident = {n: full for n, full in resident.items()
+                          if not (n == "lm_head.weight" and self.tie_word_embeddings)}
         self._maps: list[np.ndarray] = [np.memmap(p, mode="r", dtype=np.uint8) for p in self.header.parts]
 
     def _loader(self, hf_name: str) -> Callable[..., torch.Tensor]:
@@ -298,7 +299,7 @@ class GgufSource:
         return {rel: self._loader(full) for rel, full in self._layers[i].items()}
 
     def resident_tensors(self) -> dict[str, Callable[[], torch.Tensor]]:
-        return {name: self._loader(name) for name in self._resident}
+        return {name: self._loader(full) for name, full in self._resident.items()}
 
     def write_metadata(self, dest: Path) -> None:
         from transformers import GenerationConfig

@@ -11,6 +11,7 @@ import json
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from offspec.store.manifest import (
 )
 
 NF4_BLOCKSIZE = 64  # must match offspec.store.nf4 (kept import-free of bitsandbytes here)
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
               "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
@@ -68,36 +68,154 @@ class SourceMetadata:
         return sum(len(layer) for layer in self.layers) + len(self.resident)
 
 
-def split_layer_name(name: str) -> tuple[int, str] | None:
-    """(layer index, relative name) for "model.layers.{i}.rest", else None."""
-    m = _LAYER_RE.match(name)
+@dataclass(frozen=True)
+class Layout:
+    """Where a checkpoint keeps its text decoder: the prefix of its decoder layers (`{stack}{i}.rest`), and which
+    tensor names belong to the text model, renamed to what the text model's causal LM calls them."""
+
+    stack: str  # e.g. "model.layers."
+    keep: tuple[tuple[str, str], ...] = (("", ""),)  # (checkpoint prefix, the text model's prefix); others dropped
+    what: str = ""
+
+    def text_name(self, name: str) -> str | None:
+        """The text model's name of a checkpoint tensor; None for a tensor of another part (a vision tower)."""
+        for src, dst in self.keep:
+            if name.startswith(src):
+                return dst + name[len(src):]
+        return None
+
+
+# The per-layout path map. Tensors outside the decoder stack are kept under their own names (a checkpoint saved
+# without the base model's prefix, e.g. GPT-2's "h.0.", is bound under that prefix when the model is built).
+LAYOUTS: tuple[Layout, ...] = (
+    Layout("model.layers.", what="model.layers (Llama-style decoders)"),
+    Layout("model.language_model.layers.", (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+           "model.language_model.layers (the text part of a multimodal checkpoint)"),
+    Layout("language_model.model.layers.", (("language_model.", ""),),
+           "language_model.model.layers (the text part of a multimodal checkpoint)"),
+    Layout("transformer.h.", what="transformer.h (GPT-2, GPT-J, BLOOM, Falcon, CodeGen)"),
+    Layout("h.", what="h (GPT-2-style, saved without its prefix)"),
+    Layout("gpt_neox.layers.", what="gpt_neox.layers (GPT-NeoX, Pythia)"),
+    Layout("layers.", what="layers (saved without its prefix)"),
+    Layout("model.decoder.layers.", what="model.decoder.layers (OPT)"),
+    Layout("decoder.layers.", what="decoder.layers (OPT, saved without its prefix)"),
+    Layout("transformer.blocks.", what="transformer.blocks (MPT)"),
+    Layout("biogpt.layers.", what="biogpt.layers (BioGPT)"),
+    Layout("gpt_neox_japanese.layers.", what="gpt_neox_japanese.layers (GPT-NeoX Japanese)"),
+)  # fmt: skip
+_INDEX_RE = re.compile(r"^(\d+)\.(.+)$")
+
+
+def split_layer_name(name: str, layout: Layout = LAYOUTS[0]) -> tuple[int, str] | None:
+    """(layer index, relative name) for "{layout.stack}{i}.rest", else None."""
+    if not name.startswith(layout.stack):
+        return None
+    m = _INDEX_RE.match(name[len(layout.stack):])
     return (int(m.group(1)), m.group(2)) if m else None
 
 
-def group_names(names: list[str], num_layers: int, where: str) -> tuple[dict[int, dict[str, str]], list[str]]:
-    """Split full tensor names into {layer: {relative: full}} and resident names; ModelError on gaps."""
+def find_layout(names: list[str], num_layers: int, where: str) -> Layout:
+    """The layout whose decoder stack holds layers 0..num_layers-1; ModelError naming the known ones otherwise."""
+    for layout in LAYOUTS:
+        found = {split[0] for split in (split_layer_name(n, layout) for n in names) if split is not None}
+        if num_layers and set(range(num_layers)) <= found:
+            return layout
+    known = ", ".join(lay.stack.rstrip(".") for lay in LAYOUTS)
+    raise ModelError(f"{where}: no decoder layer stack of {num_layers} layers at a known path ({known}); "
+                     "offspec streams decoder-only models laid out like these")
+
+
+def group_names(names: list[str], num_layers: int, where: str, layout: Layout | None = None,
+                expected: frozenset[str] | None = None,
+                known: frozenset[str] | None = None) -> tuple[dict[int, dict[str, str]], dict[str, str]]:
+    """Split full tensor names into {layer: {relative: full}} and {text-model name: full} for the other tensors
+    of the text model (a multimodal checkpoint's other parts are left out); ModelError on gaps.
+
+    expected: the parameter names of the model the checkpoint is for; a layer missing one of them is an error
+    (without them, a tensor that both neighbouring layers have is). known: every name the model loads; a tensor
+    it would not load (e.g. key projections a KV-sharing layer does not have) is left out, as transformers does."""
+    if known is not None:
+        names = [n for n in names if n in known]
+    layout = layout or find_layout(names, num_layers, where)
     layers: dict[int, dict[str, str]] = {i: {} for i in range(num_layers)}
-    resident: list[str] = []
+    resident: dict[str, str] = {}
     for name in names:
-        split = split_layer_name(name)
+        split = split_layer_name(name, layout)
         if split is None:
-            resident.append(name)
+            text = layout.text_name(name)
+            if text is not None:
+                resident[text] = name
         elif split[0] < num_layers:  # extra layers (e.g. multi-token-prediction heads) are unused by HF too
             layers[split[0]][split[1]] = name
-    if "model.embed_tokens.weight" not in resident:
-        raise ModelError(f"{where}: tensor model.embed_tokens.weight is missing")
-    first = set(layers[0]) if num_layers else set()
+    if not resident:
+        raise ModelError(f"{where}: no embeddings (no tensor outside the decoder layers)")
     for i in range(num_layers):
         if not layers[i]:
             raise ModelError(f"{where}: layer {i} has no tensors (config says {num_layers} layers)")
-        missing = first - set(layers[i])
-        if missing and set(layers[i]) < first:
-            raise ModelError(f"{where}: tensor model.layers.{i}.{sorted(missing)[0]} is missing")
+        if expected is not None:
+            prefix = f"{layout.stack}{i}."
+            missing = {n[len(prefix):] for n in expected if n.startswith(prefix)} - set(layers[i])
+        elif 0 < i < num_layers - 1:  # layers may differ in kind (KV-sharing layers without key projections)
+            missing = (set(layers[i - 1]) & set(layers[i + 1])) - set(layers[i])
+        else:
+            missing = set()
+        if missing:
+            raise ModelError(f"{where}: tensor {layout.stack}{i}.{sorted(missing)[0]} is missing")
     return layers, resident
 
 
+@dataclass(frozen=True)
+class CheckpointNaming:
+    """How a checkpoint's tensor names become its model's: `rename` (transformers' own load-time renames, see
+    transformers_contract.CheckpointNames), and the parameter names that model has (None if unknown)."""
+
+    rename: Callable[[str], str]
+    parameters: frozenset[str] | None = None
+    state: frozenset[str] | None = None  # every name the model loads; others are left out, as transformers does
+
+
+_NAMINGS: dict[tuple[str, int], CheckpointNaming] = {}
+
+
+def checkpoint_naming(src: Path) -> CheckpointNaming:
+    """The naming of a folder's checkpoint; names as they are for a config transformers cannot build (the
+    architecture check refuses it later with its own line)."""
+    from offspec.transformers_contract import CheckpointNames, ContractError
+
+    key = (str(src), (src / "config.json").stat().st_mtime_ns)
+    if key not in _NAMINGS:
+        try:
+            from transformers import AutoConfig
+
+            names = CheckpointNames(AutoConfig.from_pretrained(src))
+        except ContractError as exc:
+            raise ModelError(f"{src}: {exc}") from None
+        except Exception:  # noqa: BLE001 - unknown model types, configs transformers rejects
+            _NAMINGS[key] = CheckpointNaming(lambda name: name)
+        else:
+            def rename(name: str) -> str:
+                try:
+                    return names.name(name)
+                except ContractError as exc:
+                    raise ModelError(f"{src}: {exc}") from None
+
+            _NAMINGS[key] = CheckpointNaming(rename, names.parameters, names.state)
+    return _NAMINGS[key]
+
+
+def ties_embeddings(config: dict, resident: dict[str, str]) -> bool:
+    """Whether the head reuses the input embeddings: the config says so (or its text part does), or the checkpoint
+    has no lm_head of its own."""
+    flag = config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings"))
+    return bool(flag) or "lm_head.weight" not in resident
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # GPT-2, BLOOM, ... name it so
+
+
 def num_layers_of(config: dict, where: str) -> int:
-    n = config.get("num_hidden_layers", (config.get("text_config") or {}).get("num_hidden_layers"))
+    text = config.get("text_config") or {}
+    n = next((c[k] for c in (config, text) for k in LAYER_COUNT_KEYS if isinstance(c.get(k), int)), None)
     if not isinstance(n, int) or n < 1:
         raise ModelError(f"{where}: unsupported architecture '{config.get('model_type')}' "
                          "(its config.json has no num_hidden_layers)")
@@ -168,20 +286,22 @@ def _folder_metadata(src: Path) -> SourceMetadata:
     n = num_layers_of(config, str(src))
     specs: dict[str, TensorSpec] = {}
     files = safetensors_files(src)
+    naming = checkpoint_naming(src)
     for file in files:
-        for name, h in safetensors_header(file).items():
+        for key, h in safetensors_header(file).items():
+            name = naming.rename(key)
             dtype, size = _ST_DTYPES.get(h.get("dtype"), (str(h.get("dtype")).lower(), 1))
             shape = tuple(int(d) for d in h["shape"])
             nbytes = math.prod(shape) * size
             specs[name] = TensorSpec(shape, dtype.startswith("float") or dtype == "bfloat16", nbytes,
                                      "" if dtype.startswith("float") or dtype == "bfloat16" else dtype)
-    layers, resident = group_names(list(specs), n, str(src))
-    tie = bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in specs
-    resident = [r for r in resident if not (tie and r == "lm_head.weight")]
+    layers, resident = group_names(list(specs), n, str(src), expected=naming.parameters, known=naming.state)
+    tie = ties_embeddings(config, resident)
     return SourceMetadata(
         src, "folder", str(config["model_type"]), n, _sizing_config(config), tie,
         tuple({rel: specs[full] for rel, full in layers[i].items()} for i in range(n)),
-        {name: specs[name] for name in resident}, files=tuple(files))
+        {name: specs[full] for name, full in resident.items() if not (tie and name == "lm_head.weight")},
+        files=tuple(files))
 
 
 def _gguf_metadata(src: Path) -> SourceMetadata:

@@ -186,5 +186,20 @@ def plan_inputs(model: str, bits: int | None = None, dtype: str = "bfloat16", ho
     meta = read_source_metadata(path)
     chosen = choose_bits(meta, bits)
     why = f"; {meta.bits_reason}" if bits is None and meta.kind == "gguf" else ""
-    config = SimpleNamespace(**meta.config, num_hidden_layers=meta.num_layers)
+    config = _source_config(path) or SimpleNamespace(**meta.config, num_hidden_layers=meta.num_layers)
     return PlanInputs(path.name, estimate_manifest(meta, chosen, dtype), f"not converted yet{why}", config=config)
+
+
+def _source_config(path: Path):
+    """The transformers config of a folder or GGUF file, or None where transformers cannot read it (sizing then
+    falls back to the metadata's numbers)."""
+    try:
+        if path.is_file():
+            from offspec.transformers_contract import gguf_config
+
+            return gguf_config(path)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - an unknown model type: the architecture check says so elsewhere
+        return None

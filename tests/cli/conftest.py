@@ -79,17 +79,19 @@ class TinyModels:
         shutil.copytree(self.target, self.truncated)
         weights = self.truncated / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-        self.gpt2 = root / "tiny-other-arch"
-        self._save_gpt2(self.gpt2, tok)
+        self.other_arch = root / "tiny-other-arch"
+        self._save_encoder(self.other_arch, tok)
 
     @staticmethod
-    def _save_gpt2(folder: Path, tok) -> None:
+    def _save_encoder(folder: Path, tok) -> None:
+        """A BERT-style encoder run as a decoder by transformers: not a decoder-only stack offspec streams."""
         import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import BertConfig, BertLMHeadModel
 
         torch.manual_seed(4)
-        cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=4)
-        GPT2LMHeadModel(cfg).save_pretrained(folder)
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, is_decoder=True)
+        BertLMHeadModel(cfg).save_pretrained(folder)
         tok.save_pretrained(folder)
 
 

@@ -23,7 +23,7 @@ CASES = {
     "model path missing": (["hi", "--model", "{tmp}/no-such-model"], ["not found", "no-such-model"]),
     "not a model": (["hi", "--model", "{not_a_model}"], ["config.json"]),
     "truncated weights": (["hi", "--model", "{truncated}"], ["truncated"]),
-    "unsupported architecture": (["hi", "--model", "{gpt2}"], ["unsupported", "gpt2"]),
+    "unsupported architecture": (["hi", "--model", "{other_arch}"], ["unsupported", "bert", "encoder"]),
     "tokenizer mismatch": (["hi", "--model", "{target}", "--draft", "{other_draft}"], ["tokenizer"]),
     "budget too small": (["hi", "--model", "{target}", "--device-memory", "64KiB"], ["too small", "minimum"]),
     "prompt longer than the context": (["--model", "{short}", "--raw", "--no-spec", LONG_PROMPT],
@@ -72,7 +72,7 @@ def test_generate_errors_are_one_line(name, runner, cli_app, tiny, tmp_path):
     if name == "cuda without CUDA" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     args, words = CASES[name]
-    paths = {"tmp": tmp_path, "not_a_model": tiny.not_a_model, "truncated": tiny.truncated, "gpt2": tiny.gpt2,
+    paths = {"tmp": tmp_path, "not_a_model": tiny.not_a_model, "truncated": tiny.truncated, "other_arch": tiny.other_arch,
              "target": tiny.target, "other_draft": tiny.other_draft, "short": tiny.short}
     args = [a.format(**paths) if "{" in a else a for a in args]
     (tmp_path / "empty.txt").write_text("  \n")

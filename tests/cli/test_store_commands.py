@@ -195,3 +195,12 @@ def test_draft_without_model_does_not_convert_the_demo_draft(tiny, monkeypatch):
     assert loaded.draft_store is not None and loaded.draft_store.name.startswith("draft-")
     for m in (loaded.engine.target, loaded.engine.draft):
         m.close()
+
+
+@pytest.mark.parametrize("command", ["convert", "plan"])
+def test_an_unsupported_family_is_refused_before_anything_is_written(runner, cli_app, tiny, home, tmp_path, command):
+    args = [command, str(tiny.other_arch)] + ([str(tmp_path / "out")] if command == "convert" else [])
+    res = runner.invoke(cli_app, args)
+    assert res.exit_code != 0 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "unsupported architecture 'bert'" in res.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

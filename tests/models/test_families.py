@@ -41,7 +41,8 @@ def plans(store) -> dict[str, ResidencyPlan]:
     b, r = man.layer_bytes, man.resident.size
     return {
         "all-streamed": plan_residency(b, r, minimum_budget_bytes(b, r, 0, 0)),
-        "mixed": ResidencyPlan((DISK, DEVICE, DISK, DEVICE), tuple(b), r, 0, 0, 2, max(b)),
+        "mixed": ResidencyPlan(tuple(DISK if i % 2 == 0 else DEVICE for i in range(len(b))), tuple(b), r, 0, 0, 2,
+                               max(b)),
         "all-resident": plan_residency(b, r, 1 << 34),
     }
 
@@ -163,25 +164,62 @@ def test_nf4_store_equals_transformers_with_dequantized_weights(make_tiny_model,
             model.close()
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3", "bert"])
-def test_unsupported_model_type_fails_with_one_line_naming_the_supported_ones(tmp_path, model_type):
-    import json
+def test_nf4_conv1d_weights_equal_transformers_with_dequantized_weights(tmp_path):
+    """GPT-2 keeps its linear weights [in, out] in Conv1D modules: packed as NF4, they are applied transposed."""
+    from transformers import AutoModelForCausalLM
+
+    from offspec.models.tiny import default_config, tiny_config
+    from tests.helpers import load_dequantized_nf4
+
+    torch.manual_seed(0)
+    ref_model = AutoModelForCausalLM.from_config(tiny_config(default_config("gpt2"))).eval()
+    ref_model.save_pretrained(tmp_path / "src")
+    store = convert_model(tmp_path / "src", tmp_path / "nf4", bits=4, dtype="float32", progress=False)
+    assert load_dequantized_nf4(ref_model, store) >= 4 * 2
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = ref_model(ids).logits
+    for name, plan in plans(store).items():
+        model = OffloadedModel(store, plan, cache_tokens=32)
+        try:
+            assert (model.forward(ids) - ref).abs().max().item() < 1e-4, name
+        finally:
+            model.close()
+
+
+@pytest.mark.parametrize("model_type,why", [
+    ("mixtral", "mixture-of-experts"), ("qwen3_moe", "mixture-of-experts"), ("deepseek_v3", "mixture-of-experts"),
+    ("bert", "bert.encoder.layer"), ("bart", "encoder-decoder"), ("mamba", "linear_attention"),
+    ("llama4_text", "chunked_attention"), ("bloom", "4D attention mask"), ("openai-gpt", "no KV cache"),
+])
+def test_unsupported_model_type_fails_with_one_line_saying_why(tmp_path, model_type, why):
+    """A config offspec cannot stream is refused when it is read, with one line naming the reason."""
+    from transformers import AutoConfig
 
     from offspec.errors import ModelError
-    from offspec.models.registry import SUPPORTED_MODEL_TYPES, load_config
+    from offspec.models.registry import load_config
 
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 2}))
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path)
     with pytest.raises(ModelError) as err:
         load_config(tmp_path)
     msg = str(err.value)
-    assert "\n" not in msg and model_type in msg
-    assert all(t in msg for t in SUPPORTED_MODEL_TYPES)
-    with pytest.raises(ModelError):
-        convert_model(tmp_path, tmp_path / "out", progress=False)
+    assert "\n" not in msg and f"'{model_type}'" in msg and why in msg
 
 
-def test_family_label_names_the_family():
+def test_a_model_type_transformers_does_not_know_is_refused_in_one_line(tmp_path):
+    import json
+
+    from offspec.errors import ModelError
+    from offspec.models.registry import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_family", "num_hidden_layers": 2}))
+    with pytest.raises(ModelError, match=r"^unsupported architecture 'no_such_family': the installed transformers "
+                                         r"does not know it$"):
+        load_config(tmp_path)
+
+
+def test_family_label_names_the_class_transformers_runs():
     from offspec.models.registry import family_label
 
-    assert family_label("gemma3_text") == "gemma3_text (Gemma 3 text)"
-    assert family_label("mixtral") == "mixtral"
+    assert family_label("gemma3_text") == "gemma3_text (Gemma3ForCausalLM)"
+    assert family_label("no_such_family") == "no_such_family"

@@ -28,9 +28,9 @@ def _open(store, cache_tokens=64):
 
 
 def _batch_cache(model, rows, capacity=64):
-    from offspec.models.registry import kv_geometry
+    from offspec.models.registry import kv_layout
 
-    return BatchKVCache(*kv_geometry(model.config), rows, capacity, model.dtype)
+    return BatchKVCache.for_layout(kv_layout(model.config), rows, capacity, model.dtype)
 
 
 def _chain(n):

@@ -59,7 +59,7 @@ def test_self_draft_logits_equal_the_dequantized_nf4_reference(pair, tiny_llama_
 def test_self_draft_shares_the_targets_resident_parts(pair):
     target, draft, _ = pair
     assert draft.decoder.embed_tokens.weight.data_ptr() == target.decoder.embed_tokens.weight.data_ptr()
-    assert draft.lm_head.weight.data_ptr() == target.lm_head.weight.data_ptr()
+    assert draft.causal_lm.lm_head.weight.data_ptr() == target.causal_lm.lm_head.weight.data_ptr()
     assert draft.decoder.norm.weight.data_ptr() == target.decoder.norm.weight.data_ptr()
     for i, tier in enumerate(TIERS):
         q_d, q_t = draft.layers[i].self_attn.q_proj, target.layers[i].self_attn.q_proj

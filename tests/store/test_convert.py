@@ -271,3 +271,65 @@ def test_corrupt_gguf(tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(ModelError, match="broken.gguf: cannot load GGUF file"):
         _convert(bad, tmp_path / "store")
+
+
+def test_a_multimodal_checkpoint_converts_its_text_decoder_only(tmp_path):
+    """Gemma 3 keeps its text model under model.language_model: the store holds it under the text causal LM's
+    names, and the vision tower and projector are left out."""
+    from offspec.models.tiny import default_config, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(default_config("gemma3")))
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    model.save_pretrained(tmp_path / "src")
+    m = read_manifest(_convert(tmp_path / "src", tmp_path / "store", dtype="float32"))
+    assert m.model_type == "gemma3" and m.num_layers == model.config.text_config.num_hidden_layers
+    assert "model.embed_tokens.weight" in m.resident.tensors and "model.norm.weight" in m.resident.tensors
+    assert not [n for n in m.resident.tensors if "vision" in n or "projector" in n or "language_model" in n]
+    text = model.model.language_model.layers[0].state_dict()
+    assert set(m.layers[0].tensors) == set(text)
+
+
+def test_a_checkpoint_saved_without_its_base_models_prefix_runs(tmp_path):
+    """A GPT-2 base model saves `h.0...`, `wte.weight`: the store binds them under the causal LM's prefix and ties
+    the head to the embeddings, as transformers' own loading does."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    from offspec.runtime.model import OffloadedModel
+    from offspec.runtime.plan import plan_residency
+
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4)).save_pretrained(tmp_path / "src")
+    assert any(k.startswith("h.0.") for k in load_file(tmp_path / "src" / "model.safetensors"))
+    store = _convert(tmp_path / "src", tmp_path / "store", dtype="float32")
+    ref = GPT2LMHeadModel.from_pretrained(tmp_path / "src").eval()
+    m = read_manifest(store)
+    model = OffloadedModel(store, plan_residency(m.layer_bytes, m.resident.size, 1 << 30), cache_tokens=16)
+    ids = torch.tensor([[5, 9, 13, 2]])
+    try:
+        with torch.no_grad():
+            assert (model.forward(ids) - ref(ids).logits).abs().max().item() < 1e-4
+    finally:
+        model.close()
+
+
+def test_tensors_the_model_does_not_load_are_left_out(tmp_path):
+    """Gemma 3n checkpoints carry key/value projections for the layers that reuse another layer's keys; transformers
+    ignores them when loading, and so does the store."""
+    from transformers import AutoModelForCausalLM
+
+    from offspec.models.tiny import default_config, tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(default_config("gemma3n_text")))
+    shared = [i for i, layer in enumerate(model.model.layers) if layer.self_attn.is_kv_shared_layer]
+    assert shared
+    model.save_pretrained(tmp_path / "src")
+    tensors = load_file(tmp_path / "src" / "model.safetensors")
+    extra = f"model.layers.{shared[0]}.self_attn.k_proj.weight"
+    tensors[extra] = torch.zeros(32, 64)
+    save_file(tensors, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    m = read_manifest(_convert(tmp_path / "src", tmp_path / "store", dtype="float32"))
+    assert "self_attn.k_proj.weight" not in m.layers[shared[0]].tensors
+    assert "self_attn.k_proj.weight" in m.layers[0].tensors
