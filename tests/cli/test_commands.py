@@ -130,9 +130,10 @@ def test_bench_passes_its_options_through(runner, cli_app, monkeypatch, tmp_path
     }
 
 
-def test_end_to_end_in_a_subprocess(tiny, offspec_home):
-    """The installed entry point: answer alone on stdout, one stats line on stderr (no import noise)."""
-    env = {**os.environ, "OFFSPEC_HOME": str(offspec_home)}
+def test_end_to_end_in_a_subprocess(tiny, tmp_path):
+    """The installed entry point: answer alone on stdout, one stats line on stderr (no import noise); a home of its
+    own, so the only other lines are its own conversions."""
+    env = {**os.environ, "OFFSPEC_HOME": str(tmp_path / "home")}
     env.pop("TRANSFORMERS_VERBOSITY", None)  # the CLI must quiet transformers by itself
     cmd = [sys.executable, "-m", "offspec", "generate", "Hello", "--model", str(tiny.target), "--draft",
            str(tiny.draft), "--budget", "4", "-n", "4", "--dtype", "float32"]
