@@ -19,7 +19,9 @@ transformers' own DynamicCache.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -261,12 +263,22 @@ def kv_shapes(causal_lm: torch.nn.Module) -> dict[int, tuple[tuple[int, int], tu
     one = torch.zeros(1, 1, dtype=torch.long, device=meta)
     mask = torch.zeros(1, 1, 1, 1, device=meta, dtype=next(causal_lm.parameters()).dtype)
     types = getattr(base.config, "layer_types", None)
-    with torch.no_grad():
-        try:
-            run_decoder(base, one, {t: mask for t in set(types)} if types else mask, one, cache)
-        except (TypeError, AttributeError, KeyError):  # a forward that takes one mask whatever its layer types
-            run_decoder(base, one, mask, one, cache)
+    # routed experts pick their rows by value (nonzero), which the meta device cannot do: they answer zeros here
+    muted = [mod for name, mod in base.named_modules() if name.rsplit(".", 1)[-1].startswith("experts")
+             and _is_experts(mod)]
+    for mod in muted:
+        mod.forward = lambda hidden_states, *args, **kwargs: torch.zeros_like(hidden_states)
+    try:
+        with torch.no_grad():
+            try:
+                run_decoder(base, one, {t: mask for t in set(types)} if types else mask, one, cache)
+            except (TypeError, AttributeError, KeyError):  # a forward that takes one mask whatever its layer types
+                run_decoder(base, one, mask, one, cache)
+    finally:
+        for mod in muted:
+            del mod.forward
     return {i: ((k[1], k[3]), (v[1], v[3])) for i, (k, v) in cache.shapes.items()}
+
 
 
 def checkpoint_model(config):
@@ -283,6 +295,39 @@ def checkpoint_model(config):
             if cfg is not config:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class ExpertsModule:
+    """A layer's routed experts as transformers holds them: one module whose parameters are [num_experts, ...]
+    tensors, called as `experts(hidden_states, top_k_index, top_k_weights)` by its MoE block."""
+
+    path: str  # relative to the decoder layer, e.g. "mlp.experts"
+    num_experts: int
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # (parameter leaf, one expert's shape) in the module's order
+
+    def names(self) -> list[str]:
+        """Layer-relative names of the module's parameters, e.g. "mlp.experts.gate_up_proj"."""
+        return [f"{self.path}.{leaf}" for leaf, _ in self.shapes]
+
+
+def experts_module(layer: torch.nn.Module) -> ExpertsModule | None:
+    """The fused experts module of a decoder layer, or None for a dense layer (or experts of another kind)."""
+    for path, mod in layer.named_modules():
+        if path.rsplit(".", 1)[-1].startswith("experts") and _is_experts(mod):
+            n = int(mod.num_experts)
+            return ExpertsModule(path, n, tuple((leaf, tuple(p.shape[1:])) for leaf, p in
+                                                mod.named_parameters(recurse=False)))
+    return None
+
+
+def _is_experts(mod: torch.nn.Module) -> bool:
+    """A fused experts module: `num_experts`, and every parameter its own, [num_experts, ...], matrices among them
+    (a router's [num_experts, hidden] weight is not one)."""
+    n = getattr(mod, "num_experts", None)
+    params = list(mod.named_parameters(recurse=False))
+    return (isinstance(n, int) and n >= 1 and bool(params) and len(params) == len(list(mod.parameters()))
+            and all(p.ndim >= 2 and p.shape[0] == n for _, p in params) and any(p.ndim >= 3 for _, p in params))
 
 
 class CheckpointNames:
@@ -308,9 +353,42 @@ class CheckpointNames:
             self._rename = rename_source_key
         self._prefix = model.base_model_prefix
         self._names = {n: True for n in model.state_dict()}
+        # 2-D weights of decoder layers held by other modules than nn.Linear (routers): an NF4 store keeps them
+        self.not_linear = frozenset(
+            f"{mod_name}.{leaf}" for mod_name, mod in model.named_modules() if not isinstance(mod, torch.nn.Linear)
+            for leaf, p in mod.named_parameters(recurse=False) if leaf == "weight" and p.ndim == 2
+            and ".layers." in f".{mod_name}" and not _is_experts(mod))
+        self.experts: dict[int, ExpertsModule] = {}  # decoder layer -> its routed experts (MoE layers only)
+        self.expert_params: dict[str, tuple[int, str]] = {}  # full parameter name -> (layer, name in the layer)
+        n = int(getattr(text_config(config), "num_hidden_layers", 0) or 0)
+        path, layers = decoder_layer_stack(model, n) if n else (None, None)
+        for i, layer in enumerate(layers or ()):
+            if (found := experts_module(layer)) is not None:
+                self.experts[i] = found
+                for rel in found.names():
+                    self.expert_params[f"{path}.{i}.{rel}"] = (i, rel)
         self.parameters = frozenset(n for n, _ in model.named_parameters(remove_duplicate=False))
         self.state = frozenset(self._names)  # parameters and persistent buffers: what a checkpoint may hold
         self.model_class = type(model).__name__
+
+    def expert_piece(self, key: str) -> tuple[str, int, int, int] | None:
+        """For one expert's tensor that transformers stacks into a fused experts parameter on load (per-expert
+        checkpoints: `mlp.experts.3.gate_proj.weight`): (the parameter's full name, expert, piece, pieces), where the
+        expert's slice of the parameter is its pieces concatenated along their first dimension. None otherwise."""
+        if self._rename is None:
+            return None
+        renamed, pattern = self._rename(key, self._renamings, self._converters, self._prefix, self._names)
+        if pattern is None or renamed not in self.expert_params:
+            return None
+        conv = next((c for c in self._converters if pattern in c.source_patterns), None)
+        ops = [(type(op).__name__, getattr(op, "dim", None)) for op in getattr(conv, "operations", ())]
+        if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+            return None
+        regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+        m = re.search(regex, key)
+        if m is None or not m.groups():
+            return None
+        return renamed, int(m.group(1)), conv.source_patterns.index(pattern), len(conv.source_patterns)
 
     def name(self, key: str) -> str:
         """The model's name for a checkpoint tensor (unchanged when nothing applies)."""

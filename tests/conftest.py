@@ -78,28 +78,41 @@ TINY_FAMILIES: dict[str, tuple[str, dict]] = {
 }
 
 
+_MLA = {"kv_lora_rank": 16, "q_lora_rank": None, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+        "head_dim": 8, "num_key_value_heads": 4}  # multi-latent attention: rotary over qk_rope_head_dim
+# Tiny mixtures of experts (8 experts, 2 per token), each with its routing quirks.
+TINY_MOE_FAMILIES: dict[str, tuple[str, dict]] = {
+    "mixtral": ("mixtral", {"num_local_experts": 8, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 48}),  # a gated shared expert
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                "norm_topk_prob": True, "mlp_only_layers": [0]}),  # a dense first layer
+    "olmoe": ("olmoe", {"num_experts": 8, "num_experts_per_tok": 2}),
+    "granitemoe": ("granitemoe", {"num_local_experts": 8, "num_experts_per_tok": 2,  # fused experts in checkpoints
+                                  "embedding_multiplier": 3.0, "residual_multiplier": 0.5}),
+    "phimoe": ("phimoe", {"num_local_experts": 8, "num_experts_per_tok": 2}),  # sparsemixer routing
+    "gpt_oss": ("gpt_oss", {"num_local_experts": 8, "num_experts_per_tok": 2, "sliding_window": 4,
+                            "layer_types": ["sliding_attention", "full_attention"] * 2}),  # biases, clamped SwiGLU
+    "deepseek_v2": ("deepseek_v2", {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                    "first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1,
+                                    "topk_group": 1, **_MLA}),  # latent attention, shared experts, dense first layer
+    "deepseek_v3": ("deepseek_v3", {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                    "first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 2,
+                                    "topk_group": 1, **_MLA}),  # group-limited routing with a score bias
+}
+
+
 def _tiny_config(family: str, num_layers: int, tie: bool):
     from transformers import AutoConfig
 
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"tiny models support {sorted(TINY_FAMILIES)}, not {family!r}")
-    model_type, extra = TINY_FAMILIES[family]
-    return AutoConfig.for_model(
-        model_type,
-        vocab_size=TINY_VOCAB,
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=TINY_INTERMEDIATE,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=TINY_HIDDEN // 4,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **extra,
-    )
+    families = {**TINY_FAMILIES, **TINY_MOE_FAMILIES}
+    if family not in families:
+        raise ValueError(f"tiny models support {sorted(families)}, not {family!r}")
+    model_type, extra = families[family]
+    base = dict(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_INTERMEDIATE,
+                num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=TINY_HIDDEN // 4,
+                max_position_embeddings=512, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoConfig.for_model(model_type, **{**base, **extra})
 
 
 @pytest.fixture(scope="session")

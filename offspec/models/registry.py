@@ -4,8 +4,8 @@ transformers' modules do everything a family does (embedding scaling, per-layer-
 q/k norms, multipliers, biases, per-layer inputs, the head's soft-capping and scaling) when offspec runs the
 model's public forward. What offspec itself must know comes from the config (`layer_types`, `sliding_window`,
 the text part of a multimodal config) and from the class transformers builds for it (where its decoder layers
-sit, whether it routes tokens to experts). Structural refusals (encoder-decoders, mixture of experts, recurrent
-or linear-attention layers, a layer stack offspec cannot stream) are one line each; whether a family that passes
+sit, where it keeps its routed experts). Structural refusals (encoder-decoders, experts offspec cannot stream by
+expert, recurrent or linear-attention layers, a layer stack offspec cannot stream) are one line each; whether a family that passes
 them really runs is the contract check's question (`runtime/family_check.py`).
 """
 
@@ -146,20 +146,38 @@ def _has_experts(model: nn.Module) -> bool:
                for name, mod in model.named_modules())
 
 
+def _experts_by_module(layers: nn.ModuleList) -> bool:
+    """Every decoder layer that routes tokens keeps its experts in one fused experts module (and some layer does)."""
+    from offspec.transformers_contract import experts_module
+
+    found = False
+    for layer in layers:
+        if experts_module(layer) is not None:
+            found = True
+        elif any(ROUTING_MODULE.search(type(mod).__name__) or name.rsplit(".", 1)[-1] == "experts"
+                 for name, mod in layer.named_modules()):
+            return False
+    return found
+
+
+ROUTING_MODULE = re.compile(r"(Experts|MoE|Moe|SparseMoeBlock|MoA)$")  # a module that routes (not a dense "MoeMLP")
+
+
 def _structure_refusal(config, text) -> ModelError | None:
     from offspec.models.tiny import tiny_config
     from offspec.store.metadata import LAYOUTS
 
-    moe = _refusal(config, "a mixture-of-experts model (its layers route tokens to experts); offspec streams "
-                           "dense models")
-    if _counts_experts(text):
-        return moe
+    moe = _refusal(config, "a mixture-of-experts model whose experts are not one fused experts module per layer "
+                           "(offspec streams experts that transformers holds as [experts, ...] parameters and calls "
+                           "with the routed indices)")
     if not isinstance(getattr(text, "num_hidden_layers", None), int):
         return _refusal(config, "its text config has no num_hidden_layers (not one stack of decoder layers)")
     small = text_config(tiny_config(config))
     model = _meta_causal_lm(small, str(config.model_type))
-    if _has_experts(model):
-        return moe
+    if _counts_experts(text) or _has_experts(model):
+        _, stack = decoder_layer_stack(model, int(small.num_hidden_layers))
+        if stack is None or not _experts_by_module(stack):
+            return moe
     try:
         cache_arg_name(type(model.base_model))
     except ContractError:
@@ -217,8 +235,8 @@ def _meta_causal_lm(text, model_type: str | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(text)
+        with torch.device("meta"):  # eager experts: the grouped kernels have no float32 meta implementation
+            return AutoModelForCausalLM.from_config(text, experts_implementation="eager")
     except ValueError as exc:
         raise ModelError(f"unsupported architecture '{model_type or text.model_type}': transformers has no causal "
                          f"LM for its text decoder ({str(exc).splitlines()[0]})") from None

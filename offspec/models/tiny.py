@@ -103,11 +103,35 @@ def _shrink_text(text) -> None:
         text.intermediate_size = [TINY_INTERMEDIATE] * len(inter)
     elif inter:
         text.intermediate_size = TINY_INTERMEDIATE
+    _shrink_experts(text)
     for key, value in list(vars(text).items()):  # sliding_window, window_size (GPT-Neo), ...
         if WINDOW_KEY.search(key) and isinstance(value, int) and not isinstance(value, bool) and value > TINY_WINDOW:
             _set(text, key, TINY_WINDOW)
     if (_get(text, "max_position_embeddings") or 512) < 64:
         text.max_position_embeddings = 64
+
+
+EXPERT_COUNT = re.compile(r"^(num|n)_(local_|routed_)?experts$|^moe_num_experts$")
+TINY_EXPERTS = 8
+TINY_TOP_K = 2
+TINY_MOE_INTERMEDIATE = 32
+
+
+def _shrink_experts(text) -> None:
+    """A mixture of experts: a few small experts, two per token, every group of experts eligible."""
+    for key, value in list(vars(text).items()):
+        if EXPERT_COUNT.match(key) and isinstance(value, int) and value > TINY_EXPERTS:
+            _set(text, key, TINY_EXPERTS)
+    for key, value in (("num_experts_per_tok", TINY_TOP_K), ("moe_topk", TINY_TOP_K), ("n_group", 1),
+                       ("topk_group", 1), ("first_k_dense_replace", 1), ("moe_layer_start_index", 1)):
+        if isinstance(_get(text, key), int) and _get(text, key) > value:
+            _set(text, key, value)
+    if _has(text, "num_experts_per_tok") and _get(text, "num_experts_per_tok") is None and any(
+            EXPERT_COUNT.match(k) for k in vars(text)):
+        _set(text, "num_experts_per_tok", TINY_TOP_K)  # a default config that leaves it to the checkpoint
+    for key in ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"):
+        if isinstance(_get(text, key), int) and _get(text, key) > TINY_MOE_INTERMEDIATE:
+            _set(text, key, TINY_MOE_INTERMEDIATE)
 
 
 def _shrink_other(sub) -> None:

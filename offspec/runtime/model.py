@@ -15,23 +15,25 @@ from offspec.models.binding import LayerBinding
 from offspec.models.nf4 import NF4Linear, swap_nf4_linears
 from offspec.models.registry import build_skeleton, kv_layout, load_config
 from offspec.runtime.device import pick_compute_dtype, resolve_device
+from offspec.runtime.experts import ExpertCache, ExpertStats
 from offspec.runtime.kv_cache import BatchKVCache, StaticKVCache
 from offspec.runtime.masks import causal_mask, pad_mask, window_mask
 from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan
 from offspec.runtime.sizing import plan_for_store, upcast_plan
 from offspec.runtime.streamer import LayerStreamer, load_blob
 from offspec.store.manifest import Manifest, read_manifest, tensor_views
-from offspec.transformers_contract import run_decoder, text_config
+from offspec.transformers_contract import experts_module, run_decoder, text_config
 
 
 @dataclass
 class PassStats:
-    """Figures of the most recent forward pass."""
+    """Figures of the most recent forward pass (streamed_bytes counts expert blobs read as they were routed)."""
 
     tokens: int = 0
     pass_s: float = 0.0
     streamed_bytes: int = 0
     wait_s: float = 0.0
+    experts: ExpertStats | None = None  # a mixture of experts: experts routed, read, hit and prefetched
 
 
 class OffloadedModel:
@@ -45,11 +47,16 @@ class OffloadedModel:
     def __init__(self, store_dir: str | Path, plan: ResidencyPlan, device: torch.device | str = "cpu",
                  warm: bool = False, cache_tokens: int = 2048, manifest: Manifest | None = None,
                  config=None, static_cache: bool = False, share: OffloadedModel | None = None,
-                 prepare_layer: Callable[[int, torch.nn.Module], None] | None = None) -> None:
+                 prepare_layer: Callable[[int, torch.nn.Module], None] | None = None,
+                 expert_slots: int | dict[int, int] | None = None, expert_policy: str = "lru",
+                 expert_prefetch: str | None = None) -> None:
         """share: another model of the same architecture (the target, for its low-bit self-draft) whose embeddings,
         norm, lm_head and memory-resident layers this one uses as they are (the same tensors, no second copy).
         prepare_layer(i, layer): called on each layer this model loads into memory, right after its weights are
-        bound (the self-draft quantizes it there, one layer at a time, and lets the stored bytes go)."""
+        bound (the self-draft quantizes it there, one layer at a time, and lets the stored bytes go).
+        expert_slots: a mixture of experts' cache, in experts per MoE layer (default: the plan's, else every
+        expert); expert_policy: "lru" or "lfu"; expert_prefetch: None, "previous" (the experts the next MoE layer
+        routed to last time) or "gate" (the next layer's router applied early to this layer's input)."""
         self.store_dir = Path(store_dir)
         self.manifest = manifest or read_manifest(self.store_dir)
         self.config = config if config is not None else load_config(self.store_dir)
@@ -68,6 +75,8 @@ class OffloadedModel:
             quant = {n: e.quant for n, e in entry.tensors.items() if e.quant is not None}
             if quant:
                 swap_nf4_linears(self.layers[i], quant)
+        self.experts: ExpertCache | None = None
+        self._init_experts(expert_slots, expert_policy, warm, expert_prefetch)
         self._load_resident(share)
         shared = set(share.memory_resident_layers()) if share is not None else set()
         for i in shared:
@@ -115,6 +124,41 @@ class OffloadedModel:
                                               static=static_cache)
         self.stats = PassStats()
         self._last_hidden: torch.Tensor | None = None  # normed final hidden states of the last forward
+
+    # ------------------------------------------------------------------ experts
+    def _init_experts(self, slots: int | dict[int, int] | None, policy: str, warm: bool,
+                      prefetch: str | None) -> None:
+        """A mixture of experts: the expert cache and, on each MoE layer's experts module, the hook that binds it."""
+        if not self.manifest.is_moe:
+            return
+        modules = {}
+        for i, layer in enumerate(self.layers):
+            blobs = self.manifest.layer_experts(i)
+            found = experts_module(layer)
+            if bool(blobs) != (found is not None):
+                raise StoreError(f"{self.store_dir}: decoder layer {i} "
+                                 + ("has no experts module for its expert blobs" if blobs else
+                                    "routes to experts the store has no blobs of") + "; convert the model again")
+            if found is not None:
+                modules[i] = found
+        if slots is None:
+            slots = self.plan.expert_slots or max(m.num_experts for m in modules.values())
+        self.experts = ExpertCache(self.store_dir, modules, {i: self.manifest.layer_experts(i) for i in modules},
+                                   slots, self.dtype, self.device, warm=warm, policy=policy)
+        from offspec.runtime.expert_prefetch import ExpertPrefetcher
+
+        self._prefetcher = ExpertPrefetcher(self, prefetch) if prefetch else None
+        hook_routed = self._prefetcher.on_routed if self._prefetcher is not None else None
+        for i, m in modules.items():
+            self.layers[i].get_submodule(m.path).register_forward_pre_hook(self.experts.hook(i, hook_routed),
+                                                                           with_kwargs=True)
+
+    def _expert_param_ids(self) -> set[int]:
+        """ids of the experts modules' parameters (bound per call from the expert cache, never from layer blobs)."""
+        if self.experts is None:
+            return set()
+        return {id(p) for i, lay in self.experts.layers.items()
+                for p in self.layers[i].get_submodule(lay.module.path)._parameters.values()}
 
     # ------------------------------------------------------------------ loading
     def _upcast(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -214,14 +258,15 @@ class OffloadedModel:
     def _check_bound(self, ringed: list[int]) -> None:
         """Every parameter outside the ring-bound layers holds real data, and every parameter of a ring-bound layer
         has its tensor in the layer's blob (a store missing a tensor fails here, not in the middle of a pass)."""
+        experts = self._expert_param_ids()
         ring = {id(p) for i in ringed for p in self.layers[i].parameters()}
         for name, p in self.causal_lm.named_parameters():
-            if p.is_meta and id(p) not in ring:
+            if p.is_meta and id(p) not in ring and id(p) not in experts:
                 raise StoreError(f"{self.store_dir}: the store has no tensor {name}")
         for i in ringed:
             stored = self.manifest.layers[i].tensors
             for name, p in self.layers[i].named_parameters():
-                if name not in stored:
+                if name not in stored and id(p) not in experts:
                     raise StoreError(f"{self.store_dir}: the store has no tensor {name} of decoder layer {i}")
 
     @property
@@ -326,7 +371,7 @@ class OffloadedModel:
         if logit_rows is not None:
             h = h[:, logit_rows]
         logits = self._logits(h)
-        self.stats = PassStats(t, time.perf_counter() - t0, self._streamed, wait_s)
+        self.stats = PassStats(t, time.perf_counter() - t0, self._streamed, wait_s, self._pass_experts())
         return logits
 
     __call__ = forward
@@ -336,12 +381,21 @@ class OffloadedModel:
         spent waiting for the disk); counts the streamed bytes of the pass."""
         self._streamed = 0
         wait0 = self.streamer.stats.wait_s if self.streamer else 0.0
+        if self.experts is not None:
+            self.experts.begin_pass()
         try:
             h = run_decoder(self.decoder, input_ids, masks, position_ids, cache)
         finally:  # an interrupted pass must still hand its slots back, or the ring runs dry
             while self._held:
                 self._done(*self._held.pop())
+            if self.experts is not None:
+                self.experts.drop_prefetches()
+                self._streamed += self.experts.stats.bytes_read + self.experts.stats.prefetch_bytes
+                self.experts.end_pass()
         return h, (self.streamer.stats.wait_s - wait0) if self.streamer else 0.0
+
+    def _pass_experts(self) -> ExpertStats | None:
+        return self.experts.stats if self.experts is not None else None
 
     @torch.inference_mode()
     def forward_batch(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
@@ -358,7 +412,7 @@ class OffloadedModel:
                             cache.key_positions())
         h, wait_s = self._run(input_ids, masks, position_ids, cache)
         cache.advance(rows, counts)
-        self.stats = PassStats(sum(counts), time.perf_counter() - t0, self._streamed, wait_s)
+        self.stats = PassStats(sum(counts), time.perf_counter() - t0, self._streamed, wait_s, self._pass_experts())
         return h
 
     @torch.inference_mode()
@@ -384,6 +438,8 @@ class OffloadedModel:
         self.cache.reset()
 
     def close(self) -> None:
+        if self.experts is not None:
+            self.experts.close()
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None

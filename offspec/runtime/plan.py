@@ -33,6 +33,8 @@ class ResidencyPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
     upcast: float = 1.0  # memory bytes per stored byte of a resident layer (2.0: bf16 kept as float32)
     resident_upcast: float = 1.0  # the same for the resident parts (embeddings, norm, head)
+    expert_slots: int = 0  # a mixture of experts: experts held per MoE layer in the expert cache (0: dense model)
+    expert_slot_bytes: tuple[int, ...] = ()  # per decoder layer: memory of one cached expert (0 for a dense layer)
 
     def layers(self, tier: str) -> list[int]:
         return [i for i, t in enumerate(self.tiers) if t == tier]

@@ -50,6 +50,11 @@ from offspec.store.metadata import (
     read_source_metadata,
     safetensors_files,
     split_layer_name,
+    ExpertSlice,
+    dense_parameters,
+    expert_file,
+    nf4_packs,
+    split_experts,
     store_bytes,
     ties_embeddings,
 )
@@ -107,15 +112,17 @@ def describe_store(bits: int, dtype: str) -> str:
     return f"NF4 weights ({dtype} for the rest)" if bits == 4 else f"{dtype} weights"
 
 
-def prepared(loaders: dict[str, Loader], dtype: str, bits: int) -> Iterator[tuple[str, torch.Tensor, QuantInfo | None]]:
+def prepared(loaders: dict[str, Loader], dtype: str, bits: int, expert: bool = False,
+             unpacked: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor, QuantInfo | None]]:
     """(name, tensor, quant) in store order, loading one tensor at a time: floats cast to dtype; with bits=4
-    every 2-D weight packed as NF4 (followed by its float32 "<name>.absmax")."""
+    every 2-D weight (every 2-D matrix of an expert) packed as NF4 (followed by its float32 "<name>.absmax"),
+    but those `unpacked` names (weights of modules other than linear layers, such as routers)."""
     torch_dtype = DTYPES[dtype]
     for name in sorted(loaders):
         t = loaders[name](torch_dtype)
         if t.is_floating_point():
             t = t.to(torch_dtype)
-        if bits == 4 and t.ndim == 2 and name.endswith(".weight") and t.is_floating_point():
+        if bits == 4 and nf4_packs(name, t.ndim, expert) and t.is_floating_point() and name not in unpacked:
             shape = tuple(t.shape)
             packed, absmax = quantize_nf4(t)
             del t
@@ -233,6 +240,13 @@ def _done(partial: Path, entry: dict | None) -> BlobEntry | None:
     return blob if path.is_file() and path.stat().st_size == blob.size else None
 
 
+def _layer_done(partial: Path, journal: dict, i: int) -> bool:
+    """Layer i's blob and all its expert blobs are journaled and still there."""
+    if _done(partial, journal["layers"].get(str(i))) is None:
+        return False
+    return all(_done(partial, e) is not None for e in journal.get("experts", {}).get(str(i), []))
+
+
 def free_bytes(path: Path) -> int:
     """Free bytes on the filesystem holding path (tests replace this function)."""
     return shutil.disk_usage(path).free
@@ -251,6 +265,8 @@ def _check_disk_space(out: Path, partial: Path, expected: Manifest, journal: dic
     done = 0
     if journal is not None:
         done = sum(b.size for b in (_done(partial, e) for e in journal["layers"].values()) if b is not None)
+        done += sum(b.size for ex in journal.get("experts", {}).values() for b in (_done(partial, e) for e in ex)
+                    if b is not None)
         if _done(partial, journal.get("resident")) is not None:
             done += expected.resident.size
     needed = store_bytes(expected) - done + (64 << 20)  # metadata files, tokenizer, journal
@@ -276,10 +292,10 @@ class FolderSource:
         self.num_layers = num_layers_of(self.config, str(src))
         self._stack = contextlib.ExitStack()
         try:
-            self._where = self._open_shards()
             naming = checkpoint_naming(src)
+            self._where, self._experts = self._open_shards(naming)
             self._layers, self._resident = group_names(list(self._where), self.num_layers, str(src),
-                                                       expected=naming.parameters, known=naming.state)
+                                                       expected=dense_parameters(naming), known=naming.state)
         except BaseException:
             self._stack.close()
             raise
@@ -296,22 +312,22 @@ class FolderSource:
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ModelError(f"{file}: unreadable safetensors file ({msg}); it may be truncated or corrupt") from None
 
-    def _open_shards(self) -> dict[str, tuple[object, Path, str]]:
-        """Map every tensor's model name to (open handle, file, checkpoint name); follows
-        model.safetensors.index.json if present."""
+    def _open_shards(self, naming) -> tuple[dict[str, tuple[object, Path, str]], dict]:
+        """Map every tensor's model name to (open handle, file, checkpoint name), routed experts' tensors apart
+        ({layer: {expert: {name: ExpertSlice}}}); follows model.safetensors.index.json if present."""
         index = self.src / "model.safetensors.index.json"
-        where: dict[str, tuple[object, Path, str]] = {}
-        rename = checkpoint_naming(self.src).rename
+        keys: dict[str, tuple[object, Path]] = {}
         for file in safetensors_files(self.src):
             handle = self._open(file)
             for k in handle.keys():
-                where[rename(k)] = (handle, file, k)
+                keys[k] = (handle, file)
         if index.is_file():
-            found = {key for _, _, key in where.values()}
             for name, fname in json.loads(index.read_text())["weight_map"].items():
-                if name not in found:
+                if name not in keys:
                     raise ModelError(f"{self.src / fname}: tensor {name} (listed in {index.name}) is missing")
-        return where
+        self._keys = keys
+        rest, experts = split_experts(list(keys), naming, str(self.src))
+        return {naming.rename(k): (*keys[k], k) for k in rest}, experts
 
     def _loader(self, name: str) -> Loader:
         def load(dtype: torch.dtype | None = None) -> torch.Tensor:  # a view of the file; cast by the caller
@@ -324,8 +340,25 @@ class FolderSource:
         return load
 
     def layer_tensors(self, i: int) -> dict[str, Loader]:
-        """Loaders of decoder layer i's tensors, by name relative to the layer."""
+        """Loaders of decoder layer i's tensors but its routed experts', by name relative to the layer."""
         return {rel: self._loader(full) for rel, full in self._layers[i].items()}
+
+    def expert_tensors(self, i: int) -> dict[int, dict[str, Loader]]:
+        """Loaders of each routed expert's slices of layer i's fused experts parameters ({} for a dense layer)."""
+        return {e: {rel: self._slice_loader(sl) for rel, sl in ex.items()} for e, ex in self._experts.get(i, {}).items()}
+
+    def _slice_loader(self, sl: ExpertSlice) -> Loader:
+        def load(dtype: torch.dtype | None = None) -> torch.Tensor:  # one expert's rows only, then its parts joined
+            parts = []
+            for key, row in sl.parts:
+                handle, file = self._keys[key]
+                try:
+                    parts.append(handle.get_tensor(key) if row is None else handle.get_slice(key)[row])
+                except Exception as exc:
+                    raise ModelError(f"{file}: cannot read tensor {key} ({exc}); the file may be corrupt") from None
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+        return load
 
     def resident_tensors(self) -> dict[str, Loader]:
         """Loaders of the text model's other tensors by their text-model names (lm_head left out when tied)."""
@@ -424,7 +457,7 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
                 try:
                     _convert(source, partial, journal, chosen, dtype, progress, meta)
                 except KeyboardInterrupt:
-                    done = sum(1 for e in journal["layers"].values() if _done(partial, e) is not None)
+                    done = sum(1 for i in range(source.num_layers) if _layer_done(partial, journal, i))
                     raise ConversionInterrupted(
                         f"{done} of {source.num_layers} layers of {out.name} converted (in {partial}); "
                         "run the same command again to resume") from None
@@ -438,13 +471,15 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
                     layers=tuple(_blob_from_dict(journal["layers"][str(i)]) for i in range(source.num_layers)),
                     resident=_blob_from_dict(journal["resident"]),
                     tie_word_embeddings=source.tie_word_embeddings,
+                    experts=_journaled_experts(journal, source.num_layers),
                 )
                 source.write_metadata(partial)
             info = {"key": key, "source": str(src), "bits": chosen, "dtype": dtype, "created": time.time()}
             _write_json_atomic(partial / CONVERT_INFO, info)
             _write_json_atomic(partial / MANIFEST, manifest.to_json())
             (partial / JOURNAL).unlink()
-            _fsync_dir(partial / "layers")
+            for sub in [partial / "layers", *(p for p in (partial / "layers").iterdir() if p.is_dir())]:
+                _fsync_dir(sub)
             _fsync_dir(partial)
             if out.exists():
                 out.rmdir()  # an empty folder (checked above)
@@ -459,22 +494,34 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
     return ConvertResult(out, chosen, dtype, store_bytes(manifest), True)
 
 
+def _journaled_experts(journal: dict, n: int) -> tuple[tuple[BlobEntry, ...], ...]:
+    """The manifest's expert blobs per layer (() for a dense model)."""
+    experts = tuple(tuple(_blob_from_dict(b) for b in journal.get("experts", {}).get(str(i), [])) for i in range(n))
+    return experts if any(experts) else ()
+
+
 def _convert(source, partial: Path, journal: dict, bits: int, dtype: str, progress: bool,
              meta: SourceMetadata) -> None:
     """Write every missing layer blob and the resident blob, journaling each one."""
     n = source.num_layers
-    done = [i for i in range(n) if _done(partial, journal["layers"].get(str(i))) is not None]
-    layer_src = [sum(t.source_bytes for t in meta.layers[i].values()) for i in range(n)]
+    done = [i for i in range(n) if _layer_done(partial, journal, i)]
+    layer_src = [meta.layer_source_bytes(i) for i in range(n)]
     with _progress(progress) as bar:
         task = bar.add_task("converting", total=meta.source_bytes, completed=sum(layer_src[i] for i in done),
-                            tensors=sum(len(meta.layers[i]) for i in done), of=meta.tensor_count)
+                            tensors=sum(meta.layer_tensor_count(i) for i in done), of=meta.tensor_count)
         for i in range(n):
             if i in done:
                 continue
-            entry = write_blob(partial, layer_file(i), prepared(source.layer_tensors(i), dtype, bits))
+            experts = source.expert_tensors(i) if hasattr(source, "expert_tensors") else {}
+            blobs = [asdict(write_blob(partial, expert_file(i, e), prepared(experts[e], dtype, bits, expert=True)))
+                     for e in sorted(experts)]
+            unpacked = meta.unpacked[i] if i < len(meta.unpacked) else frozenset()
+            entry = write_blob(partial, layer_file(i), prepared(source.layer_tensors(i), dtype, bits,
+                                                                 unpacked=unpacked))
             journal["layers"][str(i)] = asdict(entry)
+            journal.setdefault("experts", {})[str(i)] = blobs
             _write_json_atomic(partial / JOURNAL, journal)
-            bar.update(task, advance=layer_src[i], tensors=bar.tasks[0].fields["tensors"] + len(meta.layers[i]))
+            bar.update(task, advance=layer_src[i], tensors=bar.tasks[0].fields["tensors"] + meta.layer_tensor_count(i))
         if _done(partial, journal.get("resident")) is None:
             resident = write_blob(partial, RESIDENT_FILE, prepared(source.resident_tensors(), dtype, 16))
             journal["resident"] = asdict(resident)

@@ -17,6 +17,8 @@ _CHUNK = 8 << 20
 def _blobs(m: Manifest) -> list[tuple[str, BlobEntry]]:
     """(description, entry) for every blob, layers first, then the resident blob."""
     named = [(f"layer {i} ({b.file})", b) for i, b in enumerate(m.layers)]
+    named += [(f"expert {e} of layer {i} ({b.file})", b) for i in range(m.num_layers)
+              for e, b in enumerate(m.layer_experts(i))]
     return named + [(f"resident blob ({m.resident.file})", m.resident)]
 
 

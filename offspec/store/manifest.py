@@ -4,6 +4,9 @@ A store folder holds:
   manifest.json          format version, model facts, one BlobEntry per decoder layer + one resident blob
   resident.bin           embeddings, final norm, lm_head (full HF names, e.g. "model.embed_tokens.weight")
   layers/layer_NNN.bin   every tensor of decoder layer NNN (names relative to the layer, e.g. "mlp.up_proj.weight")
+                         but its routed experts' (mixture-of-experts layers)
+  layers/layer_NNN/expert_EEE.bin  expert EEE's slice of each fused experts parameter of layer NNN
+                         (e.g. "mlp.experts.gate_up_proj" [2 * moe_intermediate, hidden])
   config.json, tokenizer files, generation_config.json (copied from the source)
 
 Each tensor starts at a multiple of ALIGN bytes inside its blob and blobs are padded to ALIGN, so a
@@ -79,6 +82,16 @@ class Manifest:
     layers: tuple[BlobEntry, ...]
     resident: BlobEntry
     tie_word_embeddings: bool = False
+    # per decoder layer: one blob per routed expert (its slice of each fused experts parameter); () for dense models
+    experts: tuple[tuple[BlobEntry, ...], ...] = ()
+
+    def layer_experts(self, i: int) -> tuple[BlobEntry, ...]:
+        """The expert blobs of decoder layer i (empty for a dense layer)."""
+        return self.experts[i] if i < len(self.experts) else ()
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.experts)
 
     @property
     def layer_bytes(self) -> list[int]:
@@ -125,6 +138,7 @@ def read_manifest(store_dir: str | Path) -> Manifest:
             layers=tuple(_blob_from_dict(b) for b in d["layers"]),
             resident=_blob_from_dict(d["resident"]),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            experts=tuple(tuple(_blob_from_dict(b) for b in layer) for layer in d.get("experts") or ()),
         )
     except StoreError:
         raise

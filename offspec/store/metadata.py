@@ -57,15 +57,28 @@ class SourceMetadata:
     default_bits: int = 16
     bits_reason: str = ""
     files: tuple[Path, ...] = field(default_factory=tuple)
+    # per decoder layer: {expert: {name in the layer: one expert's slice of a fused experts parameter}} (MoE layers)
+    experts: tuple[dict[int, dict[str, TensorSpec]], ...] = ()
+    unpacked: tuple[frozenset[str], ...] = ()  # per decoder layer: 2-D weights an NF4 store keeps 16-bit (routers)
+
+    def layer_source_bytes(self, i: int) -> int:
+        """Source bytes of decoder layer i, its experts included."""
+        dense = sum(t.source_bytes for t in self.layers[i].values())
+        experts = self.experts[i] if i < len(self.experts) else {}
+        return dense + sum(t.source_bytes for ex in experts.values() for t in ex.values())
+
+    def layer_tensor_count(self, i: int) -> int:
+        experts = self.experts[i] if i < len(self.experts) else {}
+        return len(self.layers[i]) + sum(len(ex) for ex in experts.values())
 
     @property
     def source_bytes(self) -> int:
-        return sum(t.source_bytes for layer in self.layers for t in layer.values()) + sum(
+        return sum(self.layer_source_bytes(i) for i in range(len(self.layers))) + sum(
             t.source_bytes for t in self.resident.values())
 
     @property
     def tensor_count(self) -> int:
-        return sum(len(layer) for layer in self.layers) + len(self.resident)
+        return sum(self.layer_tensor_count(i) for i in range(len(self.layers))) + len(self.resident)
 
 
 @dataclass(frozen=True)
@@ -172,6 +185,10 @@ class CheckpointNaming:
     rename: Callable[[str], str]
     parameters: frozenset[str] | None = None
     state: frozenset[str] | None = None  # every name the model loads; others are left out, as transformers does
+    expert_piece: Callable[[str], tuple[str, int, int, int] | None] = lambda name: None  # CheckpointNames.expert_piece
+    expert_params: dict[str, tuple[int, str]] = field(default_factory=dict)  # fused parameter -> (layer, name in it)
+    num_experts: dict[int, int] = field(default_factory=dict)  # MoE layer -> its number of routed experts
+    not_linear: frozenset[str] = frozenset()  # 2-D layer weights of modules other than nn.Linear (kept 16-bit)
 
 
 _NAMINGS: dict[tuple[str, int], CheckpointNaming] = {}
@@ -199,8 +216,57 @@ def checkpoint_naming(src: Path) -> CheckpointNaming:
                 except ContractError as exc:
                     raise ModelError(f"{src}: {exc}") from None
 
-            _NAMINGS[key] = CheckpointNaming(rename, names.parameters, names.state)
+            _NAMINGS[key] = CheckpointNaming(rename, names.parameters, names.state, names.expert_piece,
+                                             names.expert_params, {i: x.num_experts for i, x in names.experts.items()},
+                                             names.not_linear)
     return _NAMINGS[key]
+
+
+@dataclass(frozen=True)
+class ExpertSlice:
+    """Where one expert's slice of a fused experts parameter comes from: the parts, concatenated along their first
+    dimension, each a whole checkpoint tensor (`index` None: per-expert checkpoints) or row `index` of a fused one."""
+
+    parts: tuple[tuple[str, int | None], ...]  # (checkpoint key, expert row or None)
+
+
+def split_experts(keys: list[str], naming: CheckpointNaming, where: str) -> tuple[list[str], dict[int, dict[int, dict[str, ExpertSlice]]]]:
+    """Separate the routed experts' tensors from the others: (the other keys, {layer: {expert: {name in the layer:
+    its slice}}}). Per-expert checkpoint tensors (`experts.3.gate_proj.weight`, merged by transformers on load) and
+    fused ones (`experts.gate_up_proj` [experts, ...], as transformers 5 saves them) both become one slice per
+    expert of the model's fused parameters; ModelError if an expert lacks a part."""
+    if not naming.expert_params:
+        return keys, {}
+    pieces: dict[tuple[str, int], dict[int, str]] = {}
+    count: dict[str, int] = {}
+    fused: dict[str, str] = {}
+    rest = []
+    for key in keys:
+        piece = naming.expert_piece(key)
+        if piece is not None:
+            full, e, k, n = piece
+            pieces.setdefault((full, e), {})[k] = key
+            count[full] = n
+            continue
+        name = naming.rename(key)
+        if name in naming.expert_params:
+            fused[name] = key
+        else:
+            rest.append(key)
+    out: dict[int, dict[int, dict[str, ExpertSlice]]] = {}
+    for full, (i, rel) in naming.expert_params.items():
+        n_exp = naming.num_experts[i]
+        layer = out.setdefault(i, {})
+        for e in range(n_exp):
+            if full in fused:
+                part: tuple[tuple[str, int | None], ...] = ((fused[full], e),)
+            else:
+                got = pieces.get((full, e), {})
+                if not got or len(got) != count.get(full, 0):
+                    raise ModelError(f"{where}: expert {e} of layer {i} has no tensor for {rel} in the checkpoint")
+                part = tuple((got[k], None) for k in sorted(got))
+            layer.setdefault(e, {})[rel] = ExpertSlice(part)
+    return rest, out
 
 
 def ties_embeddings(config: dict, resident: dict[str, str]) -> bool:
@@ -284,24 +350,46 @@ def _sizing_config(config: dict) -> dict:
 def _folder_metadata(src: Path) -> SourceMetadata:
     config = read_config(src)
     n = num_layers_of(config, str(src))
-    specs: dict[str, TensorSpec] = {}
+    raw: dict[str, TensorSpec] = {}
     files = safetensors_files(src)
     naming = checkpoint_naming(src)
     for file in files:
         for key, h in safetensors_header(file).items():
-            name = naming.rename(key)
             dtype, size = _ST_DTYPES.get(h.get("dtype"), (str(h.get("dtype")).lower(), 1))
             shape = tuple(int(d) for d in h["shape"])
             nbytes = math.prod(shape) * size
-            specs[name] = TensorSpec(shape, dtype.startswith("float") or dtype == "bfloat16", nbytes,
-                                     "" if dtype.startswith("float") or dtype == "bfloat16" else dtype)
-    layers, resident = group_names(list(specs), n, str(src), expected=naming.parameters, known=naming.state)
+            raw[key] = TensorSpec(shape, dtype.startswith("float") or dtype == "bfloat16", nbytes,
+                                  "" if dtype.startswith("float") or dtype == "bfloat16" else dtype)
+    keys, experts = split_experts(list(raw), naming, str(src))
+    specs = {naming.rename(key): raw[key] for key in keys}
+    layers, resident = group_names(list(specs), n, str(src), expected=dense_parameters(naming), known=naming.state)
     tie = ties_embeddings(config, resident)
     return SourceMetadata(
         src, "folder", str(config["model_type"]), n, _sizing_config(config), tie,
         tuple({rel: specs[full] for rel, full in layers[i].items()} for i in range(n)),
         {name: specs[full] for name, full in resident.items() if not (tie and name == "lm_head.weight")},
-        files=tuple(files))
+        files=tuple(files),
+        experts=tuple({e: {rel: expert_spec(sl, raw) for rel, sl in ex.items()} for e, ex in experts.get(i, {}).items()}
+                      for i in range(n)),
+        unpacked=tuple(frozenset(rel for rel, full in layers[i].items() if full in naming.not_linear)
+                       for i in range(n)))
+
+
+def dense_parameters(naming: CheckpointNaming) -> frozenset[str] | None:
+    """The model's parameters a checkpoint's layer blobs must hold (the routed experts' go to expert blobs)."""
+    if naming.parameters is None:
+        return None
+    return naming.parameters - set(naming.expert_params)
+
+
+def expert_spec(sl: ExpertSlice, raw: dict[str, TensorSpec]) -> TensorSpec:
+    """The spec of one expert's slice (its parts concatenated along the first dimension)."""
+    shapes = [raw[key].shape[1:] if row is not None else raw[key].shape for key, row in sl.parts]
+    first = sum(s[0] for s in shapes) if shapes[0] else 0
+    shape = (first, *shapes[0][1:]) if shapes[0] else ()
+    src = raw[sl.parts[0][0]]
+    per = sum(raw[key].source_bytes // (raw[key].shape[0] if row is not None else 1) for key, row in sl.parts)
+    return TensorSpec(shape, src.is_float, per, src.dtype)
 
 
 def _gguf_metadata(src: Path) -> SourceMetadata:
@@ -351,7 +439,18 @@ def read_source_metadata(src: str | Path) -> SourceMetadata:
     return _folder_metadata(path)
 
 
-def _specs(tensors: dict[str, TensorSpec], dtype: str, bits: int) -> list:
+def nf4_packs(name: str, ndim: int, expert: bool = False) -> bool:
+    """Whether an NF4 store packs this float tensor: every 2-D linear weight, and one expert's 2-D matrices."""
+    return ndim == 2 and (expert or name.endswith(".weight"))
+
+
+def expert_file(i: int, e: int) -> str:
+    """The blob path of expert e of decoder layer i, relative to the store folder."""
+    return f"layers/layer_{i:03d}/expert_{e:03d}.bin"
+
+
+def _specs(tensors: dict[str, TensorSpec], dtype: str, bits: int, expert: bool = False,
+           unpacked: frozenset[str] = frozenset()) -> list:
     """What the converter writes for these tensors: (name, dtype, shape, nbytes, quant), in its order."""
     out = []
     size = DTYPES[dtype].itemsize
@@ -360,7 +459,7 @@ def _specs(tensors: dict[str, TensorSpec], dtype: str, bits: int) -> list:
         n = math.prod(t.shape) if t.shape else 1
         if not t.is_float:
             out.append((name, t.dtype if t.dtype in DTYPES else "uint8", t.shape, t.source_bytes, None))
-        elif bits == 4 and len(t.shape) == 2 and name.endswith(".weight"):
+        elif bits == 4 and nf4_packs(name, len(t.shape), expert) and name not in unpacked:
             quant = QuantInfo("nf4", NF4_BLOCKSIZE, t.shape, dtype)
             out.append((name, "uint8", ((n + 1) // 2, 1), (n + 1) // 2, quant))
             blocks = -(-n // NF4_BLOCKSIZE)
@@ -374,13 +473,22 @@ def estimate_manifest(meta: SourceMetadata, bits: int, dtype: str) -> Manifest:
     """The manifest the converter would write (blob sizes and layouts exact; no checksums)."""
     layers = []
     for i, tensors in enumerate(meta.layers):
-        entries, size = layout_entries(_specs(tensors, dtype, bits))
+        entries, size = layout_entries(_specs(tensors, dtype, bits,
+                                              unpacked=meta.unpacked[i] if i < len(meta.unpacked) else frozenset()))
         layers.append(BlobEntry(f"layers/layer_{i:03d}.bin", size, "", entries))
+    experts = []
+    for i in range(meta.num_layers):
+        blobs = []
+        for e, tensors in sorted((meta.experts[i] if i < len(meta.experts) else {}).items()):
+            entries, size = layout_entries(_specs(tensors, dtype, bits, expert=True))
+            blobs.append(BlobEntry(expert_file(i, e), size, "", entries))
+        experts.append(tuple(blobs))
     entries, size = layout_entries(_specs(meta.resident, dtype, 16))
     return Manifest(FORMAT_VERSION, meta.model_type, bits, dtype, meta.num_layers, str(meta.path), tuple(layers),
-                    BlobEntry(RESIDENT_FILE, size, "", entries), meta.tie_word_embeddings)
+                    BlobEntry(RESIDENT_FILE, size, "", entries), meta.tie_word_embeddings,
+                    tuple(experts) if any(experts) else ())
 
 
 def store_bytes(manifest: Manifest) -> int:
     """Bytes of a store's blobs (metadata files not counted)."""
-    return manifest.resident.size + sum(manifest.layer_bytes)
+    return manifest.resident.size + sum(manifest.layer_bytes) + sum(b.size for ex in manifest.experts for b in ex)

@@ -185,7 +185,7 @@ def test_families_shipped_as_verified_for_this_transformers_are_not_checked_agai
 def test_structural_refusals_come_before_the_check(monkeypatch):
     monkeypatch.setattr(family_check, "check_family", lambda config: pytest.fail("checked"))
     with pytest.raises(ModelError, match="mixture-of-experts"):
-        ensure_family(AutoConfig.for_model("mixtral", **SMALL))
+        ensure_family(AutoConfig.for_model("jetmoe", **SMALL))
 
 
 def test_the_loader_checks_a_family_before_converting_it(tmp_path):

@@ -1,0 +1,145 @@
+"""Mixtures of experts streamed by expert: transformers' own greedy output under every residency of the experts,
+and a pass reads exactly the blobs of the experts its tokens route to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from offspec.generate import Engine, GenerationConfig, generate
+from offspec.runtime.model import OffloadedModel
+from offspec.runtime.plan import DEVICE, DISK, ResidencyPlan, minimum_budget_bytes, plan_residency
+from offspec.store.convert import convert_model
+from offspec.store.manifest import read_manifest
+from tests.conftest import TINY_MOE_FAMILIES
+
+PROMPT = [5, 17, 33, 90, 12, 7, 64, 3, 41]
+NEW_TOKENS = 6
+DEFAULT = ["qwen3_moe", "gpt_oss", "deepseek_v3", "granitemoe"]  # dense first layer, biases, groups, fused source
+SLOW = [f for f in TINY_MOE_FAMILIES if f not in DEFAULT]
+
+
+def _store(make_tiny_model, tmp_path_factory, family: str, bits: int = 16):
+    src = make_tiny_model(family, num_layers=4)
+    out = tmp_path_factory.mktemp(f"moe-{family}-{bits}") / "store"
+    return src, convert_model(src, out, bits=bits, dtype="float32", progress=False)
+
+
+def _reference_greedy(src) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    return out[0, len(PROMPT):].tolist()
+
+
+def _plans(store) -> dict[str, ResidencyPlan]:
+    man = read_manifest(store)
+    b, r = man.layer_bytes, man.resident.size
+    mixed = tuple(DISK if i % 2 == 0 else DEVICE for i in range(len(b)))
+    return {"every layer on disk": plan_residency(b, r, minimum_budget_bytes(b, r, 0, 0)),
+            "mixed": ResidencyPlan(mixed, tuple(b), r, 0, 0, 2, max(b))}
+
+
+def check_family(family, make_tiny_model, tmp_path_factory) -> None:
+    src, store = _store(make_tiny_model, tmp_path_factory, family)
+    assert read_manifest(store).is_moe
+    want = _reference_greedy(src)
+    # every expert cached; two slots per layer (evictions); one slot (each pass routes past it: a slab of its own)
+    for name, plan in _plans(store).items():
+        for slots in (None, 2, 1):
+            model = OffloadedModel(store, plan, cache_tokens=32, expert_slots=slots)
+            try:
+                got = generate(Engine(model), PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS, spec=False))
+                assert got.token_ids == want, f"{family}, {name}, {slots} slots"
+                if slots == 2:
+                    assert model.experts.total.reads > 8, "a two-slot cache must have evicted and read again"
+            finally:
+                model.close()
+
+
+@pytest.mark.parametrize("family", DEFAULT)
+def test_moe_greedy_equals_transformers_with_experts_streamed(family, make_tiny_model, tmp_path_factory):
+    check_family(family, make_tiny_model, tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", SLOW)
+def test_every_moe_family_greedy_equals_transformers(family, make_tiny_model, tmp_path_factory):
+    check_family(family, make_tiny_model, tmp_path_factory)
+
+
+def _routed_by_transformers(src, ids) -> dict[int, set[int]]:
+    """{layer: experts routed to} in transformers' own forward of ids (its experts modules' inputs)."""
+    from transformers import AutoModelForCausalLM
+
+    from offspec.transformers_contract import experts_module
+
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    routed: dict[int, set[int]] = {}
+    for i, layer in enumerate(ref.model.layers):
+        found = experts_module(layer)
+        if found is not None:
+            layer.get_submodule(found.path).register_forward_pre_hook(
+                lambda _m, args, i=i: routed.setdefault(i, set()).update(args[1].flatten().tolist()))
+    with torch.no_grad():
+        ref(ids)
+    return routed
+
+
+def test_a_pass_reads_exactly_the_routed_experts(make_tiny_model, tmp_path_factory):
+    src, store = _store(make_tiny_model, tmp_path_factory, "qwen3_moe")
+    ids = torch.tensor([PROMPT[:3]])
+    want = _routed_by_transformers(src, ids)
+    model = OffloadedModel(store, _plans(store)["every layer on disk"], cache_tokens=32)
+    try:
+        model.forward(ids)
+        got: dict[int, set[int]] = {}
+        for layer, e in model.stats.experts.read_log:
+            assert e not in got.get(layer, set()), "an expert read twice in one pass"
+            got.setdefault(layer, set()).add(e)
+        assert got == want
+        assert model.stats.experts.reads == sum(len(v) for v in want.values())
+        assert model.stats.experts.prefetched == 0
+        model.forward(ids[:, -1:])  # the experts of the last token are cached now
+        assert model.stats.experts.hits > 0
+    finally:
+        model.close()
+
+
+def test_nf4_experts_equal_transformers_with_the_dequantized_weights(make_tiny_model, tmp_path_factory):
+    """An NF4 store packs every expert's matrices; the oracle is transformers' model with them dequantized."""
+    from transformers import AutoModelForCausalLM
+
+    from offspec.store.manifest import tensor_views
+    from offspec.store.nf4 import dequantize_nf4
+
+    src, store = _store(make_tiny_model, tmp_path_factory, "qwen3_moe", bits=4)
+    man = read_manifest(store)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    packed = 0
+    for i, blobs in enumerate(man.experts):
+        for e, blob in enumerate(blobs):
+            buf = torch.frombuffer(bytearray((store / blob.file).read_bytes()), dtype=torch.uint8)
+            views = tensor_views(blob.tensors, buf)
+            for name, entry in blob.tensors.items():
+                if entry.quant is not None:
+                    ref.model.layers[i].get_parameter(name).data[e].copy_(
+                        dequantize_nf4(views[name], views[name + ".absmax"], entry.quant))
+                    packed += 1
+        for name, entry in man.layers[i].tensors.items():
+            if entry.quant is not None:
+                buf = torch.frombuffer(bytearray((store / man.layers[i].file).read_bytes()), dtype=torch.uint8)
+                views = tensor_views(man.layers[i].tensors, buf)
+                ref.model.layers[i].get_parameter(name).data.copy_(
+                    dequantize_nf4(views[name], views[name + ".absmax"], entry.quant))
+    assert packed >= 3 * 8 * 2
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPT])).logits
+    model = OffloadedModel(store, _plans(store)["every layer on disk"], cache_tokens=32, expert_slots=3)
+    try:
+        assert (model.forward(torch.tensor([PROMPT])) - want).abs().max().item() < 1e-3
+    finally:
+        model.close()
