@@ -97,6 +97,22 @@ class StepEvent:
     ahead_used: bool = False  # this pass verified a tree grown during the previous pass (its draft_s was hidden)
     ahead_saved_s: float = 0.0
     drafter: str = ""  # the drafter that grew this pass's tree
+    # a mixture of experts: (layer, expert) pairs routed to, read from disk, found cached, prefetched, prefetches used
+    experts_routed: int = 0
+    experts_read: int = 0
+    expert_hits: int = 0
+    experts_prefetched: int = 0
+    prefetch_used: int = 0
+
+
+EXPERT_COUNTS = {"experts_routed": "routed", "experts_read": "reads", "expert_hits": "hits",
+                 "experts_prefetched": "prefetched", "prefetch_used": "prefetch_used"}
+
+
+def expert_counts(model) -> dict[str, int]:
+    """The expert counts of a model's last pass, as StepEvent fields ({} for a dense model)."""
+    ex = getattr(getattr(model, "stats", None), "experts", None)
+    return {k: getattr(ex, v) for k, v in EXPERT_COUNTS.items()} if ex is not None else {}
 
 
 @dataclass
@@ -132,6 +148,24 @@ class GenerationStats:
     ahead_used: int = 0  # of those, kept by verification and verified next
     ahead_saved_s: float = 0.0  # drafting seconds the used ones hid behind target passes
     trees_by_drafter: dict[str, int] = field(default_factory=dict)  # trees verified, by the drafter that grew them
+    experts_routed: int = 0  # a mixture of experts, over the decode passes: (layer, expert) pairs routed to,
+    experts_read: int = 0  # read from disk when routed,
+    expert_hits: int = 0  # found in the expert cache (or prefetched),
+    experts_prefetched: int = 0  # read ahead by the prefetch predictor,
+    prefetch_used: int = 0  # and of those, routed to
+
+    @property
+    def expert_hit_rate(self) -> float:
+        return self.expert_hits / self.experts_routed if self.experts_routed else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        return self.prefetch_used / self.experts_prefetched if self.experts_prefetched else 0.0
+
+    @property
+    def streamed_bytes_per_token(self) -> float:
+        """Bytes read from disk per committed token of the decode passes."""
+        return self.streamed_bytes / self.committed if self.committed else 0.0
 
     @property
     def tokens_per_pass(self) -> float:
@@ -171,6 +205,8 @@ class GenerationStats:
             self.ahead_started += int(ev.ahead_started)
             self.ahead_used += int(ev.ahead_used)
             self.ahead_saved_s += ev.ahead_saved_s
+            for name in EXPERT_COUNTS:
+                setattr(self, name, getattr(self, name) + getattr(ev, name))
             if ev.drafter:
                 self.trees_by_drafter[ev.drafter] = self.trees_by_drafter.get(ev.drafter, 0) + 1
         self.tokens += len(ev.tokens)
@@ -203,7 +239,8 @@ class GenerationStats:
     def to_dict(self) -> dict:
         """The sums and the means, JSON-ready."""
         out = asdict(self)
-        for name in ("tokens_per_pass", "tok_per_s", "target_pass_s", "streamed_gbps", "budget", "mean_tree_size"):
+        for name in ("tokens_per_pass", "tok_per_s", "target_pass_s", "streamed_gbps", "budget", "mean_tree_size",
+                     "streamed_bytes_per_token", "expert_hit_rate", "prefetch_accuracy"):
             out[name] = getattr(self, name)
         return out
 
@@ -351,7 +388,7 @@ class Engine:
         self.target_ids.append(root)
         tok = sampler.choose(logits, [root])
         ev = StepEvent([tok], tree_size=1, target_pass_s=clock(*self._devices()) - t0,
-                       streamed_bytes=self.target.stats.streamed_bytes)
+                       streamed_bytes=self.target.stats.streamed_bytes, **expert_counts(self.target))
         if cfg.logprobs:
             ev.logprobs = [TokenLogprob(tok, *top_logprobs(logits, tok, cfg.logprobs))]
         return ev, tok
@@ -417,7 +454,8 @@ class Engine:
             self.planner.observe(draft, n, pass_s, len(res.accepted))
         ev = StepEvent(list(res.tokens), tree_size=n, accepted=len(res.accepted), target_pass_s=pass_s,
                        draft_s=0.0 if draft.ahead else draft.draft_s, streamed_bytes=self.target.stats.streamed_bytes,
-                       budget=budget, ahead_started=ahead, ahead_used=draft.ahead, drafter=draft.drafter)
+                       budget=budget, ahead_started=ahead, ahead_used=draft.ahead, drafter=draft.drafter,
+                       **expert_counts(self.target))
         if draft.ahead:
             ev.ahead_saved_s = draft.draft_s
         if cfg.logprobs:

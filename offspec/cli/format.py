@@ -35,7 +35,13 @@ def format_stats(stats: GenerationStats, interrupted: bool = False) -> str:
         parts.append(f"{stats.ahead_saved_s:.2f} s more drafted during streamed passes "
                      f"({stats.ahead_used} of {stats.ahead_started} early trees used)")
     if stats.streamed_bytes > 0:
-        parts.append(f"streamed {stats.streamed_gbps:.2f} GB/s")
+        parts.append(f"streamed {stats.streamed_gbps:.2f} GB/s, {format_bytes(stats.streamed_bytes_per_token)}/token")
+    if stats.experts_routed:
+        experts = (f"experts {stats.experts_read / stats.passes:.1f} read/pass, "
+                   f"{100 * stats.expert_hit_rate:.0f}% cache hits")
+        if stats.experts_prefetched:
+            experts += f", prefetch {100 * stats.prefetch_accuracy:.0f}% used"
+        parts.append(experts)
     parts.append(f"budget {stats.budget:.0f}" if stats.budget else "plain decoding")
     if stats.threads:
         parts.append(plural(stats.threads, "thread"))
@@ -115,8 +121,13 @@ def plan_table(plan: ResidencyPlan, title: str, minimum_bytes: int, device_budge
         table.add_row(draft_label, "", "", format_bytes(plan.reserved_bytes))
     table.add_row("staging ring", f"{plan.ring_slots} slots x {format_bytes(plan.slot_bytes)}", "",
                   format_bytes(plan.ring_bytes))
+    if plan.expert_slots:
+        moe = plan.moe_layers
+        table.add_row("expert cache", f"{plan.expert_slots} experts resident per layer", str(len(moe)),
+                      format_bytes(plan.expert_cache_bytes))
     table.add_section()
-    table.add_row("streamed per pass", "", "", format_bytes(plan.streamed_bytes_per_pass))
+    table.add_row("streamed per pass" + (" (shared parts; experts as routed)" if plan.expert_slots else ""), "", "",
+                  format_bytes(plan.streamed_bytes_per_pass))
     if plan.device_kind != "cpu":
         table.add_row("copied to device per pass", "", "", format_bytes(plan.copied_bytes_per_pass))
         table.add_row("host RAM used / budget", "", "",

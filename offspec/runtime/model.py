@@ -473,8 +473,10 @@ class CacheView:
 def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,
                host_memory_bytes: int | None = None, reserved_bytes: int = 0, cache_tokens: int = 2048,
                warm: bool = False, verify: bool = True, ring_slots: int = 3,
-               device_memory_over_min: int | None = None, static_cache: bool = False) -> OffloadedModel:
-    """Open a store with a residency plan fitted to the budgets (defaults from the machine)."""
+               device_memory_over_min: int | None = None, static_cache: bool = False,
+               expert_prefetch: str | None = None, expert_policy: str = "lru") -> OffloadedModel:
+    """Open a store with a residency plan fitted to the budgets (defaults from the machine); a mixture of experts
+    caches the plan's experts per layer (`expert_policy`), read ahead by `expert_prefetch` (None, previous, gate)."""
     from offspec.runtime.memory import default_budgets
 
     store_dir = Path(store_dir)
@@ -494,4 +496,5 @@ def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: 
         reserved_bytes, cache_tokens, ring_slots, device_memory_over_min, config=config,
     )
     return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest,
-                          config=config, static_cache=static_cache)
+                          config=config, static_cache=static_cache, expert_prefetch=expert_prefetch,
+                          expert_policy=expert_policy)

@@ -56,6 +56,15 @@ class ResidencyPlan:
         return self.ring_slots * self.slot_bytes
 
     @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.expert_slot_bytes) if b]
+
+    @property
+    def expert_cache_bytes(self) -> int:
+        """Memory of the expert cache: `expert_slots` experts in every MoE layer (in the compute dtype)."""
+        return self.expert_slots * sum(self.expert_slot_bytes)
+
+    @property
     def device_bytes(self) -> int:
         """Bytes the plan holds in device memory (all RAM on the CPU)."""
         layers = sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == DEVICE)
@@ -63,7 +72,7 @@ class ResidencyPlan:
             layers += sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == HOST)
         ring = self.ring_bytes * (2 * self.upcast - 1)  # staging + float32 copies of its float tensors
         return (int(self.resident_bytes * self.resident_upcast + layers * self.upcast) + self.kv_bytes
-                + self.reserved_bytes + int(ring))
+                + self.reserved_bytes + int(ring) + self.expert_cache_bytes)
 
     @property
     def host_bytes(self) -> int:
@@ -74,22 +83,33 @@ class ResidencyPlan:
 
 
 def minimum_budget_bytes(layer_bytes: list[int], resident_bytes: int, kv_bytes: int, reserved_bytes: int,
-                         ring_slots: int = 2, upcast: float = 1.0, resident_upcast: float | None = None) -> int:
-    """The smallest device budget that runs: resident parts, KV cache, reserve and `ring_slots` streamed layers."""
+                         ring_slots: int = 2, upcast: float = 1.0, resident_upcast: float | None = None,
+                         expert_bytes: int = 0) -> int:
+    """The smallest device budget that runs: resident parts, KV cache, reserve, `ring_slots` streamed layers and
+    the smallest expert cache (expert_bytes: one token's experts in every MoE layer)."""
     slot = max(layer_bytes, default=0) * (2 * upcast - 1)  # staging + float32 copies of its float tensors
     r_up = upcast if resident_upcast is None else resident_upcast
-    return int(resident_bytes * r_up) + kv_bytes + reserved_bytes + int(ring_slots * slot)
+    return int(resident_bytes * r_up) + kv_bytes + reserved_bytes + int(ring_slots * slot) + expert_bytes
 
 
 def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_bytes: int,
                    host_budget_bytes: int = 0, kv_bytes: int = 0, reserved_bytes: int = 0,
                    device_kind: str = "cpu", ring_slots: int = 3, upcast: float = 1.0,
-                   resident_upcast: float | None = None) -> ResidencyPlan:
+                   resident_upcast: float | None = None, expert_slot_bytes: list[int] | None = None,
+                   num_experts: int = 0, min_expert_slots: int = 0) -> ResidencyPlan:
     """Fill the device budget with whole layers (the last layers first), then host RAM (CUDA), stream the rest.
 
     Resident layers sit at the end of the pass so that, while they compute, the reader already
-    prefetches the next pass's first streamed layers into the ring.
+    prefetches the next pass's first streamed layers into the ring. A mixture of experts (expert_slot_bytes: one
+    cached expert's memory per layer, 0 for dense layers): `min_expert_slots` experts per MoE layer are held first,
+    the layers' shared parts (attention, norms, router, shared experts) are placed as above, and what memory is left
+    holds more experts, up to `num_experts` per layer.
     """
+    per_slot = sum(expert_slot_bytes or ())
+    if per_slot and num_experts:
+        return _plan_with_experts(layer_bytes, resident_bytes, device_budget_bytes, host_budget_bytes, kv_bytes,
+                                  reserved_bytes, device_kind, ring_slots, upcast, resident_upcast,
+                                  list(expert_slot_bytes), num_experts, max(1, min(min_expert_slots, num_experts)))
     n = len(layer_bytes)
     slot = max(layer_bytes, default=0)
     slot_cost = int(slot * (2 * upcast - 1))
@@ -130,3 +150,33 @@ def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_by
         slots = 0
     return ResidencyPlan(tuple(tiers), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
                          slots, slot if slots else 0, device_kind, tuple(notes), upcast, r_up)
+
+
+def _plan_with_experts(layer_bytes, resident_bytes, device_budget_bytes, host_budget_bytes, kv_bytes, reserved_bytes,
+                       device_kind, ring_slots, upcast, resident_upcast, expert_slot_bytes: list[int],
+                       num_experts: int, min_slots: int) -> ResidencyPlan:
+    """plan_residency for a mixture of experts: the smallest expert cache reserved, then the dense plan, then the
+    memory left over in expert slots."""
+    from dataclasses import replace
+
+    per_slot = sum(expert_slot_bytes)
+    r_up = upcast if resident_upcast is None else resident_upcast
+    fixed = int(resident_bytes * r_up) + kv_bytes + reserved_bytes
+    if fixed + sum(layer_bytes) * upcast + num_experts * per_slot <= device_budget_bytes:
+        plan = plan_residency(layer_bytes, resident_bytes, 1 << 62, 0, kv_bytes, reserved_bytes, device_kind,
+                              ring_slots, upcast, r_up)
+        return replace(plan, expert_slots=num_experts, expert_slot_bytes=tuple(expert_slot_bytes))
+    try:
+        plan = plan_residency(layer_bytes, resident_bytes, device_budget_bytes - min_slots * per_slot,
+                              host_budget_bytes, kv_bytes, reserved_bytes, device_kind, ring_slots, upcast, r_up)
+    except BudgetError:
+        minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2, upcast, r_up,
+                                       min_slots * per_slot)
+        raise BudgetError(
+            f"device memory budget {format_bytes(device_budget_bytes)} is too small: it must hold the resident "
+            f"parts, the KV cache, two streamed layers and {min_slots} experts per layer "
+            f"({format_bytes(min_slots * per_slot)}); minimum {format_bytes(minimum)}") from None
+    plan = replace(plan, expert_slots=min_slots, expert_slot_bytes=tuple(expert_slot_bytes))
+    left = device_budget_bytes - plan.device_bytes
+    extra = max(0, left) // per_slot
+    return replace(plan, expert_slots=int(min(num_experts, min_slots + extra)))

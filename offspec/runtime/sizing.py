@@ -57,14 +57,35 @@ def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, 
     upcast = upcast_factor(manifest, compute) if device_kind == "cpu" else 1.0
     # resident parts (embeddings, norm, head) are all float: they grow by the full dtype ratio
     resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
+    slot_bytes, num_experts, top_k = expert_sizes(manifest, compute, config if config is not None else
+                                                  (load_config(store_dir) if manifest.is_moe else None))
     minimum = minimum_budget_bytes(manifest.layer_bytes, manifest.resident.size, kv_bytes, reserved_bytes, 2, upcast,
-                                   resident_upcast)
+                                   resident_upcast, top_k * sum(slot_bytes))
     if over_min is not None:
         device_memory_bytes = minimum + over_min
     plan = plan_residency(manifest.layer_bytes, manifest.resident.size, device_memory_bytes, host_memory_bytes,
                           kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=device_kind,
-                          ring_slots=ring_slots, upcast=upcast, resident_upcast=resident_upcast)
+                          ring_slots=ring_slots, upcast=upcast, resident_upcast=resident_upcast,
+                          expert_slot_bytes=slot_bytes, num_experts=num_experts, min_expert_slots=top_k)
     return plan, minimum
+
+
+def expert_sizes(manifest: Manifest, compute: torch.dtype, config=None) -> tuple[list[int], int, int]:
+    """A mixture of experts' cache arithmetic: (per decoder layer, one cached expert's memory in the compute dtype
+    (0 for dense layers); experts per MoE layer; experts per token). ([], 0, 0) for a dense model."""
+    if not manifest.is_moe:
+        return [], 0, 0
+    from offspec.runtime.experts import expert_blob_bytes
+    from offspec.transformers_contract import text_config
+
+    slot = [expert_blob_bytes(manifest.layer_experts(i)[0], compute) if manifest.layer_experts(i) else 0
+            for i in range(manifest.num_layers)]
+    experts = max(len(manifest.layer_experts(i)) for i in range(manifest.num_layers))
+    top_k = 1
+    if config is not None:
+        text = text_config(config) if hasattr(config, "to_dict") else config
+        top_k = int(getattr(text, "num_experts_per_tok", None) or getattr(text, "moe_k", None) or 1)
+    return slot, experts, min(top_k, experts)
 
 
 def context_tokens(store_dir: str | Path | None, requested: int, config=None) -> int:
@@ -103,7 +124,8 @@ def model_bytes(store_dir: str | Path | None, cache_tokens: int, device: str = "
     compute = pick_compute_dtype(manifest.torch_dtype, dev)
     upcast = upcast_factor(manifest, compute) if dev.type == "cpu" else 1.0
     resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
-    weights = manifest.resident.size * resident_upcast + sum(manifest.layer_bytes) * upcast
+    experts = sum(b.size for ex in manifest.experts for b in ex)  # a mixture of experts: every expert resident
+    weights = manifest.resident.size * resident_upcast + (sum(manifest.layer_bytes) + experts) * upcast
     return int(weights) + kv_bytes_per_token(config if config is not None else load_config(store_dir),
                                              compute) * cache_tokens
 

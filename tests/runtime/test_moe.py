@@ -143,3 +143,26 @@ def test_nf4_experts_equal_transformers_with_the_dequantized_weights(make_tiny_m
         assert (model.forward(torch.tensor([PROMPT])) - want).abs().max().item() < 1e-3
     finally:
         model.close()
+
+
+def test_the_plan_holds_experts_in_the_budget_and_the_model_caches_that_many(make_tiny_model, tmp_path_factory):
+    from offspec.runtime.sizing import plan_for_store
+
+    _, store = _store(make_tiny_model, tmp_path_factory, "qwen3_moe")
+    man = read_manifest(store)
+    small, minimum = plan_for_store(store, man, "cpu", 0, cache_tokens=32, over_min=0)
+    assert small.expert_slots == 2  # one token's experts (top-2) in every MoE layer
+    assert small.device_bytes <= minimum
+    roomy, _ = plan_for_store(store, man, "cpu", minimum + 3 * sum(small.expert_slot_bytes) + (8 << 20),
+                              cache_tokens=32)
+    assert roomy.expert_slots > small.expert_slots and roomy.device_bytes <= minimum + 3 * sum(
+        small.expert_slot_bytes) + (8 << 20)
+    everything, _ = plan_for_store(store, man, "cpu", 1 << 34, cache_tokens=32)
+    assert everything.expert_slots == 8 and set(everything.tiers) == {DEVICE}
+    model = OffloadedModel(store, small, cache_tokens=32)
+    try:
+        assert {lay.slots for lay in model.experts.layers.values()} == {2}
+        model.forward(torch.tensor([PROMPT]))
+        assert max(model.experts.resident_experts().values()) <= 2
+    finally:
+        model.close()
