@@ -166,3 +166,32 @@ def test_the_plan_holds_experts_in_the_budget_and_the_model_caches_that_many(mak
         assert max(model.experts.resident_experts().values()) <= 2
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("predictor", ["previous", "gate"])
+def test_prefetch_reads_ahead_counted_apart_and_changes_nothing(predictor, make_tiny_model, tmp_path_factory):
+    """Prefetched blobs are counted apart from on-demand reads; every routed expert is a hit or one read."""
+    src, store = _store(make_tiny_model, tmp_path_factory, "qwen3_moe")
+    want = _reference_greedy(src)
+    model = OffloadedModel(store, _plans(store)["every layer on disk"], cache_tokens=32, expert_slots=3,
+                           expert_prefetch=predictor)
+    try:
+        engine = Engine(model)
+        seen = []
+        orig = model.forward
+
+        def forward(*a, **k):
+            out = orig(*a, **k)
+            ex = model.stats.experts
+            assert ex.routed == ex.hits + ex.reads
+            assert ex.prefetch_used <= min(ex.prefetched, ex.hits)
+            seen.append((ex.prefetched, ex.prefetch_used))
+            return out
+
+        model.forward = forward
+        got = generate(engine, PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS, spec=False))
+        assert got.token_ids == want
+        assert sum(p for p, _ in seen) > 0 and model.experts.total.prefetched == sum(p for p, _ in seen)
+        assert got.stats.experts_prefetched == sum(p for p, _ in seen[1:])  # decode passes (not the prefill)
+    finally:
+        model.close()
