@@ -287,6 +287,14 @@ class ExpertCache:
         return pre_hook
 
     # ------------------------------------------------------------------ bookkeeping
+    def clear(self) -> None:
+        """Forget every cached expert (the next passes read what they route to)."""
+        self.drop_prefetches()
+        for lay in self.layers.values():
+            lay.where.clear()
+            lay.uses.clear()
+            lay.free = list(range(lay.slots))
+
     def begin_pass(self) -> None:
         self.stats = ExpertStats()
 

@@ -76,7 +76,8 @@ class OffloadedModel:
             if quant:
                 swap_nf4_linears(self.layers[i], quant)
         self.experts: ExpertCache | None = None
-        self._init_experts(expert_slots, expert_policy, warm, expert_prefetch)
+        self._init_experts(expert_slots, expert_policy, warm, expert_prefetch,
+                           set(share.memory_resident_layers()) if share is not None else set())
         self._load_resident(share)
         shared = set(share.memory_resident_layers()) if share is not None else set()
         for i in shared:
@@ -127,12 +128,15 @@ class OffloadedModel:
 
     # ------------------------------------------------------------------ experts
     def _init_experts(self, slots: int | dict[int, int] | None, policy: str, warm: bool,
-                      prefetch: str | None) -> None:
-        """A mixture of experts: the expert cache and, on each MoE layer's experts module, the hook that binds it."""
+                      prefetch: str | None, shared: set[int]) -> None:
+        """A mixture of experts: the expert cache and, on each MoE layer's experts module, the hook that binds it
+        (not on `shared` layers: another model's, with their experts cached there)."""
         if not self.manifest.is_moe:
             return
         modules = {}
         for i, layer in enumerate(self.layers):
+            if i in shared:
+                continue
             blobs = self.manifest.layer_experts(i)
             found = experts_module(layer)
             if bool(blobs) != (found is not None):
@@ -141,6 +145,8 @@ class OffloadedModel:
                                     "routes to experts the store has no blobs of") + "; convert the model again")
             if found is not None:
                 modules[i] = found
+        if not modules:
+            return
         if slots is None:
             slots = self.plan.expert_slots or max(m.num_experts for m in modules.values())
         self.experts = ExpertCache(self.store_dir, modules, {i: self.manifest.layer_experts(i) for i in modules},
@@ -155,10 +161,10 @@ class OffloadedModel:
 
     def _expert_param_ids(self) -> set[int]:
         """ids of the experts modules' parameters (bound per call from the expert cache, never from layer blobs)."""
-        if self.experts is None:
+        if not self.manifest.is_moe:
             return set()
-        return {id(p) for i, lay in self.experts.layers.items()
-                for p in self.layers[i].get_submodule(lay.module.path)._parameters.values()}
+        return {id(p) for layer in self.layers if (found := experts_module(layer)) is not None
+                for p in layer.get_submodule(found.path)._parameters.values()}
 
     # ------------------------------------------------------------------ loading
     def _upcast(self, views: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

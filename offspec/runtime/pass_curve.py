@@ -22,6 +22,7 @@ def curve_key(model) -> str:
     """Store, residency plan, page-cache policy, dtype and machine: what the pass-time curve depends on."""
     warm = bool(model.streamer and model.streamer.warm)
     parts = [str(Path(model.store_dir).resolve()), ",".join(model.plan.tiers), str(warm), str(model.dtype),
+             str(getattr(model.plan, "expert_slots", 0)),
              platform.node(), platform.processor() or platform.machine(), str(os.cpu_count()),
              str(torch.get_num_threads()), str(model.device)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -29,8 +30,13 @@ def curve_key(model) -> str:
 
 @torch.inference_mode()
 def measure_pass_curve(model, sizes: tuple[int, ...] = CURVE_SIZES, prefix: int = 32,
-                       seed: int = 0) -> dict[int, float]:
-    """Seconds of one forward of T tokens (after `prefix` cached tokens) for each T; leaves the cache as found."""
+                       seed: int = 0, experts_read: dict[int, int] | None = None) -> dict[int, float]:
+    """Seconds of one forward of T tokens (after `prefix` cached tokens) for each T; leaves the cache as found.
+
+    A mixture of experts: each T starts from an empty expert cache, so its time includes reading the union of the
+    experts its T tokens route to (a tree's cost grows with that union, not only with T); `experts_read`, when
+    given, receives how many expert blobs each T read."""
+    experts = getattr(model, "experts", None)
     start = model.cache.length
     g = torch.Generator().manual_seed(seed)
     vocab = model.vocab_size
@@ -43,9 +49,13 @@ def measure_pass_curve(model, sizes: tuple[int, ...] = CURVE_SIZES, prefix: int 
             if t > limit:
                 break
             ids = torch.randint(0, vocab, (1, t), generator=g)
+            if experts is not None:
+                experts.clear()
             t0 = clock(model.device)  # CUDA: synchronised, so the figure is the work and not its launch
             model.forward(ids)
             out[t] = clock(model.device) - t0
+            if experts is not None and experts_read is not None:
+                experts_read[t] = model.stats.experts.reads
             model.cache.crop(base)
     finally:
         model.cache.crop(start)

@@ -65,9 +65,19 @@ def open_self_draft(target: OffloadedModel, fmt: str = "nf4", nf4_store: str | P
     man = target.manifest
     plan = ResidencyPlan(tuple([DEVICE] * man.num_layers), tuple(man.layer_bytes), 0, 0, 0, 0, 0, target.device.type)
     draft = OffloadedModel(target.store_dir, plan, target.device, cache_tokens=cache_tokens, manifest=man,
-                           config=target.config, share=target, prepare_layer=prepare)
+                           config=target.config, share=target, prepare_layer=prepare,
+                           expert_slots=_expert_slots(target, man))
     draft.lm_head = quantize_linear(target.lm_head, fmt)
     return draft
+
+
+def _expert_slots(target: OffloadedModel, manifest) -> int | None:
+    """A mixture of experts: the copy caches a few experts per layer of its own (sizing.self_draft_expert_slots)."""
+    if not manifest.is_moe:
+        return None
+    from offspec.runtime.sizing import self_draft_expert_slots
+
+    return self_draft_expert_slots(manifest, target.dtype, target.config)
 
 
 def _open_nf4(target: OffloadedModel, nf4_store: Path, cache_tokens: int, verify: bool) -> OffloadedModel:
@@ -85,7 +95,8 @@ def _open_nf4(target: OffloadedModel, nf4_store: Path, cache_tokens: int, verify
                          f"{target.manifest.model_type} with {target.num_layers}")
     n = manifest.num_layers
     plan = ResidencyPlan(tuple([DEVICE] * n), tuple(manifest.layer_bytes), 0, 0, 0, 0, 0, target.device.type)
-    draft = OffloadedModel(nf4_store, plan, target.device, cache_tokens=cache_tokens, manifest=manifest, share=target)
+    draft = OffloadedModel(nf4_store, plan, target.device, cache_tokens=cache_tokens, manifest=manifest, share=target,
+                           expert_slots=_expert_slots(target, manifest))
     if draft.dtype == torch.bfloat16:  # resident for good: repack once for the fused CPU kernel where there is one
         shared = set(target.memory_resident_layers())
         for i, layer in enumerate(draft.layers):

@@ -165,4 +165,14 @@ def self_draft_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tok
         if head is not None:
             total += quantized_nbytes(head.shape[0], head.shape[1], fmt)
     config = config if config is not None else load_config(Path(store_dir))
+    if manifest.is_moe:  # its experts, unpacked into a cache of its own (self_draft_expert_slots per MoE layer)
+        slot_bytes, _, _ = expert_sizes(manifest, compute, config)
+        total += self_draft_expert_slots(manifest, compute, config) * sum(slot_bytes)
     return total + kv_bytes_per_token(config, compute) * cache_tokens
+
+
+def self_draft_expert_slots(manifest: Manifest, compute: torch.dtype, config=None) -> int:
+    """Experts per MoE layer the self-draft caches: two tokens' worth (a draft step routes a few tokens; the
+    others are read from the store as routed, like the target's)."""
+    _, experts, top_k = expert_sizes(manifest, compute, config)
+    return min(experts, 2 * top_k)

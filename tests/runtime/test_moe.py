@@ -3,6 +3,8 @@ and a pass reads exactly the blobs of the experts its tokens route to."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -195,3 +197,88 @@ def test_prefetch_reads_ahead_counted_apart_and_changes_nothing(predictor, make_
         assert got.stats.experts_prefetched == sum(p for p, _ in seen[1:])  # decode passes (not the prefill)
     finally:
         model.close()
+
+
+# ---------------------------------------------------------------------------------------------- speculation
+def _comb_tree(last: int, depth: int = 5, width: int = 2):
+    from offspec.speculative.tree import DraftTree
+
+    tree = DraftTree(last, capacity=depth * width + 1)
+    node = 0
+    for d in range(depth):
+        kids = tree.add(node, [(11 * d + 5 * j) % 200 + 3 for j in range(width)], [-1.0 * (d + 1)] * width)
+        node = int(kids[0])
+    return tree
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_a_tree_pass_equals_each_path_decoded_alone(family, make_tiny_model, tmp_path_factory):
+    """A tree routes the union of its paths' experts; two slots per layer make it run over a slab of its own."""
+    from tests.speculative.oracles import assert_tree_logits_match_paths
+
+    _, store = _store(make_tiny_model, tmp_path_factory, family)
+    model = OffloadedModel(store, _plans(store)["mixed"], cache_tokens=32, expert_slots=2)
+    try:
+        model.forward(torch.tensor([PROMPT[:-1]]))
+        model.supports_logit_rows = False  # the oracle compares every row
+        assert_tree_logits_match_paths(model, _comb_tree(PROMPT[-1]), atol=1e-4, rtol=1e-4)
+    finally:
+        model.close()
+
+
+def _moe_engine(store, draft=None, slots=2, **model_kw):
+    model = OffloadedModel(store, _plans(store)["every layer on disk"], cache_tokens=64, expert_slots=slots,
+                           **model_kw)
+    return Engine(model, draft)
+
+
+@pytest.fixture(scope="module")
+def moe_stores(make_tiny_model, tmp_path_factory):
+    _, target = _store(make_tiny_model, tmp_path_factory, "qwen3_moe")
+    draft_src = make_tiny_model("qwen3_moe", num_layers=2, seed=1)
+    draft = convert_model(draft_src, tmp_path_factory.mktemp("moe-draft") / "d", bits=16, dtype="float32",
+                          progress=False)
+    _, nf4 = _store(make_tiny_model, tmp_path_factory, "qwen3_moe", bits=4)
+    return target, draft, nf4
+
+
+def _drafter(kind: str, engine: Engine, stores):
+    from offspec.runtime.model import open_model
+    from offspec.runtime.self_draft import open_self_draft
+    from offspec.speculative.drafters import ModelDrafter, NgramDrafter
+
+    target, draft, nf4 = stores
+    if kind == "ngram":
+        return NgramDrafter(min_n=1)
+    if kind == "draft":
+        return ModelDrafter(open_model(draft, cache_tokens=64))
+    if kind == "self":  # the NF4 copy of the same source, its experts cached in the draft
+        return ModelDrafter(open_self_draft(engine.target, "nf4", nf4, cache_tokens=64), name="self")
+    return ModelDrafter(open_self_draft(engine.target, "int8", cache_tokens=64), name="self")
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft", "self", "int8-self"])
+def test_speculative_greedy_and_seeded_sampling_equal_plain_decoding(kind, moe_stores):
+    target, _, _ = moe_stores
+    plain = _moe_engine(target)
+    prompt = [5, 17, 33, 5, 17, 33, 5, 17]  # repeats, so n-grams propose something
+    for cfg in (GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=12, temperature=1.0, seed=4)):
+        plain.reset()
+        want = generate(plain, prompt, replace(cfg, spec=False))
+        spec = _moe_engine(target)
+        spec.drafter = _drafter(kind, spec, moe_stores)
+        got = generate(spec, prompt, replace(cfg, budget=8, max_depth=4))
+        assert got.token_ids == want.token_ids, (kind, cfg.temperature)
+        assert got.stats.experts_routed > 0
+
+
+def test_the_pass_curve_counts_the_experts_a_tree_reads(moe_stores):
+    from offspec.runtime.pass_curve import measure_pass_curve
+
+    target, _, _ = moe_stores
+    engine = _moe_engine(target, slots=None)
+    reads: dict[int, int] = {}
+    curve = measure_pass_curve(engine.target, sizes=(1, 4, 16), prefix=4, experts_read=reads)
+    assert set(curve) == set(reads) == {1, 4, 16}
+    # from an empty cache: one token reads its top-2 per MoE layer, a tree reads the union of its tokens' experts
+    assert reads[1] == 2 * 3 and reads[1] <= reads[4] <= reads[16] <= 8 * 3 and reads[16] > reads[1]
