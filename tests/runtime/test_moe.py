@@ -282,3 +282,58 @@ def test_the_pass_curve_counts_the_experts_a_tree_reads(moe_stores):
     assert set(curve) == set(reads) == {1, 4, 16}
     # from an empty cache: one token reads its top-2 per MoE layer, a tree reads the union of its tokens' experts
     assert reads[1] == 2 * 3 and reads[1] <= reads[4] <= reads[16] <= 8 * 3 and reads[16] > reads[1]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def moe_store_copy(make_tiny_model, tmp_path_factory, tmp_path):
+    import shutil
+
+    _, store = _store(make_tiny_model, tmp_path_factory, "qwen3_moe")
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    (copy / ".verified").unlink(missing_ok=True)
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_damaged_expert_blob_is_one_line_at_open_and_in_a_pass(damage, moe_store_copy):
+    from offspec.errors import StoreError
+    from offspec.runtime.model import open_model
+
+    blob = moe_store_copy / read_manifest(moe_store_copy).experts[1][5].file
+    data = blob.read_bytes()
+    if damage == "missing":
+        blob.unlink()
+    else:
+        blob.write_bytes(data[:100])
+    with pytest.raises(StoreError) as err:  # the integrity check at open names the blob
+        open_model(moe_store_copy, cache_tokens=32)
+    msg = str(err.value)
+    assert "\n" not in msg and "expert 5 of layer 1" in msg and ("missing" in msg or "truncated" in msg)
+    # opened without the check, a pass that routes to it fails with one line and leaves nothing half-written
+    model = OffloadedModel(moe_store_copy, _plans(moe_store_copy)["every layer on disk"], cache_tokens=32)
+    try:
+        with pytest.raises(StoreError) as err:
+            for t in range(0, 200, 8):  # some token routes to expert 5 of layer 1
+                model.forward(torch.arange(t, t + 8)[None] % 256)
+        assert "\n" not in str(err.value) and "expert 5 of layer 1" in str(err.value)
+        assert 5 not in model.experts.layers[1].where
+        blob.write_bytes(data)  # repaired: the same model reads it
+        model.reset()
+        model.forward(torch.arange(0, 200)[None] % 256)
+        assert 5 in model.experts.layers[1].where
+    finally:
+        model.close()
+
+
+def test_an_unsupported_mixture_of_experts_is_refused_in_one_line(tmp_path):
+    from transformers import AutoConfig
+
+    from offspec.errors import ModelError
+    from offspec.models.registry import load_config
+
+    AutoConfig.for_model("jetmoe", num_hidden_layers=2, hidden_size=64, num_attention_heads=4).save_pretrained(tmp_path)
+    with pytest.raises(ModelError) as err:
+        load_config(tmp_path)
+    assert "\n" not in str(err.value) and "mixture-of-experts" in str(err.value)
