@@ -494,6 +494,60 @@ def convert(src: str | Path, out: str | Path, bits: int | None = None, dtype: st
     return ConvertResult(out, chosen, dtype, store_bytes(manifest), True)
 
 
+def _layer_parts(source, i: int, meta: SourceMetadata) -> tuple[dict[str, Loader], dict[int, dict[str, Loader]],
+                                                                  frozenset[str]]:
+    """Layer i of a source as the converter writes it: (its tensors but the routed experts', {expert: its slices
+    of the fused experts parameters}, the 2-D weights an NF4 store keeps 16-bit).
+
+    A folder source splits its experts itself; another source (a GGUF) names one tensor per expert as a Hugging
+    Face checkpoint of its family does, and they are joined per expert here as transformers joins them on load."""
+    unpacked = meta.unpacked[i] if i < len(meta.unpacked) else frozenset()
+    if hasattr(source, "expert_tensors"):
+        return source.layer_tensors(i), source.expert_tensors(i), unpacked
+    loaders = source.layer_tensors(i)
+    names = _checkpoint_names(source)
+    if names is None:
+        return loaders, {}, unpacked
+    prefix = f"model.layers.{i}."
+    unpacked = unpacked | {n[len(prefix):] for n in names.not_linear if n.startswith(prefix)}
+    if not names.expert_params:
+        return loaders, {}, unpacked
+    dense: dict[str, Loader] = {}
+    pieces: dict[tuple[str, int], dict[int, Loader]] = {}
+    for rel, load in loaders.items():
+        piece = names.expert_piece(prefix + rel)
+        if piece is None:
+            dense[rel] = load
+            continue
+        full, e, k, _ = piece
+        pieces.setdefault((names.expert_params[full][1], e), {})[k] = load
+    experts: dict[int, dict[str, Loader]] = {}
+    for (rel, e), parts in pieces.items():
+        ordered = [parts[k] for k in sorted(parts)]
+        experts.setdefault(e, {})[rel] = (ordered[0] if len(ordered) == 1 else
+                                          lambda dtype=None, ordered=ordered: torch.cat([ld(dtype) for ld in ordered]))
+    return dense, experts, unpacked
+
+
+_NAMES: dict[int, object] = {}
+
+
+def _checkpoint_names(source):
+    """transformers' checkpoint naming of a source's config (None for a source without a transformers config)."""
+    config = getattr(source, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    if id(source) not in _NAMES:
+        from offspec.transformers_contract import CheckpointNames, ContractError
+
+        try:
+            _NAMES.clear()
+            _NAMES[id(source)] = CheckpointNames(config)
+        except ContractError:
+            return None
+    return _NAMES[id(source)]
+
+
 def _journaled_experts(journal: dict, n: int) -> tuple[tuple[BlobEntry, ...], ...]:
     """The manifest's expert blobs per layer (() for a dense model)."""
     experts = tuple(tuple(_blob_from_dict(b) for b in journal.get("experts", {}).get(str(i), [])) for i in range(n))
@@ -512,12 +566,10 @@ def _convert(source, partial: Path, journal: dict, bits: int, dtype: str, progre
         for i in range(n):
             if i in done:
                 continue
-            experts = source.expert_tensors(i) if hasattr(source, "expert_tensors") else {}
+            dense, experts, unpacked = _layer_parts(source, i, meta)
             blobs = [asdict(write_blob(partial, expert_file(i, e), prepared(experts[e], dtype, bits, expert=True)))
                      for e in sorted(experts)]
-            unpacked = meta.unpacked[i] if i < len(meta.unpacked) else frozenset()
-            entry = write_blob(partial, layer_file(i), prepared(source.layer_tensors(i), dtype, bits,
-                                                                 unpacked=unpacked))
+            entry = write_blob(partial, layer_file(i), prepared(dense, dtype, bits, unpacked=unpacked))
             journal["layers"][str(i)] = asdict(entry)
             journal.setdefault("experts", {})[str(i)] = blobs
             _write_json_atomic(partial / JOURNAL, journal)

@@ -337,3 +337,51 @@ def test_an_unsupported_mixture_of_experts_is_refused_in_one_line(tmp_path):
     with pytest.raises(ModelError) as err:
         load_config(tmp_path)
     assert "\n" not in str(err.value) and "mixture-of-experts" in str(err.value)
+
+
+def test_a_source_naming_one_tensor_per_expert_converts_by_expert(make_tiny_model, tmp_path, monkeypatch):
+    """A source other than a folder (a GGUF) names each expert's tensors as a per-expert checkpoint does
+    (`mlp.experts.3.gate_proj.weight`): the converter joins them per expert and keeps the router 16-bit in NF4."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    import offspec.store.convert as conv
+
+    src = make_tiny_model("qwen3_moe", num_layers=4)
+
+    class PerExpertSource:  # layer tensors under the checkpoint's own names, experts included (no expert_tensors)
+        def __init__(self, path):
+            self.inner = conv.FolderSource(path)
+            self.config = AutoConfig.from_pretrained(path)
+            self.model_type, self.num_layers = self.inner.model_type, self.inner.num_layers
+            self.tie_word_embeddings = self.inner.tie_word_embeddings
+            self.resident_tensors, self.write_metadata = self.inner.resident_tensors, self.inner.write_metadata
+            self._file = next(path.glob("*.safetensors"))
+
+        def layer_tensors(self, i):
+            prefix = f"model.layers.{i}."
+            with safe_open(str(self._file), "pt") as h:
+                keys = [k for k in h.keys() if k.startswith(prefix)]
+            return {k[len(prefix):]: (lambda dtype=None, k=k: safe_open(str(self._file), "pt").get_tensor(k))
+                    for k in keys}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.__exit__(*exc)
+
+    monkeypatch.setattr(conv, "open_source", PerExpertSource)
+    for bits in (16, 4):
+        store = conv.convert_model(src, tmp_path / f"s{bits}", bits=bits, dtype="float32", progress=False)
+        man = read_manifest(store)
+        assert [len(x) for x in man.experts] == [0, 8, 8, 8]
+        assert man.layers[1].tensors["mlp.gate.weight"].quant is None
+        if bits == 16:
+            want = _reference_greedy(src)
+            model = OffloadedModel(store, _plans(store)["every layer on disk"], cache_tokens=32, expert_slots=2)
+            try:
+                got = generate(Engine(model), PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS, spec=False))
+                assert got.token_ids == want
+            finally:
+                model.close()
