@@ -298,6 +298,11 @@ def _aggregate(records: list[dict]) -> dict:
         "streamed_gbps": total.streamed_gbps,
         "mean_tree_size": total.mean_tree_size,
         "mean_budget": total.budget,
+        "streamed_bytes_per_token": total.streamed_bytes_per_token,
+        # a mixture of experts: experts read per pass, the expert cache's hit rate, the prefetches used (0 if dense)
+        "experts_read_per_pass": total.experts_read / passes if passes else 0.0,
+        "expert_hit_rate": total.expert_hit_rate,
+        "prefetch_accuracy": total.prefetch_accuracy,
         "limit_tok_per_s": None,  # set by add_limits once the read ceiling is known (end of the run)
         "limit_fraction": None,
     }

@@ -165,6 +165,11 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"peer {p['name']}: {p['tok_per_s']:.3f} tok/s ({p['s_per_token']:.2f} s/token) "
                      f"under {format_bytes(p['budget_bytes'])}, device map {p['device_map']}")
     lines += [f"note: {n}" for n in result.get("notes", [])]
+    for r in result.get("configs", []):  # a mixture of experts: reads and the expert cache per configuration
+        if r.get("experts_read_per_pass") or r.get("expert_hit_rate"):
+            lines.append(f"experts, {_config_name(r)}: {_fmt(r['experts_read_per_pass'], '.1f')} read per pass, "
+                         f"{_fmt(100 * r['expert_hit_rate'], '.0f')}% cache hits, "
+                         f"{format_bytes(r.get('streamed_bytes_per_token') or 0)} streamed per token")
     return lines
 
 
