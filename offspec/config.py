@@ -70,18 +70,23 @@ class RuntimeConfig:
     warm: bool = False
     bits: int | None = None  # None: chosen from the source (NF4 for GGUFs quantized below 8 bits, else 16)
     dtype: str = "bfloat16"
+    expert_prefetch: str | None = None  # a mixture of experts: None, "previous" or "gate" (runtime/expert_prefetch)
 
     @classmethod
     def from_flags(cls, device: str = "cpu", device_memory: str | None = None, host_memory: str | None = None,
-                   warm: bool = False, bits: int | None = None, dtype: str = "bfloat16") -> "RuntimeConfig":
+                   warm: bool = False, bits: int | None = None, dtype: str = "bfloat16",
+                   expert_prefetch: str = "off") -> "RuntimeConfig":
         """Parse the command-line strings (sizes, 'min+SIZE') into a validated config."""
         dev_bytes, over_min = parse_device_memory(device_memory)
+        prefetch = expert_prefetch.strip().lower()
         return cls(device=device.strip().lower(), device_memory_bytes=dev_bytes, device_memory_over_min=over_min,
                    host_memory_bytes=parse_size(host_memory) if host_memory is not None else None,
-                   warm=warm, bits=bits, dtype=dtype)
+                   warm=warm, bits=bits, dtype=dtype, expert_prefetch=None if prefetch == "off" else prefetch)
 
     def __post_init__(self) -> None:
         check_bits_dtype(self.bits, self.dtype)
+        if self.expert_prefetch not in (None, "previous", "gate"):
+            raise ConfigError(f"bad --expert-prefetch '{self.expert_prefetch}': use off, previous or gate")
 
 
 @dataclass(frozen=True)

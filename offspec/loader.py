@@ -345,7 +345,7 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         reserved += sequences * per_sequence - draft_kv
     target = open_model(target_store, rc.device, rc.device_memory_bytes, rc.host_memory_bytes,
                         reserved_bytes=reserved, cache_tokens=own_cache, warm=rc.warm,
-                        device_memory_over_min=rc.device_memory_over_min)
+                        device_memory_over_min=rc.device_memory_over_min, expert_prefetch=rc.expert_prefetch)
     drafter = open_drafter(dp, target, target_store, tokenizer, rc, cache_tokens, ngram_corpus)
     planner = None
     if drafter is not None and budget_auto:

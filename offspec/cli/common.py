@@ -50,6 +50,10 @@ HostMemoryOpt = Annotated[Optional[str], typer.Option(
 WarmOpt = Annotated[bool, typer.Option(
     "--warm", rich_help_panel=RUNTIME_PANEL,
     help="Let the page cache keep streamed layers (default: drop them, so each pass really reads the disk).")]
+ExpertPrefetchOpt = Annotated[str, typer.Option(
+    "--expert-prefetch", metavar="off|previous|gate", rich_help_panel=RUNTIME_PANEL,
+    help="A mixture of experts: while a layer computes, read the next layer's likely experts: previous (what it "
+         "routed to last time) or gate (its router applied early).")]
 MaxNewOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "--max-tokens", "-n", metavar="N", rich_help_panel=SAMPLING_PANEL,
     help="At most N new tokens (a hard limit, whatever the draft tree accepts).")]
@@ -108,11 +112,11 @@ NoLogOpt = Annotated[bool, typer.Option(
 
 
 def runtime_config(device: str, device_memory: str | None, host_memory: str | None, warm: bool, bits: int,
-                    dtype: str):
+                    dtype: str, expert_prefetch: str = "off"):
     """A validated RuntimeConfig (pure parsing: no torch import, so flag typos fail fast)."""
     from offspec.config import RuntimeConfig
 
-    return RuntimeConfig.from_flags(device, device_memory, host_memory, warm, bits, dtype)
+    return RuntimeConfig.from_flags(device, device_memory, host_memory, warm, bits, dtype, expert_prefetch)
 
 
 def check_device(device: str) -> None:

@@ -10,8 +10,8 @@ from offspec import console
 from offspec.cli.app import app
 from offspec.cli.common import (
     CTX_TOKENS, EXIT_INTERRUPTED, SAMPLING_PANEL, BitsOpt, BudgetOpt, CtxSizeOpt, DeviceMemoryOpt, DeviceOpt,
-    DraftOpt, DtypeOpt, FrequencyPenaltyOpt, HostMemoryOpt, MaxNewOpt, MinPOpt, ModelOpt, NgramCorpusOpt, NgramOpt,
-    NoLogOpt, NoSpecOpt, NoTemplateOpt, PresencePenaltyOpt, QuietOpt, RepeatLastNOpt, RepeatPenaltyOpt, SeedOpt,
+    DraftOpt, DtypeOpt, ExpertPrefetchOpt, FrequencyPenaltyOpt, HostMemoryOpt, MaxNewOpt, MinPOpt, ModelOpt,
+    NgramCorpusOpt, NgramOpt, NoLogOpt, NoSpecOpt, NoTemplateOpt, PresencePenaltyOpt, QuietOpt, RepeatLastNOpt, RepeatPenaltyOpt, SeedOpt,
     StopOpt, SystemOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt, TreeOpt, VerboseOpt, WarmOpt, check_device,
     check_output_flags, generation_config, load_models, runtime_config, set_threads, warn_ignored_flags,
 )
@@ -138,6 +138,7 @@ def generate(
     device_memory: DeviceMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     warm: WarmOpt = False,
+    expert_prefetch: ExpertPrefetchOpt = "off",
     threads: ThreadsOpt = None,
     ctx_size: CtxSizeOpt = CTX_TOKENS,
     max_new_tokens: MaxNewOpt = 256,
@@ -167,7 +168,7 @@ def generate(
 ) -> None:
     """Complete one prompt, streaming the answer to stdout and the speed to stderr."""
     check_output_flags(quiet, verbose)
-    rc = runtime_config(device, device_memory, host_memory, warm, bits, dtype)
+    rc = runtime_config(device, device_memory, host_memory, warm, bits, dtype, expert_prefetch)
     cfg = generation_config(budget, not no_spec, tree, stop, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, repeat_penalty=repeat_penalty,
                              repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,
@@ -253,6 +254,7 @@ def chat(
     device_memory: DeviceMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     warm: WarmOpt = False,
+    expert_prefetch: ExpertPrefetchOpt = "off",
     threads: ThreadsOpt = None,
     ctx_size: CtxSizeOpt = CTX_TOKENS,
     max_new_tokens: MaxNewOpt = 512,
@@ -282,7 +284,7 @@ def chat(
     check_output_flags(quiet, verbose)
     if load is not None and resume:
         raise ConfigError("--load and --continue both pick the conversation: give one")
-    rc = runtime_config(device, device_memory, host_memory, warm, bits, dtype)
+    rc = runtime_config(device, device_memory, host_memory, warm, bits, dtype, expert_prefetch)
     cfg = generation_config(budget, not no_spec, tree, stop, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, repeat_penalty=repeat_penalty,
                              repeat_last_n=repeat_last_n, presence_penalty=presence_penalty,

@@ -10,8 +10,8 @@ from offspec import console
 from offspec.cli.app import app
 from offspec.cli.common import (
     CTX_TOKENS, MODEL_PANEL, SAMPLING_PANEL, BitsOpt, BudgetOpt, CtxSizeOpt, DeviceMemoryOpt, DeviceOpt, DraftOpt,
-    DtypeOpt, FrequencyPenaltyOpt, HostMemoryOpt, MinPOpt, ModelOpt, NgramCorpusOpt, NgramOpt, NoSpecOpt,
-    PresencePenaltyOpt, QuietOpt, RepeatLastNOpt, RepeatPenaltyOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt,
+    DtypeOpt, ExpertPrefetchOpt, FrequencyPenaltyOpt, HostMemoryOpt, MinPOpt, ModelOpt, NgramCorpusOpt, NgramOpt,
+    NoSpecOpt, PresencePenaltyOpt, QuietOpt, RepeatLastNOpt, RepeatPenaltyOpt, TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt,
     TreeOpt, WarmOpt, check_device, generation_config, load_models, runtime_config, set_threads, warn_ignored_flags,
 )
 from offspec.errors import ConfigError
@@ -44,6 +44,7 @@ def serve(
     device_memory: DeviceMemoryOpt = None,
     host_memory: HostMemoryOpt = None,
     warm: WarmOpt = False,
+    expert_prefetch: ExpertPrefetchOpt = "off",
     threads: ThreadsOpt = None,
     ctx_size: CtxSizeOpt = CTX_TOKENS,
     host: Annotated[str, typer.Option(
@@ -81,7 +82,7 @@ def serve(
 
     Concurrent requests share each target pass: the weights are read once per pass for all of them.
     The sampling options here are the defaults for requests that do not set them."""
-    rc = runtime_config(device, device_memory, host_memory, warm, bits, dtype)
+    rc = runtime_config(device, device_memory, host_memory, warm, bits, dtype, expert_prefetch)
     defaults = generation_config(budget, not no_spec, tree, None, temperature=temperature, top_p=top_p, top_k=top_k,
                                  min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
                                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)

@@ -230,7 +230,8 @@ class ExpertSlice:
     parts: tuple[tuple[str, int | None], ...]  # (checkpoint key, expert row or None)
 
 
-def split_experts(keys: list[str], naming: CheckpointNaming, where: str) -> tuple[list[str], dict[int, dict[int, dict[str, ExpertSlice]]]]:
+def split_experts(keys: list[str], naming: CheckpointNaming,
+                  where: str) -> tuple[list[str], dict[int, dict[int, dict[str, ExpertSlice]]]]:
     """Separate the routed experts' tensors from the others: (the other keys, {layer: {expert: {name in the layer:
     its slice}}}). Per-expert checkpoint tensors (`experts.3.gate_proj.weight`, merged by transformers on load) and
     fused ones (`experts.gate_up_proj` [experts, ...], as transformers 5 saves them) both become one slice per

@@ -217,3 +217,24 @@ def test_chat_takes_the_same_flags(runner, cli_app, tiny, tmp_path):
     lines = full.stderr.splitlines()
     assert len(lines) == 2 and "--ctx-size" in lines[0] and "40" in lines[0] and "context" in lines[1]
     assert "--temp" in one_error_line(runner.invoke(cli_app, ["chat", "-m", str(tiny.target), "-t", "0.5"]))
+
+
+def test_a_mixture_of_experts_reports_its_experts_and_prefetches_on_request(runner, cli_app, tmp_path,
+                                                                            make_tiny_model):
+    """A tiny MoE folder: the stats line and --json carry the expert counts; --expert-prefetch reads ahead, and a
+    bad value is one line."""
+    import shutil
+
+    from tests.conftest import tiny_tokenizer
+
+    src = tmp_path / "moe"
+    shutil.copytree(make_tiny_model("qwen3_moe", num_layers=4, tokenizer=False), src)
+    tiny_tokenizer().save_pretrained(src)
+    args = ["Hello", "-m", src, *COMMON, "-n", 4, "--device-memory", "min+1KiB", "--raw", "--no-log"]
+    res = gen(runner, cli_app, *args)
+    assert res.exit_code == 0, res.output
+    assert "read/pass" in res.stderr.splitlines()[-1] and "cache hits" in res.stderr.splitlines()[-1]
+    stats = as_json(gen(runner, cli_app, *args, "--json", "--expert-prefetch", "gate"))["stats"]
+    assert stats["experts_routed"] > 0 and stats["experts_prefetched"] > 0
+    assert stats["experts_routed"] == stats["expert_hits"] + stats["experts_read"]
+    assert "--expert-prefetch" in one_error_line(gen(runner, cli_app, *args, "--expert-prefetch", "soon"))
