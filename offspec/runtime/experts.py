@@ -41,7 +41,7 @@ class ExpertStats:
     prefetched: int = 0  # blobs read ahead of their layer by the predictor
     prefetch_bytes: int = 0
     prefetch_used: int = 0  # prefetched blobs that the layer then routed to
-    read_log: list[tuple[int, int]] = field(default_factory=list)  # (layer, expert) of each on-demand read
+    read_log: list[tuple[int, int]] = field(default_factory=list)  # (layer, expert) of each on-demand read (a pass)
 
     @property
     def hit_rate(self) -> float:
@@ -54,8 +54,7 @@ class ExpertStats:
 
     def add(self, other: ExpertStats) -> None:
         for name in ("routed", "hits", "reads", "bytes_read", "prefetched", "prefetch_bytes", "prefetch_used"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.read_log.extend(other.read_log)
+            setattr(self, name, getattr(self, name) + getattr(other, name))  # read_log stays per pass
 
     def as_dict(self) -> dict:
         return {"experts_routed": self.routed, "experts_read": self.reads, "expert_hits": self.hits,
