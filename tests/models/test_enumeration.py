@@ -56,6 +56,8 @@ REFUSED: dict[str, str] = {
     "mllama": "no causal LM",  # cross-attention layers
     "dbrx": "transformers cannot build",  # its default config does not build (a mixture of experts)
     "dots1": "transformers cannot build",  # its default config does not build (a mixture of experts)
+    "lfm2_moe": "transformers cannot build",  # its default config has no layer_types (convolution layers)
+    "sarvam_moe": "merges or splits",  # transformers splits its fused query_key_value on load
     # dense decoders the contract check refuses, with the part that differs
     "gpt_neo": "the layer forward",  # local attention masked by slot, not by position
     "mpt": "the mask",  # ALiBi from key slots: a tree pass differs
