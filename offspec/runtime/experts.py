@@ -298,8 +298,11 @@ class ExpertCache:
         self.stats = ExpertStats()
 
     def end_pass(self) -> ExpertStats:
+        """The pass's counts (a copy: what runs after the pass does not change them)."""
         self.total.add(self.stats)
-        return self.stats
+        done = ExpertStats(**{**self.stats.__dict__, "read_log": list(self.stats.read_log)})
+        self.stats = ExpertStats()
+        return done
 
     @property
     def resident_bytes(self) -> int:

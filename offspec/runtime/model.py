@@ -51,7 +51,7 @@ class OffloadedModel:
                  expert_slots: int | dict[int, int] | None = None, expert_policy: str = "lru",
                  expert_prefetch: str | None = None) -> None:
         """share: another model of the same architecture (the target, for its low-bit self-draft) whose embeddings,
-        norm, lm_head and memory-resident layers this one uses as they are (the same tensors, no second copy).
+        norm, lm_head and memory-resident layers (not those of a mixture of experts) this one uses as they are.
         prepare_layer(i, layer): called on each layer this model loads into memory, right after its weights are
         bound (the self-draft quantizes it there, one layer at a time, and lets the stored bytes go).
         expert_slots: a mixture of experts' cache, in experts per MoE layer (default: the plan's, else every
@@ -75,11 +75,12 @@ class OffloadedModel:
             quant = {n: e.quant for n, e in entry.tensors.items() if e.quant is not None}
             if quant:
                 swap_nf4_linears(self.layers[i], quant)
+        # a mixture of experts shares no decoder layer: its experts modules are bound per call from a cache of the
+        # model's own, and a draft may run (ahead, in a thread) while the target runs the same layers
+        shared = set(share.memory_resident_layers()) if share is not None and not self.manifest.is_moe else set()
         self.experts: ExpertCache | None = None
-        self._init_experts(expert_slots, expert_policy, warm, expert_prefetch,
-                           set(share.memory_resident_layers()) if share is not None else set())
+        self._init_experts(expert_slots, expert_policy, warm, expert_prefetch, shared)
         self._load_resident(share)
-        shared = set(share.memory_resident_layers()) if share is not None else set()
         for i in shared:
             self.layers[i] = share.layers[i]
         self._bindings: dict[tuple[int, int], LayerBinding] = {}  # (layer, ring slot) -> prepared weights
@@ -397,11 +398,11 @@ class OffloadedModel:
             if self.experts is not None:
                 self.experts.drop_prefetches()
                 self._streamed += self.experts.stats.bytes_read + self.experts.stats.prefetch_bytes
-                self.experts.end_pass()
+                self._expert_stats = self.experts.end_pass()
         return h, (self.streamer.stats.wait_s - wait0) if self.streamer else 0.0
 
     def _pass_experts(self) -> ExpertStats | None:
-        return self.experts.stats if self.experts is not None else None
+        return getattr(self, "_expert_stats", None) if self.experts is not None else None
 
     @torch.inference_mode()
     def forward_batch(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
