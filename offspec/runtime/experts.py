@@ -1,16 +1,18 @@
 """Routed experts streamed by expert: a per-layer cache of expert slots bound into transformers' experts modules.
 
 A mixture-of-experts layer's experts module holds fused parameters [num_experts, ...] and is called by its MoE
-block as `experts(hidden_states, top_k_index, top_k_weights)` after the router ran. A forward pre-hook on that module
-sees the routed experts, makes sure each one is in the layer's cache (reading its blob
+block as `experts(hidden_states, top_k_index, top_k_weights)` after the router ran. offspec wraps that module's
+forward: it sees the routed experts, makes sure each one is in the layer's cache (reading its blob
 `layers/layer_NNN/expert_EEE.bin` when it is not), binds the module's parameters to the cache's slab of slots and
 renumbers `top_k_index` to slot numbers (and the module's `num_experts` to the slot count), so transformers' own
 expert math runs unchanged over the routed experts only. Slots are reused least recently used first (or least
-frequently used); a pass that routes to more experts than a layer has slots runs over a slab of its own.
+frequently used); a pass that routes to more experts than a layer has slots (a tree, a prefill) runs the experts
+module once per group of experts that fits, the others weighted 0 in each call, and sums the groups' outputs.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections import Counter, OrderedDict
@@ -215,75 +217,74 @@ class ExpertCache:
 
     # ------------------------------------------------------------------ routing
     def ensure(self, layer: int, routed: list[int]) -> tuple[dict[str, nn.Parameter], int, torch.Tensor]:
-        """Make `routed` (sorted, distinct experts of `layer`) available: (parameters to bind, their slot count,
-        a lookup tensor expert -> slot with num_experts -> slot count)."""
+        """Make `routed` (at most the layer's slot count of its distinct experts) cached: (the slab's parameters, the
+        slot count, a lookup tensor expert -> slot)."""
         lay = self.layers[layer]
-        self.stats.routed += len(routed)
-        self.last_routed[layer] = list(routed)
+        keep = set(routed)
         for e in routed:
-            lay.uses[e] += 1
-        lut = torch.full((lay.module.num_experts + 1,), 0, dtype=torch.long)
-        if len(routed) <= lay.slots:
-            keep = set(routed)
-            for e in routed:
-                if e in lay.where:
-                    lay.where.move_to_end(e)
-                    self.stats.hits += 1
-                    continue
-                slot = lay.free.pop() if lay.free else lay.where.pop(lay._victim(keep))
-                try:  # the slot is only recorded once filled: a failed read leaves no half-written expert behind
-                    self._load(lay, lay.slab, slot, e)
-                except BaseException:
-                    lay.free.append(slot)
-                    raise
-                lay.where[e] = slot
-            for e in routed:
-                lut[e] = lay.where[e]
-            lut[-1] = lay.slots
-            params, n = lay.params, lay.slots
-        else:  # more experts than slots: a slab of this call's own (cached experts copied, the others read)
-            slab = {leaf: torch.empty((len(routed), *t.shape[1:]), dtype=t.dtype, device=t.device)
-                    for leaf, t in lay.slab.items()}
-            for j, e in enumerate(routed):
-                if e in lay.where:
-                    self.stats.hits += 1
-                    for leaf in slab:
-                        slab[leaf][j].copy_(lay.slab[leaf][lay.where[e]])
-                else:
-                    self._load(lay, slab, j, e)
-                lut[e] = j
-            lut[-1] = len(routed)
-            params, n = {leaf: nn.Parameter(t, requires_grad=False) for leaf, t in slab.items()}, len(routed)
-        self.drop_prefetches(layer)
-        return params, n, lut.to(lay.device)
+            if e in lay.where:
+                lay.where.move_to_end(e)
+                self.stats.hits += 1
+                continue
+            slot = lay.free.pop() if lay.free else lay.where.pop(lay._victim(keep))
+            try:  # the slot is only recorded once filled: a failed read leaves no half-written expert behind
+                self._load(lay, lay.slab, slot, e)
+            except BaseException:
+                lay.free.append(slot)
+                raise
+            lay.where[e] = slot
+        lut = torch.zeros(lay.module.num_experts + 1, dtype=torch.long)
+        for e in routed:
+            lut[e] = lay.where[e]
+        return lay.params, lay.slots, lut.to(lay.device)
 
-    def hook(self, layer: int, on_routed: Callable[[int, list[int], torch.Tensor], None] | None = None):
-        """A forward pre-hook (with kwargs) for `layer`'s experts module: binds its slots, renumbers the routing."""
-        module = self.layers[layer].module
+    def groups(self, layer: int, routed: list[int]) -> list[list[int]]:
+        """The routed experts in calls of at most the layer's slot count, the cached ones first (a tree or a prefill
+        may route to more experts than a layer caches)."""
+        lay = self.layers[layer]
+        ordered = [e for e in routed if e in lay.where] + [e for e in routed if e not in lay.where]
+        return [ordered[i:i + lay.slots] for i in range(0, len(ordered), lay.slots)] or [[]]
 
-        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict):
+    def wrap(self, layer: int, module: nn.Module,
+             on_routed: Callable[[int, list[int], torch.Tensor], None] | None = None) -> None:
+        """Run `layer`'s experts module (transformers' own forward) over the cache: its parameters bound to the slab
+        and the routing renumbered to slots, once per group of routed experts that fits the slots (the groups'
+        outputs summed: each token's other experts get weight 0 in a group's call)."""
+        lay = self.layers[layer]
+        forward = module.forward  # transformers' forward (its experts implementation), bound to the module
+        names = [n for n in inspect.signature(forward).parameters][:3]
+
+        def routed_forward(*args, **kwargs):
             args = list(args)
-            if len(args) > 1:
-                index = args[1]
-            else:  # called by keyword: the second parameter of the experts forward
-                key = next(k for k in kwargs if k not in ("hidden_states",) and isinstance(kwargs[k], torch.Tensor)
-                           and not kwargs[k].is_floating_point())
-                index = kwargs[key]
-            routed = torch.unique(index[index < module.num_experts]).tolist()
+            for name in names[len(args):3]:  # called by keyword: the experts forward's own parameter names
+                args.append(kwargs.pop(name))
+            hidden, index, weights = args[0], args[1], args[2]
+            routed = torch.unique(index[index < lay.module.num_experts]).tolist()
+            lay.uses.update(routed)
+            self.stats.routed += len(routed)
+            self.last_routed[layer] = list(routed)
             if on_routed is not None:
-                on_routed(layer, routed, args[0] if args else kwargs["hidden_states"])
-            params, n, lut = self.ensure(layer, routed)
-            for leaf, p in params.items():
-                mod._parameters[leaf] = p
-            mod.num_experts = n
-            mapped = lut[index.clamp(max=module.num_experts)]
-            if len(args) > 1:
-                args[1] = mapped
-            else:
-                kwargs[key] = mapped
-            return tuple(args), kwargs
+                on_routed(layer, routed, hidden)
+            groups = self.groups(layer, routed)
+            out = None
+            for group in groups:
+                params, n, lut = self.ensure(layer, group)
+                for leaf, p in params.items():
+                    module._parameters[leaf] = p
+                module.num_experts = n
+                clamped = index.clamp(max=lay.module.num_experts)
+                if len(groups) == 1:
+                    idx, w = lut[clamped], weights
+                else:
+                    inside = torch.isin(clamped, torch.tensor(group, dtype=clamped.dtype, device=clamped.device))
+                    idx = torch.where(inside, lut[clamped], 0)
+                    w = torch.where(inside, weights, torch.zeros_like(weights))
+                y = forward(hidden, idx, w, *args[3:], **kwargs)
+                out = y if out is None else out + y
+            self.drop_prefetches(layer)
+            return out
 
-        return pre_hook
+        module.forward = routed_forward
 
     # ------------------------------------------------------------------ bookkeeping
     def clear(self) -> None:

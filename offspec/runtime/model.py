@@ -130,7 +130,7 @@ class OffloadedModel:
     # ------------------------------------------------------------------ experts
     def _init_experts(self, slots: int | dict[int, int] | None, policy: str, warm: bool,
                       prefetch: str | None, shared: set[int]) -> None:
-        """A mixture of experts: the expert cache and, on each MoE layer's experts module, the hook that binds it
+        """A mixture of experts: the expert cache, and each MoE layer's experts module run over it
         (not on `shared` layers: another model's, with their experts cached there)."""
         if not self.manifest.is_moe:
             return
@@ -157,8 +157,7 @@ class OffloadedModel:
         self._prefetcher = ExpertPrefetcher(self, prefetch) if prefetch else None
         hook_routed = self._prefetcher.on_routed if self._prefetcher is not None else None
         for i, m in modules.items():
-            self.layers[i].get_submodule(m.path).register_forward_pre_hook(self.experts.hook(i, hook_routed),
-                                                                           with_kwargs=True)
+            self.experts.wrap(i, self.layers[i].get_submodule(m.path), hook_routed)
 
     def _expert_param_ids(self) -> set[int]:
         """ids of the experts modules' parameters (bound per call from the expert cache, never from layer blobs)."""

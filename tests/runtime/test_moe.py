@@ -49,7 +49,7 @@ def check_family(family, make_tiny_model, tmp_path_factory) -> None:
     src, store = _store(make_tiny_model, tmp_path_factory, family)
     assert read_manifest(store).is_moe
     want = _reference_greedy(src)
-    # every expert cached; two slots per layer (evictions); one slot (each pass routes past it: a slab of its own)
+    # every expert cached; two slots per layer (evictions); one slot (each pass routes past it: one call per expert)
     for name, plan in _plans(store).items():
         for slots in (None, 2, 1):
             model = OffloadedModel(store, plan, cache_tokens=32, expert_slots=slots)
@@ -213,7 +213,7 @@ def _comb_tree(last: int, depth: int = 5, width: int = 2):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
 def test_a_tree_pass_equals_each_path_decoded_alone(family, make_tiny_model, tmp_path_factory):
-    """A tree routes the union of its paths' experts; two slots per layer make it run over a slab of its own."""
+    """A tree routes the union of its paths' experts; two slots per layer make it run in groups of two experts."""
     from tests.speculative.oracles import assert_tree_logits_match_paths
 
     _, store = _store(make_tiny_model, tmp_path_factory, family)
