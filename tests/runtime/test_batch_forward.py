@@ -11,7 +11,7 @@ from offspec.runtime.plan import minimum_budget_bytes, plan_residency
 from offspec.store.convert import convert_model
 from offspec.store.manifest import read_manifest
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text"]  # windows on every layer, mixed, soft-capping
+FAMILIES = ["llama", "mistral", "qwen2", "gemma2", "gemma3_text", "qwen3_moe"]  # windows, mixed, soft-capping, experts
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
