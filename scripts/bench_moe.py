@@ -1,10 +1,12 @@
 """Mixture of experts streamed by expert, against the same model streamed by whole layers.
 
-usage: python scripts/bench_moe.py [--layers 2] [--tokens 32] [--small] [--dir DIR] [--json PATH] [--warm]
+usage: python scripts/bench_moe.py [--layers 2] [--tokens 32] [--shapes qwen3-30b-a3b|gpt-oss-20b] [--small]
+                                  [--dir DIR] [--json PATH] [--warm] [--keep]
 
 A random model with Qwen3-30B-A3B's per-layer shapes (hidden 2048, 32 query / 4 KV heads of 128, 128 experts of
 intermediate size 768, 8 per token, vocab 151936) but only --layers decoder layers, so that it fits the disk
-(about 1.2 GB of experts per layer in bf16); --small uses toy shapes (a run of seconds, to check the script).
+(about 1.2 GB of experts per layer in bf16), or gpt-oss-20b's (--shapes gpt-oss-20b: hidden 2880, 32 experts of
+2880, 4 per token, vocab 201088); --small uses toy shapes (a run of seconds, to check the script).
 Reports, in one run:
 - bytes read from disk per generated token: streamed by expert (an expert cache of one token's experts) against
   whole-layer streaming (every expert blob of every layer read on each pass), next to the routed experts' own size;
@@ -36,19 +38,25 @@ quiet_libraries()
 QWEN3_30B_A3B = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                      moe_intermediate_size=768, intermediate_size=6144, num_experts=128, num_experts_per_tok=8,
                      vocab_size=151936, norm_topk_prob=True)
+GPT_OSS_20B = dict(hidden_size=2880, num_attention_heads=64, num_key_value_heads=8, head_dim=64, intermediate_size=2880,
+                   num_local_experts=32, num_experts_per_tok=4, vocab_size=201088, sliding_window=128)
 SMALL = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, moe_intermediate_size=64,
              intermediate_size=256, num_experts=16, num_experts_per_tok=4, vocab_size=1024, norm_topk_prob=True)
 
 
-def make_model(folder: Path, layers: int, small: bool) -> Path:
-    """A random qwen3_moe checkpoint (bf16) saved by transformers, once."""
+def make_model(folder: Path, layers: int, small: bool, shapes: str = "qwen3-30b-a3b") -> Path:
+    """A random checkpoint (bf16) of those shapes saved by transformers, once."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (folder / "config.json").is_file():
         return folder
-    shapes = SMALL if small else QWEN3_30B_A3B
-    config = AutoConfig.for_model("qwen3_moe", num_hidden_layers=layers, max_position_embeddings=4096,
-                                  tie_word_embeddings=False, **shapes)
+    if shapes == "gpt-oss-20b" and not small:
+        types = (["sliding_attention", "full_attention"] * layers)[:layers]
+        config = AutoConfig.for_model("gpt_oss", num_hidden_layers=layers, max_position_embeddings=4096,
+                                      tie_word_embeddings=False, layer_types=types, **GPT_OSS_20B)
+    else:
+        config = AutoConfig.for_model("qwen3_moe", num_hidden_layers=layers, max_position_embeddings=4096,
+                                      tie_word_embeddings=False, **(SMALL if small else QWEN3_30B_A3B))
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
@@ -107,6 +115,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--small", action="store_true", help="toy shapes: check the script in seconds")
+    ap.add_argument("--shapes", choices=("qwen3-30b-a3b", "gpt-oss-20b"), default="qwen3-30b-a3b",
+                    help="whose per-layer shapes (gpt-oss-20b: 32 experts, top-4, about 1.6 GB of experts per layer)")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/offspec-bench-moe"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--warm", action="store_true", help="let the page cache keep blobs (default: cold reads)")
@@ -117,10 +127,10 @@ def main() -> None:
     from offspec.store.convert import convert_model
     from offspec.store.manifest import read_manifest
 
-    work = args.dir / ("small" if args.small else f"qwen3-30b-a3b-{args.layers}l")
+    work = args.dir / ("small" if args.small else f"{args.shapes}-{args.layers}l")
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    src = make_model(work / "src", args.layers, args.small)
+    src = make_model(work / "src", args.layers, args.small, args.shapes)
     store = convert_model(src, work / "store", bits=16, dtype="bfloat16", progress=False)
     man = read_manifest(store)
     from transformers import AutoConfig
@@ -134,8 +144,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg["vocab_size"], (16,), generator=g).tolist()
     prompt = prompt + prompt[:8]  # a repeat, so n-grams propose something
-    out: dict = {"config": {k_: cfg[k_] for k_ in ("hidden_size", "num_local_experts", "num_experts_per_tok",
-                                                   "moe_intermediate_size", "num_hidden_layers", "vocab_size")},
+    out: dict = {"config": {k_: cfg.get(k_) for k_ in ("model_type", "hidden_size", "num_local_experts",
+                                                       "num_experts_per_tok", "moe_intermediate_size",
+                                                       "intermediate_size", "num_hidden_layers", "vocab_size")},
                  "expert_blob_bytes": expert_blob, "shared_layer_bytes": dense}
 
     # 1-2. bytes per token and tokens/s: by expert vs whole layers, plain and speculative
