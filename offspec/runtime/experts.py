@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,7 +129,7 @@ class LayerExperts:
 
 
 class ExpertCache:
-    """Every MoE layer's expert slots, the blob reads that fill them, the hook that binds them, and the counts.
+    """Every MoE layer's expert slots, the blob reads that fill them, the experts forwards bound to them, the counts.
 
     prefetch(layer, experts) reads blobs ahead in a reader thread; a routed expert whose blob was prefetched is
     taken from there (counted as a hit and as a used prefetch, not as a read)."""
@@ -150,7 +149,6 @@ class ExpertCache:
         self._staging = alloc_staging(size) if size else None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[tuple[int, int], Future] = {}  # prefetched (layer, expert) -> its blob bytes
-        self._lock = threading.Lock()
         self.last_routed: dict[int, list[int]] = {}  # layer -> experts routed at its last call
 
     # ------------------------------------------------------------------ reads
@@ -202,7 +200,9 @@ class ExpertCache:
         """Forget prefetched blobs (of one layer, or all) that their layer did not route to."""
         for key in [k for k in self._pending if layer is None or k[0] == layer]:
             fut = self._pending.pop(key)
-            fut.cancel()
+            if fut.cancel():  # never started: not a read
+                self.stats.prefetched -= 1
+                self.stats.prefetch_bytes -= self.layers[key[0]].blobs[key[1]].size
 
     def _load(self, lay: LayerExperts, slab: dict[str, torch.Tensor], slot: int, e: int) -> None:
         buf = self._take_prefetched(lay.layer, e)
