@@ -1,8 +1,9 @@
 """Run offspec's family check on every causal-LM model type the installed transformers ships.
 
 Each model type is taken from transformers' auto mapping with its default config (completed where the default does
-not build, models/tiny.py): refused by its structure (mixture of experts, encoder-decoder, recurrent layers, a
-layer stack offspec does not stream, ...) or checked by the contract check (runtime/family_check.py), timed.
+not build, models/tiny.py): refused by its structure (experts offspec does not stream by expert,
+encoder-decoder, recurrent layers, a layer stack offspec does not stream, ...) or checked by the contract check
+(runtime/family_check.py), timed.
 Prints one line per model type and the counts; --json writes the records; --write-shipped records the contract
 verdicts as the ones shipped for this transformers version (offspec/data/families.json), for a version the test
 suite passed on.
@@ -71,7 +72,7 @@ def main() -> None:
     summary = {"transformers": version, "model_types": len(records), "dense_decoder_only": len(checked),
                "runs": len(runs), "check_s_median": times[len(times) // 2] if times else None,
                "check_s_max": times[-1] if times else None}
-    print(f"transformers {version}: {len(runs)} of {len(checked)} dense decoder-only families run "
+    print(f"transformers {version}: {len(runs)} of {len(checked)} decoder-only families run "
           f"({len(records)} causal-LM model types; contract check median {summary['check_s_median']:.2f} s, "
           f"max {summary['check_s_max']:.2f} s)")
     if args.json:
