@@ -236,6 +236,7 @@ class ExpertCache:
         lut = torch.zeros(lay.module.num_experts + 1, dtype=torch.long)
         for e in routed:
             lut[e] = lay.where[e]
+        lut[-1] = lay.slots  # an implementation's "no expert" index stays one past the last slot
         return lay.params, lay.slots, lut.to(lay.device)
 
     def groups(self, layer: int, routed: list[int]) -> list[list[int]]:
