@@ -470,17 +470,35 @@ def _specs(tensors: dict[str, TensorSpec], dtype: str, bits: int, expert: bool =
     return out
 
 
+_PER_EXPERT = re.compile(r"^(.*_exps)\.(\d+)\.(weight|bias)$")  # a GGUF's merged experts sized per expert
+
+
+def _experts_of(meta: SourceMetadata, i: int) -> tuple[dict[str, TensorSpec], dict[int, dict[str, TensorSpec]]]:
+    """Layer i's tensors but its routed experts', and {expert: its tensors}: from `meta.experts`, or from a GGUF's
+    merged expert tensors listed one per expert (`ffn_gate_exps.3.weight`; names for sizing only)."""
+    experts = {e: dict(t) for e, t in (meta.experts[i] if i < len(meta.experts) else {}).items()}
+    dense = {}
+    for name, spec in meta.layers[i].items():
+        m = _PER_EXPERT.match(name)
+        if m is None:
+            dense[name] = spec
+        else:
+            experts.setdefault(int(m.group(2)), {})[f"{m.group(1)}.{m.group(3)}"] = spec
+    return dense, experts
+
+
 def estimate_manifest(meta: SourceMetadata, bits: int, dtype: str) -> Manifest:
-    """The manifest the converter would write (blob sizes and layouts exact; no checksums)."""
+    """The manifest the converter would write (blob sizes and layouts exact for a folder; no checksums)."""
     layers = []
-    for i, tensors in enumerate(meta.layers):
+    split = [_experts_of(meta, i) for i in range(meta.num_layers)]
+    for i, (tensors, _) in enumerate(split):
         entries, size = layout_entries(_specs(tensors, dtype, bits,
                                               unpacked=meta.unpacked[i] if i < len(meta.unpacked) else frozenset()))
         layers.append(BlobEntry(f"layers/layer_{i:03d}.bin", size, "", entries))
     experts = []
     for i in range(meta.num_layers):
         blobs = []
-        for e, tensors in sorted((meta.experts[i] if i < len(meta.experts) else {}).items()):
+        for e, tensors in sorted(split[i][1].items()):
             entries, size = layout_entries(_specs(tensors, dtype, bits, expert=True))
             blobs.append(BlobEntry(expert_file(i, e), size, "", entries))
         experts.append(tuple(blobs))

@@ -4,6 +4,7 @@ and a pass reads exactly the blobs of the experts its tokens route to."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -386,3 +387,24 @@ def test_a_source_naming_one_tensor_per_expert_converts_by_expert(make_tiny_mode
                 assert got.token_ids == want
             finally:
                 model.close()
+
+
+def test_the_estimate_of_a_gguf_sized_per_expert_plans_an_expert_cache():
+    """A GGUF's merged expert tensors, sized one per expert (`ffn_gate_exps.3.weight`), are estimated as expert
+    blobs, so a plan made before converting holds an expert cache rather than whole layers."""
+    from offspec.store.metadata import SourceMetadata, TensorSpec, estimate_manifest
+
+    def layer():
+        specs = {"attn_q.weight": TensorSpec((64, 64), True, 64 * 64 * 2),
+                 "ffn_gate_inp.weight": TensorSpec((8, 64), True, 8 * 64 * 2)}
+        for e in range(8):
+            for part in ("gate", "up", "down"):
+                specs[f"ffn_{part}_exps.{e}.weight"] = TensorSpec((32, 64), True, 32 * 64 * 2)
+        return specs
+
+    meta = SourceMetadata(Path("x.gguf"), "gguf", "qwen3_moe", 2, {}, False, (layer(), layer()),
+                          {"token_embd.weight": TensorSpec((256, 64), True, 256 * 64 * 2)})
+    man = estimate_manifest(meta, 16, "bfloat16")
+    assert man.is_moe and [len(x) for x in man.experts] == [8, 8]
+    assert set(man.experts[0][0].tensors) == {"ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"}
+    assert set(man.layers[0].tensors) == {"attn_q.weight", "ffn_gate_inp.weight"}
