@@ -491,9 +491,11 @@ def estimate_manifest(meta: SourceMetadata, bits: int, dtype: str) -> Manifest:
     """The manifest the converter would write (blob sizes and layouts exact for a folder; no checksums)."""
     layers = []
     split = [_experts_of(meta, i) for i in range(meta.num_layers)]
-    for i, (tensors, _) in enumerate(split):
-        entries, size = layout_entries(_specs(tensors, dtype, bits,
-                                              unpacked=meta.unpacked[i] if i < len(meta.unpacked) else frozenset()))
+    for i, (tensors, experts_i) in enumerate(split):
+        unpacked = meta.unpacked[i] if i < len(meta.unpacked) else frozenset()
+        if meta.kind == "gguf" and experts_i:  # its router ([experts, hidden], not a linear layer) stays 16-bit
+            unpacked = unpacked | {n for n, t in tensors.items() if len(t.shape) == 2 and len(experts_i) in t.shape}
+        entries, size = layout_entries(_specs(tensors, dtype, bits, unpacked=unpacked))
         layers.append(BlobEntry(f"layers/layer_{i:03d}.bin", size, "", entries))
     experts = []
     for i in range(meta.num_layers):
