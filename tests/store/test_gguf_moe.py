@@ -1,0 +1,112 @@
+"""Mixture-of-experts GGUFs (llama.cpp's merged `blk.N.ffn_{gate,up,down}_exps` tensors) read one expert at a time:
+under the names a Hugging Face checkpoint of the family uses, equal to transformers' own load of the same file and
+to the model it was written from, each expert read from its own bytes only; bad files fail with one line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from offspec.errors import ModelError
+from offspec.store import gguf as gguf_store
+from offspec.store.gguf import GgufSource, read_gguf_header
+
+from ._gguf import tiny_hf_model, tiny_moe_model, transformers_state_dict, write_gguf
+
+FAMILIES = ["qwen2_moe", "qwen3_moe"]
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf-moe")
+
+
+def _gguf(moe_dir, model_type: str, file_type: str):
+    path = moe_dir / f"tiny-{model_type}-{file_type}.gguf"
+    if not path.exists():
+        write_gguf(tiny_moe_model(model_type), path, file_type)
+    return path
+
+
+def _all_tensors(src: GgufSource, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the source under its full checkpoint name."""
+    out = {name: load() for name, load in src.resident_tensors().items()}
+    for i in range(src.num_layers):
+        out.update({f"model.layers.{i}.{rel}": load(dtype) for rel, load in src.layer_tensors(i).items()})
+    return out
+
+
+def _fused(name: str, want: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The slice of transformers' fused expert parameter that a per-expert checkpoint tensor is: expert e of
+    `experts.down_proj` [E, H, I], or of the gate (first) or up (second) half of `experts.gate_up_proj` [E, 2I, H]."""
+    m = re.fullmatch(r"(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight", name)
+    e = int(m["e"])
+    if m["proj"] == "down":
+        return want[f"{m['prefix']}.down_proj"][e]
+    gate, up = want[f"{m['prefix']}.gate_up_proj"][e].chunk(2, dim=0)
+    return gate if m["proj"] == "gate" else up
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("file_type", ["F32", "F16", "BF16", "Q8_0"])
+def test_each_expert_equals_transformers_load(moe_dir, model_type, file_type):
+    path = _gguf(moe_dir, model_type, file_type)
+    want = transformers_state_dict(path, torch.float32)
+    with GgufSource(path) as src:
+        got = _all_tensors(src)
+    experts = [n for n in got if ".mlp.experts." in n]
+    assert len(experts) == 2 * 4 * 3  # layers x experts x (gate, up, down)
+    for name, t in got.items():
+        oracle = _fused(name, want) if name in experts else want[name]
+        assert t.dtype == torch.float32 and torch.equal(t, oracle), name
+    assert set(got) - set(experts) == set(want) - {n for n in want if ".mlp.experts." in n}
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_names_and_values_are_the_hf_checkpoint(moe_dir, tmp_path, model_type):
+    """F32: the source holds exactly the tensors (names and values) of the family's safetensors checkpoint."""
+    from safetensors.torch import load_file
+
+    model = tiny_moe_model(model_type)
+    model.save_pretrained(tmp_path)
+    checkpoint = load_file(tmp_path / "model.safetensors")
+    with GgufSource(_gguf(moe_dir, model_type, "F32")) as src:
+        got = _all_tensors(src)
+        assert src.config.num_experts == 4
+    assert set(got) == set(checkpoint)
+    assert all(torch.equal(got[k], checkpoint[k]) for k in checkpoint)
+    assert "model.layers.1.mlp.experts.3.gate_proj.weight" in got
+
+
+def test_an_expert_reads_only_its_own_bytes(moe_dir, monkeypatch):
+    """Each expert's loader dequantizes its slice of the merged tensor and nothing else, in row chunks when large."""
+    path = _gguf(moe_dir, "qwen2_moe", "Q8_0")
+    merged = {t.name: t for t in read_gguf_header(path).tensors}["blk.1.ffn_up_exps.weight"]
+    n_expert, rows, cols = merged.shape
+    size = merged.nbytes // n_expert
+    reads: list[tuple[int, int]] = []
+    real = gguf_store.dequantize
+
+    def recording(info, maps):
+        reads.append((info.offset, info.nbytes))
+        return real(info, maps)
+
+    monkeypatch.setattr(gguf_store, "dequantize", recording)
+    whole = {}
+    with GgufSource(path) as src:
+        layer = src.layer_tensors(1)
+        for e in range(n_expert):
+            assert src.tensor_bytes(f"model.layers.1.mlp.experts.{e}.up_proj.weight") == size
+            reads.clear()
+            whole[e] = layer[f"mlp.experts.{e}.up_proj.weight"]()
+            assert reads == [(merged.offset + e * size, size)] and whole[e].shape == (rows, cols)
+        monkeypatch.setattr(gguf_store, "CHUNK_BYTES", rows * cols * 4 // 5)  # about five chunks per expert
+        reads.clear()
+        chunked = layer["mlp.experts.2.up_proj.weight"](torch.float32)
+    start, end = merged.offset + 2 * size, merged.offset + 3 * size
+    assert len(reads) > 1 and all(n < size for _, n in reads)
+    assert reads[0][0] == start and sum(n for _, n in reads) == size
+    assert all(start <= off and off + n <= end for off, n in reads)
+    assert torch.equal(chunked, whole[2])
