@@ -441,6 +441,7 @@ class GgufTensorMap:
 
     def __init__(self, architecture: str, config) -> None:
         legacy = _gguf_legacy()
+        self.architecture = architecture
         if architecture in gguf_newer_path_archs():
             raise ContractError(
                 f"transformers {transformers_version()} loads GGUF architecture {architecture!r} through its "
@@ -491,8 +492,9 @@ class GgufTensorMap:
         model_name = self.names.get(gguf_name) or self.names.get(m["base"])
         who = f"transformers {transformers_version()}"
         if model_name is None:
-            raise ContractError(f"{who} does not load the merged expert tensor {gguf_name} of this GGUF "
-                                f"architecture (its GGUF loader has no mixture-of-experts map for it)")
+            raise ContractError(f"{who} reads GGUF architecture {self.architecture!r} without experts, so it cannot "
+                                f"load the merged expert tensor {gguf_name} (a mixture of experts its GGUF loader "
+                                "does not map, such as Mixtral, which llama.cpp writes as 'llama')")
         part, parts, dim = self._expert_placement(gguf_name, num_experts)
         for conv in self._converters:
             targets, sources = list(conv.target_patterns), list(conv.source_patterns)

@@ -152,18 +152,21 @@ def _gguf_tensors(model, name_map):
             yield name, (a[0] if name.endswith("ffn_gate_inp_shexp.weight") else a)
 
 
-def tiny_moe_model(model_type: str, num_layers: int = 2, seed: int = 0, num_experts: int = 4, hidden: int = 64):
-    """A random qwen2_moe or qwen3_moe CausalLM, float32, with the expert sizes transformers assumes when it reads
-    a GGUF of the family (it does not read the expert sizes from the file's metadata)."""
+def tiny_moe_model(model_type: str, num_layers: int = 2, seed: int = 0, num_experts: int = 4, hidden: int = 64,
+                   **sizes):
+    """A random qwen2_moe or qwen3_moe CausalLM, float32. Unless `sizes` says otherwise (moe_intermediate_size,
+    shared_expert_intermediate_size), its experts have the family's default sizes: transformers assumes them when it
+    reads a GGUF (it does not read the expert sizes from the file's metadata)."""
     from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen3MoeConfig
 
     common = dict(vocab_size=260, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=HEADS,
                   num_key_value_heads=KV_HEADS, max_position_embeddings=256, tie_word_embeddings=False,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0, num_experts=num_experts, num_experts_per_tok=2)
     if model_type == "qwen2_moe":
-        config = Qwen2MoeConfig(**common, intermediate_size=2 * hidden)
+        config = Qwen2MoeConfig(**common, intermediate_size=2 * hidden, **sizes)
     elif model_type == "qwen3_moe":
-        config = Qwen3MoeConfig(**common, intermediate_size=2 * hidden, head_dim=hidden // HEADS, norm_topk_prob=True)
+        config = Qwen3MoeConfig(**common, intermediate_size=2 * hidden, head_dim=hidden // HEADS, norm_topk_prob=True,
+                                **sizes)
     else:
         raise ValueError(model_type)
     torch.manual_seed(seed)

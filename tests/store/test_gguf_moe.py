@@ -110,3 +110,76 @@ def test_an_expert_reads_only_its_own_bytes(moe_dir, monkeypatch):
     assert reads[0][0] == start and sum(n for _, n in reads) == size
     assert all(start <= off and off + n <= end for off, n in reads)
     assert torch.equal(chunked, whole[2])
+
+
+def test_expert_sizes_come_from_the_file(tmp_path):
+    """Experts of another size than the family's default: the config takes llama.cpp's expert sizes from the file
+    (transformers' GGUF config map leaves them out), and the tensors are still the checkpoint's."""
+    from safetensors.torch import load_file
+
+    model = tiny_moe_model("qwen2_moe", moe_intermediate_size=64, shared_expert_intermediate_size=96)
+    path = write_gguf(model, tmp_path / "sized.gguf", "F32")
+    model.save_pretrained(tmp_path / "hf")
+    checkpoint = load_file(tmp_path / "hf" / "model.safetensors")
+    with GgufSource(path) as src:
+        assert (src.config.moe_intermediate_size, src.config.shared_expert_intermediate_size) == (64, 96)
+        got = _all_tensors(src)
+    assert set(got) == set(checkpoint) and all(torch.equal(got[k], checkpoint[k]) for k in checkpoint)
+
+
+def _rewrite(path, out, drop: str | None = None, add: dict | None = None):
+    """A copy of a GGUF without the tensor `drop` and with the tensors `add` ({name: float32 array})."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(out), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, field.contents(), field.types[0])
+    for t in reader.tensors:
+        if t.name != drop:
+            w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+    for name, a in (add or {}).items():
+        w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def test_missing_expert_tensor_is_one_line(moe_dir, tmp_path):
+    path = _rewrite(_gguf(moe_dir, "qwen3_moe", "F16"), tmp_path / "gap.gguf", drop="blk.1.ffn_up_exps.weight")
+    with pytest.raises(ModelError, match=r"gap.gguf: tensor blk.1.ffn_up_exps.weight is missing") as info:
+        GgufSource(path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_expert_tensor_is_one_line(moe_dir, tmp_path):
+    whole = _gguf(moe_dir, "qwen3_moe", "F16")
+    last = max((t for t in read_gguf_header(whole).tensors if t.name.endswith("_exps.weight")), key=lambda t: t.offset)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(whole.read_bytes()[: last.offset + last.nbytes // 2])
+    with pytest.raises(ModelError, match=rf"cut.gguf: cannot load GGUF file \(tensor {re.escape(last.name)} lies "
+                                         r"beyond the end of the file \(truncated\?\)\)$"):
+        GgufSource(cut)
+
+
+def test_merged_experts_transformers_does_not_read_are_one_line(tmp_path):
+    """A Mixtral GGUF is a 'llama' GGUF with merged experts: transformers reads it as a dense llama without them,
+    so it is refused with one line rather than converted without its experts."""
+    import numpy as np
+
+    dense = write_gguf(tiny_hf_model("llama"), tmp_path / "dense.gguf", "F16")
+    rng = np.random.default_rng(0)
+    experts = {f"blk.{i}.ffn_{w}_exps.weight": rng.standard_normal((4, 32, 256), dtype=np.float32)
+               for i in range(2) for w in ("gate", "up")}
+    path = _rewrite(dense, tmp_path / "mixtral.gguf", add=experts)
+    with pytest.raises(ModelError, match=r"mixtral.gguf: transformers \S+ reads GGUF architecture 'llama' without "
+                                         r"experts, so it cannot load the merged expert tensor blk.0.ffn_gate_exps"):
+        GgufSource(path)
