@@ -221,6 +221,25 @@ def expert_slice(info: GgufTensorInfo, expert: int) -> GgufTensorInfo:
     return GgufTensorInfo(info.name, info.shape[1:], info.ggml_type, info.part, info.offset + expert * size, size)
 
 
+_MERGED_EXPERTS_RE = re.compile(r"^blk\.(\d+)\.(ffn_\w+_exps\.(?:weight|bias))$")
+
+
+def expert_slices(header: GgufHeader) -> dict[int, dict[int, dict[str, GgufTensorInfo]]]:
+    """{layer: {expert: {name in the layer, e.g. `ffn_gate_exps.weight`: that expert's slice}}} of a GGUF's merged
+    expert tensors, from the header alone: the shape and bytes of each expert, for sizing a store by expert."""
+    out: dict[int, dict[int, dict[str, GgufTensorInfo]]] = {}
+    for info in header.tensors:
+        m = _MERGED_EXPERTS_RE.match(info.name)
+        if m is None or len(info.shape) < 2:
+            continue
+        try:
+            for e in range(info.shape[0]):
+                out.setdefault(int(m.group(1)), {}).setdefault(e, {})[m.group(2)] = expert_slice(info, e)
+        except ValueError as exc:
+            raise ModelError(f"{header.parts[0]}: {exc}") from None
+    return out
+
+
 # llama.cpp's expert sizes (GGUF metadata, under the architecture's prefix) -> the config attribute; transformers'
 # GGUF config map leaves them out, so a model whose experts are not the family's default size would not build.
 _EXPERT_SIZE_KEYS = {"expert_feed_forward_length": "moe_intermediate_size",

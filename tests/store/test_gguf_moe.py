@@ -11,7 +11,7 @@ import torch
 
 from offspec.errors import ModelError
 from offspec.store import gguf as gguf_store
-from offspec.store.gguf import GgufSource, read_gguf_header
+from offspec.store.gguf import GgufSource, expert_slices, read_gguf_header
 
 from ._gguf import tiny_hf_model, tiny_moe_model, transformers_state_dict, write_gguf
 
@@ -183,3 +183,24 @@ def test_merged_experts_transformers_does_not_read_are_one_line(tmp_path):
     with pytest.raises(ModelError, match=r"mixtral.gguf: transformers \S+ reads GGUF architecture 'llama' without "
                                          r"experts, so it cannot load the merged expert tensor blk.0.ffn_gate_exps"):
         GgufSource(path)
+
+
+def test_header_sizes_each_expert(moe_dir):
+    """From the header alone: every expert's slice of every merged tensor, summing to the file's expert bytes, each
+    the size of the tensor the source reads for that expert."""
+    path = _gguf(moe_dir, "qwen2_moe", "Q8_0")
+    header = read_gguf_header(path)
+    slices = expert_slices(header)
+    merged = [t for t in header.tensors if t.name.endswith("_exps.weight")]
+    assert sorted(slices) == [0, 1] and all(sorted(slices[i]) == [0, 1, 2, 3] for i in slices)
+    assert sum(s.nbytes for layer in slices.values() for ex in layer.values() for s in ex.values()) == sum(
+        t.nbytes for t in merged)
+    proj = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
+    with GgufSource(path) as src:
+        for i, layer in slices.items():
+            loaders = src.layer_tensors(i)
+            for e, ex in layer.items():
+                for name, s in ex.items():
+                    rel = f"mlp.experts.{e}.{proj[name]}_proj.weight"
+                    assert src.tensor_bytes(f"model.layers.{i}.{rel}") == s.nbytes
+                    assert tuple(loaders[rel]().shape) == s.shape
