@@ -118,13 +118,13 @@ def write_gguf(model, path: Path, file_type: str, seed: int = 0) -> Path:
             w.add_tensor(name, a.astype(np.float32))
         elif file_type == "F16":
             w.add_tensor(name, a.astype(np.float16))
-        elif file_type in ("Q8_0", "BF16"):
-            qtype = getattr(gguf.GGMLQuantizationType, file_type)
+        elif file_type in ("Q8_0", "BF16") or a.shape[-1] % 256:  # rows K-quant blocks cannot tile: Q8_0, as llama.cpp
+            qtype = getattr(gguf.GGMLQuantizationType, "Q8_0" if file_type == "Q4_K_M" else file_type)
             q = quantize(a, qtype)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
         else:
             kind = "Q6_K" if ("ffn_down" in name or name == "output.weight") else "Q4_K"
-            q = _k_blocks(a.shape[0], a.shape[1], kind, rng)
+            q = _k_blocks(int(np.prod(a.shape[:-1])), a.shape[-1], kind, rng).reshape(*a.shape[:-1], -1)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
     w.write_header_to_file()
     w.write_kv_data_to_file()
