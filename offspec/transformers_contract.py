@@ -492,9 +492,9 @@ class GgufTensorMap:
         model_name = self.names.get(gguf_name) or self.names.get(m["base"])
         who = f"transformers {transformers_version()}"
         if model_name is None:
-            raise ContractError(f"{who} reads GGUF architecture {self.architecture!r} without experts, so it cannot "
-                                f"load the merged expert tensor {gguf_name} (a mixture of experts its GGUF loader "
-                                "does not map, such as Mixtral, which llama.cpp writes as 'llama')")
+            raise ContractError(f"{who} does not load the merged expert tensor {gguf_name} of GGUF architecture "
+                                f"{self.architecture!r} (its GGUF loader has no map for these experts; Mixtral "
+                                "GGUFs, for one, are written as 'llama')")
         part, parts, dim = self._expert_placement(gguf_name, num_experts)
         for conv in self._converters:
             targets, sources = list(conv.target_patterns), list(conv.source_patterns)

@@ -180,8 +180,8 @@ def test_merged_experts_transformers_does_not_read_are_one_line(tmp_path):
     experts = {f"blk.{i}.ffn_{w}_exps.weight": rng.standard_normal((4, 32, 256), dtype=np.float32)
                for i in range(2) for w in ("gate", "up")}
     path = _rewrite(dense, tmp_path / "mixtral.gguf", add=experts)
-    with pytest.raises(ModelError, match=r"mixtral.gguf: transformers \S+ reads GGUF architecture 'llama' without "
-                                         r"experts, so it cannot load the merged expert tensor blk.0.ffn_gate_exps"):
+    with pytest.raises(ModelError, match=r"mixtral.gguf: transformers \S+ does not load the merged expert tensor "
+                                         r"blk.0.ffn_gate_exps.weight of GGUF architecture 'llama'"):
         GgufSource(path)
 
 
