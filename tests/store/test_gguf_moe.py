@@ -204,3 +204,23 @@ def test_header_sizes_each_expert(moe_dir):
                     rel = f"mlp.experts.{e}.{proj[name]}_proj.weight"
                     assert src.tensor_bytes(f"model.layers.{i}.{rel}") == s.nbytes
                     assert tuple(loaders[rel]().shape) == s.shape
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_metadata_estimate_equals_the_written_store(moe_dir, tmp_path, bits):
+    """Sized from the header, expert by expert (NF4 packs each expert's matrix): the store the converter writes."""
+    from offspec.store.convert import convert
+    from offspec.store.manifest import read_manifest
+    from offspec.store.metadata import estimate_manifest, read_source_metadata, store_bytes
+
+    path = _gguf(moe_dir, "qwen3_moe", "Q8_0")
+    meta = read_source_metadata(path)
+    assert meta.tensor_count == len(_all_tensors_names(path))
+    expected = estimate_manifest(meta, bits, "bfloat16")
+    written = read_manifest(convert(path, tmp_path / "s", bits=bits, progress=False).path)
+    assert expected.layer_bytes == written.layer_bytes and store_bytes(expected) == store_bytes(written)
+
+
+def _all_tensors_names(path) -> set[str]:
+    with GgufSource(path) as src:
+        return set(src.resident_tensors()) | {f"{i}.{rel}" for i in range(src.num_layers) for rel in src.layer_tensors(i)}
