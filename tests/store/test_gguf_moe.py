@@ -223,4 +223,51 @@ def test_metadata_estimate_equals_the_written_store(moe_dir, tmp_path, bits):
 
 def _all_tensors_names(path) -> set[str]:
     with GgufSource(path) as src:
-        return set(src.resident_tensors()) | {f"{i}.{rel}" for i in range(src.num_layers) for rel in src.layer_tensors(i)}
+        layers = {f"{i}.{rel}" for i in range(src.num_layers) for rel in src.layer_tensors(i)}
+        return set(src.resident_tensors()) | layers
+
+
+def test_gpt_oss_gguf_is_one_line(tmp_path):
+    """transformers' GGUF map of gpt-oss leaves out its gate/up experts and their biases: refused, not converted."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    hidden, inter, n_exp = 64, 64, 4
+    w = gguf.GGUFWriter(str(tmp_path / "oss.gguf"), "gpt-oss")
+    w.add_file_type(0)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_block_count(1)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_key_length(16)
+    w.add_value_length(16)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_expert_count(n_exp)
+    w.add_expert_used_count(2)
+    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + list(bytes_to_unicode().values())
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3, 2] + [1] * (len(tokens) - 4))
+    w.add_token_merges([])
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,),
+              "output.weight": (len(tokens), hidden), "blk.0.attn_norm.weight": (hidden,),
+              "blk.0.attn_q.weight": (64, hidden), "blk.0.attn_k.weight": (32, hidden),
+              "blk.0.attn_v.weight": (32, hidden), "blk.0.attn_output.weight": (hidden, 64), "blk.0.attn_sinks": (4,),
+              "blk.0.post_attention_norm.weight": (hidden,), "blk.0.ffn_gate_inp.weight": (n_exp, hidden),
+              "blk.0.ffn_gate_exps.weight": (n_exp, inter, hidden), "blk.0.ffn_gate_exps.bias": (n_exp, inter),
+              "blk.0.ffn_up_exps.weight": (n_exp, inter, hidden), "blk.0.ffn_up_exps.bias": (n_exp, inter),
+              "blk.0.ffn_down_exps.weight": (n_exp, hidden, inter), "blk.0.ffn_down_exps.bias": (n_exp, hidden)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelError, match=r"oss.gguf: transformers \S+ does not load the merged expert tensor "
+                                         r"blk.0.ffn_gate_exps.weight of GGUF architecture 'gpt-oss'"):
+        GgufSource(tmp_path / "oss.gguf")
