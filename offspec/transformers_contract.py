@@ -426,6 +426,11 @@ class CacheProtocol:
 #   each called on one dequantized float32 array, as transformers' own loop does;
 # - not reused: its loop, which dequantizes every tensor of the file into memory before building the model.
 #   offspec dequantizes with the `gguf` library (what that loop calls), one tensor at a time.
+# Mixture-of-experts files hold each projection of a layer's experts as one merged tensor (llama.cpp's
+# `blk.N.ffn_{gate,up,down}_exps`, [n_expert, ...]). transformers' processor places it inside its model's fused
+# expert parameter (`mlp.experts.gate_up_proj`: gate first, up second); its checkpoint conversion mapping names
+# the per-expert tensors that fused parameter is merged from (`mlp.experts.{e}.gate_proj.weight`). offspec reads
+# both (`GgufTensorMap.expert_names`) to give each expert's slice of a merged tensor its checkpoint name.
 # Architectures that transformers moved to its newer GGUF path (weight converters, e.g. qwen3.5, lfm2) are
 # refused with a clear line rather than converted with the legacy processors.
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,6 +519,7 @@ class GgufTensorMap:
 
     def __init__(self, architecture: str, config) -> None:
         legacy = _gguf_legacy()
+        self.architecture = architecture
         if architecture in gguf_newer_path_archs():
             raise ContractError(
                 f"transformers {transformers_version()} loads GGUF architecture {architecture!r} through its "
@@ -541,7 +547,82 @@ class GgufTensorMap:
     def _map(self, legacy, auto_cls, config, num_layers: int) -> dict[str, str]:
         with torch.device("meta"):
             skeleton = auto_cls.from_config(config)
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter
+        except ImportError:  # a transformers without load-time conversions: no per-expert checkpoint names
+            self._converters = []
+        else:
+            self._converters = [t for t in get_model_conversion_mapping(skeleton) if isinstance(t, WeightConverter)]
         return legacy.get_gguf_hf_weights_map(skeleton, self.processor, num_layers=num_layers)
+
+    def expert_names(self, gguf_name: str, num_experts: int) -> list[str] | None:
+        """The checkpoint names of each expert's slice of a merged expert tensor (`blk.N.ffn_gate_exps.weight`,
+        [num_experts, ...]), e.g. `model.layers.N.mlp.experts.{e}.gate_proj.weight`; None for other tensors.
+
+        ContractError when transformers does not load the tensor, or loads it in a way other than placing each
+        expert's slice unchanged in its model's fused parameter (then the slices cannot be converted one by one)."""
+        import re
+
+        m = re.match(r"^(?P<base>blk\.\d+\.ffn_\w+_exps)\.(?:weight|bias)$", gguf_name)
+        if m is None:
+            return None
+        model_name = self.names.get(gguf_name) or self.names.get(m["base"])
+        who = f"transformers {transformers_version()}"
+        if model_name is None:
+            raise ContractError(f"{who} does not load the merged expert tensor {gguf_name} of GGUF architecture "
+                                f"{self.architecture!r} (its GGUF loader has no map for these experts; Mixtral "
+                                "GGUFs, for one, are written as 'llama')")
+        part, parts, dim = self._expert_placement(gguf_name, num_experts)
+        for conv in self._converters:
+            targets, sources = list(conv.target_patterns), list(conv.source_patterns)
+            if len(targets) != 1 or targets[0] not in model_name or len(sources) != parts:
+                continue
+            ops = [(type(op).__name__, getattr(op, "dim", None)) for op in conv.operations]
+            if ops != [("MergeModulelist", 0)] + ([("Concatenate", dim)] if parts > 1 else []):
+                continue
+            source = sources[part]
+            names = [model_name.replace(targets[0], source.replace("*", str(e)), 1) for e in range(num_experts)]
+            if conv.rename_source_key(names[-1]) == (model_name, source):
+                return names
+        raise ContractError(f"{who}: no per-expert checkpoint names for {model_name} (part {part + 1} of {parts}) "
+                            f"in its conversion mapping, so offspec cannot split {gguf_name} by expert")
+
+    def _expert_placement(self, gguf_name: str, num_experts: int) -> tuple[int, int, int]:
+        """(part, parts, dim): where transformers' processor puts a merged expert tensor in its fused parameter:
+        part `part` of `parts` equal parts along `dim`; ContractError if it changes the values or splits them."""
+        import numpy as np
+
+        probe = np.arange(num_experts * 15, dtype=np.float32).reshape(num_experts, 3, 5)
+        if gguf_name.endswith(".bias"):
+            probe = probe[:, :, 0].copy()
+        scratch: dict = {"tensors": {}}
+        try:
+            result = self.processor.process(weights=probe, name=gguf_name, tensor_key_mapping=self.names,
+                                            parsed_parameters=scratch)
+        except Exception as exc:
+            raise ContractError(
+                f"transformers {transformers_version()}: its GGUF tensor processor "
+                f"{type(self.processor).__name__} failed on {gguf_name} ({type(exc).__name__}: {exc})") from None
+        placed = list(scratch["tensors"].values())
+        if result.name is not None and not placed:
+            out = torch.as_tensor(np.asarray(result.weights))
+        elif result.name is None and len(placed) == 1:
+            out = placed[0]
+        else:
+            out = None
+        want = torch.from_numpy(probe)
+        if out is not None and out.dim() == want.dim():
+            grown = [d for d in range(want.dim()) if out.shape[d] != want.shape[d]]
+            if not grown and torch.equal(out, want):
+                return 0, 1, 0
+            if len(grown) == 1 and out.shape[grown[0]] % want.shape[grown[0]] == 0:
+                d, size = grown[0], want.shape[grown[0]]
+                for part in range(out.shape[d] // size):
+                    if torch.equal(out.narrow(d, part * size, size), want):
+                        return part, out.shape[d] // size, d
+        raise ContractError(f"transformers {transformers_version()}: {type(self.processor).__name__} transforms "
+                            f"{gguf_name} across experts, which offspec cannot convert one expert at a time")
 
     def hf_name(self, gguf_name: str) -> str | None:
         """The HF parameter name of a GGUF tensor, or None for tensors transformers drops (e.g. rope_freqs)."""

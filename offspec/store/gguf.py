@@ -5,6 +5,10 @@ The header (metadata and tensor table) is parsed straight from a memory map, ski
 string arrays, so sizing a GGUF takes milliseconds. Tensor data is never read until a tensor is converted:
 then its bytes are dequantized with the `gguf` library, fixed for the model family by transformers'
 tensor processor (through `offspec.transformers_contract`), cast, written and dropped.
+
+A mixture-of-experts GGUF merges each projection of a layer's experts into one tensor (`blk.N.ffn_gate_exps`,
+[n_expert, rows, cols]). The source presents it as a Hugging Face checkpoint of the family does, one tensor per
+expert (`model.layers.N.mlp.experts.{e}.gate_proj.weight`), each read from its own slice of the merged tensor.
 """
 
 from __future__ import annotations
@@ -208,6 +212,47 @@ def to_torch(weights: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(weights)
 
 
+def expert_slice(info: GgufTensorInfo, expert: int) -> GgufTensorInfo:
+    """Expert `expert`'s slice of a merged expert tensor [n_expert, ...]: its shape and its own bytes."""
+    n = info.shape[0]
+    if not 0 <= expert < n or info.nbytes % n:
+        raise ValueError(f"tensor {info.name}: {info.nbytes} bytes do not split into {n} experts")
+    size = info.nbytes // n
+    return GgufTensorInfo(info.name, info.shape[1:], info.ggml_type, info.part, info.offset + expert * size, size)
+
+
+_MERGED_EXPERTS_RE = re.compile(r"^blk\.(\d+)\.(ffn_\w+_exps\.(?:weight|bias))$")
+
+
+def expert_slices(header: GgufHeader) -> dict[int, dict[int, dict[str, GgufTensorInfo]]]:
+    """{layer: {expert: {name in the layer, e.g. `ffn_gate_exps.weight`: that expert's slice}}} of a GGUF's merged
+    expert tensors, from the header alone: the shape and bytes of each expert, for sizing a store by expert."""
+    out: dict[int, dict[int, dict[str, GgufTensorInfo]]] = {}
+    for info in header.tensors:
+        m = _MERGED_EXPERTS_RE.match(info.name)
+        if m is None or len(info.shape) < 2:
+            continue
+        try:
+            for e in range(info.shape[0]):
+                out.setdefault(int(m.group(1)), {}).setdefault(e, {})[m.group(2)] = expert_slice(info, e)
+        except ValueError as exc:
+            raise ModelError(f"{header.parts[0]}: {exc}") from None
+    return out
+
+
+# llama.cpp's expert sizes (GGUF metadata, under the architecture's prefix) -> the config attribute; transformers'
+# GGUF config map leaves them out, so a model whose experts are not the family's default size would not build.
+_EXPERT_SIZE_KEYS = {"expert_feed_forward_length": "moe_intermediate_size",
+                     "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
+def _set_expert_sizes(config, header: GgufHeader) -> None:
+    for key, attr in _EXPERT_SIZE_KEYS.items():
+        value = header.metadata.get(f"{header.architecture}.{key}")
+        if isinstance(value, int) and value > 0 and hasattr(config, attr):
+            setattr(config, attr, value)
+
+
 class GgufSource:
     """A GGUF file (or split GGUF) as a converter source: names and lazy per-tensor loaders, in HF names."""
 
@@ -223,6 +268,7 @@ class GgufSource:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{src}: cannot load GGUF file ({msg})") from None
         self.model_type = str(self.config.model_type)  # the converter checks it is supported
+        _set_expert_sizes(self.config, self.header)
         names = {t.name for t in self.header.tensors}
         self.tie_word_embeddings = "output.weight" not in names
         self.config.tie_word_embeddings = self.tie_word_embeddings
@@ -230,19 +276,40 @@ class GgufSource:
             self._map = GgufTensorMap(self.header.architecture, self.config)
         except ContractError as exc:
             raise ModelError(f"{src}: {exc}") from None
+        self.num_layers = int(self.config.num_hidden_layers)
         self._by_hf: dict[str, GgufTensorInfo] = {}
+        self._experts: set[str] = set()  # names of one expert's slice of a merged expert tensor
         for info in self.header.tensors:
             hf = self._map.hf_name(info.name)
             if hf is not None:
                 self._by_hf[hf] = info
-        self.num_layers = int(self.config.num_hidden_layers)
+                continue
+            try:
+                experts = self._map.expert_names(info.name, info.shape[0]) if len(info.shape) > 1 else None
+                for e, name in enumerate(experts or ()):
+                    self._by_hf[name] = expert_slice(info, e)
+                    self._experts.add(name)
+            except (ContractError, ValueError) as exc:
+                raise ModelError(f"{src}: {exc}") from None
+        self._check_experts(names)  # the file's tensor names
         self._layers, resident = group_names(list(self._by_hf), self.num_layers, str(src))
         self._resident = {n: full for n, full in resident.items()
                           if not (n == "lm_head.weight" and self.tie_word_embeddings)}
         self._maps: list[np.ndarray] = [np.memmap(p, mode="r", dtype=np.uint8) for p in self.header.parts]
 
+    def _check_experts(self, names: set[str]) -> None:
+        """ModelError naming the first merged expert tensor that transformers maps but the file lacks."""
+        merged = re.compile(r"^blk\.(\d+)\.ffn_\w+_exps$")
+        for key in sorted(self._map.names):
+            m = merged.match(key)
+            if m and int(m.group(1)) < self.num_layers and f"{key}.weight" not in names:
+                raise ModelError(f"{self.src}: tensor {key}.weight is missing (the merged experts of layer "
+                                 f"{m.group(1)}; the file may be incomplete)")
+
     def _loader(self, hf_name: str) -> Callable[..., torch.Tensor]:
         info = self._by_hf[hf_name]
+        if hf_name in self._experts:
+            return self._expert_loader(info)
 
         def load(dtype: torch.dtype | None = None) -> torch.Tensor:
             from offspec.transformers_contract import ContractError
@@ -265,9 +332,25 @@ class GgufSource:
 
         return load
 
-    def _load_in_row_chunks(self, info: GgufTensorInfo, dtype: torch.dtype) -> torch.Tensor | None:
-        """A large matrix (an embedding, a head) dequantized and cast a few rows at a time; None when the
-        family's fix changes it (a fix may need the whole tensor at once).
+    def _expert_loader(self, info: GgufTensorInfo) -> Callable[..., torch.Tensor]:
+        """One expert's slice of a merged expert tensor, read from its own bytes only (a few rows at a time when
+        it is large and a dtype is given). transformers places the slice unchanged in its fused parameter
+        (checked by `GgufTensorMap.expert_names`), so no per-family fix applies."""
+
+        def load(dtype: torch.dtype | None = None) -> torch.Tensor:
+            try:
+                if dtype is not None and len(info.shape) == 2 and info.shape[0] * info.shape[1] * 4 > CHUNK_BYTES:
+                    return self._load_in_row_chunks(info, dtype, fix=False)
+                return to_torch(dequantize(info, self._maps))
+            except (ValueError, NotImplementedError) as exc:
+                raise ModelError(
+                    f"{self.src}: cannot dequantize tensor {info.name} ({info.type_name}: {exc})") from None
+
+        return load
+
+    def _load_in_row_chunks(self, info: GgufTensorInfo, dtype: torch.dtype, fix: bool = True) -> torch.Tensor | None:
+        """A large matrix (an embedding, a head, an expert) dequantized and cast a few rows at a time; None when
+        the family's fix changes it (a fix may need the whole tensor at once).
 
         transformers picks its tensor fixes by name, so a fix that returns the first rows unchanged leaves
         the whole tensor unchanged."""
@@ -280,7 +363,7 @@ class GgufSource:
             part = GgufTensorInfo(info.name, (n, cols), info.ggml_type, info.part, info.offset + start * row_bytes,
                                   n * row_bytes)
             chunk = dequantize(part, self._maps)
-            if start == 0:
+            if start == 0 and fix:
                 from offspec.transformers_contract import ContractError
 
                 try:

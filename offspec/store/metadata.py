@@ -394,7 +394,7 @@ def expert_spec(sl: ExpertSlice, raw: dict[str, TensorSpec]) -> TensorSpec:
 
 
 def _gguf_metadata(src: Path) -> SourceMetadata:
-    from offspec.store.gguf import default_bits, read_gguf_header
+    from offspec.store.gguf import default_bits, expert_slices, read_gguf_header
 
     header = read_gguf_header(src)
     md, arch = header.metadata, header.architecture
@@ -413,13 +413,20 @@ def _gguf_metadata(src: Path) -> SourceMetadata:
         config["max_position_embeddings"] = get("context_length")
     layers: list[dict[str, TensorSpec]] = [{} for _ in range(n)]
     resident: dict[str, TensorSpec] = {}
+    experts = expert_slices(header)  # a merged expert tensor is converted as one tensor per expert
     for t in header.tensors:
         spec = TensorSpec(t.shape, True, t.nbytes)
         m = _GGUF_LAYER_RE.match(t.name)
         if m is None:
             resident[t.name] = spec
         elif int(m.group(1)) < n:
-            layers[int(m.group(1))][m.group(2)] = spec
+            i, rel = int(m.group(1)), m.group(2)
+            per_expert = {e: ex[rel] for e, ex in experts.get(i, {}).items() if rel in ex}
+            if not per_expert:
+                layers[i][rel] = spec
+            for e, s in per_expert.items():  # rel is ffn_*_exps.weight: named ffn_*_exps.E.weight (size only)
+                base, suffix = rel.rsplit(".", 1)
+                layers[i][f"{base}.{e}.{suffix}"] = TensorSpec(s.shape, True, s.nbytes)
     if "token_embd.weight" not in resident:
         raise ModelError(f"{src}: the GGUF has no token_embd.weight tensor")
     tie = "output.weight" not in resident

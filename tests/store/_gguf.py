@@ -13,7 +13,9 @@ import numpy as np
 import torch
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, HEAD_DIM = 256, 512, 4, 2, 64  # rows of 256 values: K-quant blocks tile them
-FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_K_M": 15}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "Q4_K_M": 15, "BF16": 32}
+# llama.cpp's architecture names of the families written here (transformers' model_type -> GGUF architecture)
+GGUF_ARCHS = {"llama": "llama", "gemma3_text": "gemma3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 
 
 def tiny_hf_model(arch: str, num_layers: int = 2, seed: int = 0, hidden: int = HIDDEN, vocab: int = 260):
@@ -64,7 +66,7 @@ def write_gguf(model, path: Path, file_type: str, seed: int = 0) -> Path:
     from gguf.quants import quantize
 
     cfg = model.config
-    arch = "gemma3" if cfg.model_type.startswith("gemma3") else "llama"
+    arch = GGUF_ARCHS[cfg.model_type]
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}")
@@ -82,7 +84,16 @@ def write_gguf(model, path: Path, file_type: str, seed: int = 0) -> Path:
         w.add_value_length(cfg.head_dim)
         w.add_sliding_window(cfg.sliding_window)
     else:
-        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    if arch == "qwen3moe":
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if arch.endswith("moe"):
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", 0):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     tokens = ["<pad>", "<s>", "</s>", "<unk>"] + list(bytes_to_unicode().values())
@@ -94,34 +105,76 @@ def write_gguf(model, path: Path, file_type: str, seed: int = 0) -> Path:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_pad_token_id(0)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3 if arch == "gemma3" else gguf.MODEL_ARCH.LLAMA,
-                                        cfg.num_hidden_layers)
-    for hf_name, t in model.state_dict().items():
-        base, suffix = hf_name.rsplit(".", 1)
-        name = name_map.get_name(base) + "." + suffix
-        a = t.float().numpy().copy()
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    for name, a in _gguf_tensors(model, name_map):
         if arch == "llama" and name.endswith("attn_q.weight"):
             a = _permute(a, cfg.num_attention_heads)
         elif arch == "llama" and name.endswith("attn_k.weight"):
             a = _permute(a, cfg.num_key_value_heads)
         if arch == "gemma3" and name.endswith("norm.weight"):
             a = a + 1.0  # llama.cpp stores Gemma's norms as 1 + w
-        if a.ndim == 1:
+        if a.ndim == 1 or file_type == "F32":
             w.add_tensor(name, a.astype(np.float32))
         elif file_type == "F16":
             w.add_tensor(name, a.astype(np.float16))
-        elif file_type == "Q8_0":
-            q = quantize(a, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        elif file_type in ("Q8_0", "BF16") or a.shape[-1] % 256:  # rows K-quant blocks cannot tile: Q8_0, as llama.cpp
+            qtype = getattr(gguf.GGMLQuantizationType, "Q8_0" if file_type == "Q4_K_M" else file_type)
+            q = quantize(a, qtype)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
         else:
             kind = "Q6_K" if ("ffn_down" in name or name == "output.weight") else "Q4_K"
-            q = _k_blocks(a.shape[0], a.shape[1], kind, rng)
+            q = _k_blocks(int(np.prod(a.shape[:-1])), a.shape[-1], kind, rng).reshape(*a.shape[:-1], -1)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _gguf_tensors(model, name_map):
+    """(GGUF name, float32 array in torch order) of each tensor, as llama.cpp's converter names and lays them out:
+    the experts of a layer merged into one [n_expert, ...] tensor per projection (transformers 5 keeps them fused
+    too, with gate and up concatenated), a shared expert's gate as a vector."""
+    for hf_name, t in model.state_dict().items():
+        a = t.float().numpy().copy()
+        if hf_name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]: gate rows first
+            block = name_map.get_name(hf_name.replace("experts.gate_up_proj", "experts.down_proj"))
+            half = a.shape[1] // 2
+            yield block.replace("ffn_down_exps", "ffn_gate_exps") + ".weight", np.ascontiguousarray(a[:, :half])
+            yield block.replace("ffn_down_exps", "ffn_up_exps") + ".weight", np.ascontiguousarray(a[:, half:])
+        elif hf_name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+            yield name_map.get_name(hf_name) + ".weight", a
+        else:
+            base, suffix = hf_name.rsplit(".", 1)
+            name = name_map.get_name(base) + "." + suffix
+            yield name, (a[0] if name.endswith("ffn_gate_inp_shexp.weight") else a)
+
+
+def tiny_moe_model(model_type: str, num_layers: int = 2, seed: int = 0, num_experts: int = 4, hidden: int = 64,
+                   **sizes):
+    """A random qwen2_moe or qwen3_moe CausalLM, float32. Unless `sizes` says otherwise (moe_intermediate_size,
+    shared_expert_intermediate_size), its experts have the family's default sizes: transformers assumes them when it
+    reads a GGUF (it does not read the expert sizes from the file's metadata)."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=260, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, max_position_embeddings=256, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, num_experts=num_experts, num_experts_per_tok=2)
+    if model_type == "qwen2_moe":
+        config = Qwen2MoeConfig(**common, intermediate_size=2 * hidden, **sizes)
+    elif model_type == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, intermediate_size=2 * hidden, head_dim=hidden // HEADS, norm_topk_prob=True,
+                                **sizes)
+    else:
+        raise ValueError(model_type)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # experts apart from each other, norms away from their init (all ones)
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 and "norm" in name else 0.0))
+    return model
 
 
 def transformers_state_dict(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
