@@ -376,6 +376,7 @@ def _plan_info(plan, target_store: Path, draft_store: Path | None) -> dict:
         "resident_bytes": plan.resident_bytes,
         "kv_bytes": plan.kv_bytes,
         "reserved_bytes": plan.reserved_bytes,
+        "workspace_bytes": plan.workspace_bytes,
         "ring_slots": plan.ring_slots,
         "slot_bytes": plan.slot_bytes,
         "streamed_bytes_per_pass": plan.streamed_bytes_per_pass,
@@ -385,8 +386,9 @@ def _plan_info(plan, target_store: Path, draft_store: Path | None) -> dict:
 
 
 def peer_budget_bytes(plan) -> int:
-    """The memory offspec's plan gives the target's weights: its device budget use less KV cache and draft."""
-    return int(plan.device_bytes - plan.kv_bytes - plan.reserved_bytes)
+    """The memory offspec's plan gives the target's weights: its device budget use less KV cache, draft and
+    compute workspace."""
+    return int(plan.device_bytes - plan.kv_bytes - plan.reserved_bytes - plan.workspace_bytes)
 
 
 # ---------------------------------------------------------------------- the run

@@ -18,7 +18,7 @@ from offspec.runtime.device import pick_compute_dtype, resolve_device
 from offspec.runtime.kv_cache import BatchKVCache, StaticKVCache
 from offspec.runtime.masks import causal_mask, pad_mask, window_mask
 from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan
-from offspec.runtime.sizing import plan_for_store, upcast_plan
+from offspec.runtime.sizing import HEAD_ROWS, plan_for_store, upcast_plan
 from offspec.runtime.streamer import LayerStreamer, load_blob
 from offspec.store.manifest import Manifest, read_manifest, tensor_views
 from offspec.transformers_contract import run_decoder, text_config
@@ -373,7 +373,18 @@ class OffloadedModel:
         return CacheView(self, cache)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h).float()
+        """Float32 logits [..., V] of h [..., hidden]: the head runs HEAD_ROWS rows at a time, so a wide tree never
+        holds its logits twice (compute dtype and float32) as the plan's workspace assumes (runtime/sizing)."""
+        flat = h.reshape(-1, h.shape[-1])
+        if flat.shape[0] <= HEAD_ROWS:
+            return self.head(h).float()
+        first = self.head(flat[:HEAD_ROWS])  # [HEAD_ROWS, V]
+        out = torch.empty(flat.shape[0], first.shape[-1], dtype=torch.float32, device=first.device)
+        out[:HEAD_ROWS] = first
+        del first
+        for s in range(HEAD_ROWS, flat.shape[0], HEAD_ROWS):
+            out[s : s + HEAD_ROWS] = self.head(flat[s : s + HEAD_ROWS])
+        return out.view(*h.shape[:-1], out.shape[-1])
 
     @torch.inference_mode()
     def logits_at(self, rows: torch.Tensor) -> torch.Tensor:

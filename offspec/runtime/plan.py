@@ -33,6 +33,8 @@ class ResidencyPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
     upcast: float = 1.0  # memory bytes per stored byte of a resident layer (2.0: bf16 kept as float32)
     resident_upcast: float = 1.0  # the same for the resident parts (embeddings, norm, head)
+    workspace_bytes: int = 0  # compute buffers of the largest pass: logits, activations, dequantization scratch
+    tree_tokens: int = 0  # the largest pass (tree nodes + root) the workspace is sized for; 0 = not sized
 
     def layers(self, tier: str) -> list[int]:
         return [i for i, t in enumerate(self.tiers) if t == tier]
@@ -61,7 +63,7 @@ class ResidencyPlan:
             layers += sum(b for b, t in zip(self.layer_bytes, self.tiers) if t == HOST)
         ring = self.ring_bytes * (2 * self.upcast - 1)  # staging + float32 copies of its float tensors
         return (int(self.resident_bytes * self.resident_upcast + layers * self.upcast) + self.kv_bytes
-                + self.reserved_bytes + int(ring))
+                + self.reserved_bytes + int(ring) + self.workspace_bytes)
 
     @property
     def host_bytes(self) -> int:
@@ -72,37 +74,44 @@ class ResidencyPlan:
 
 
 def minimum_budget_bytes(layer_bytes: list[int], resident_bytes: int, kv_bytes: int, reserved_bytes: int,
-                         ring_slots: int = 2, upcast: float = 1.0, resident_upcast: float | None = None) -> int:
-    """The smallest device budget that runs: resident parts, KV cache, reserve and `ring_slots` streamed layers."""
+                         ring_slots: int = 2, upcast: float = 1.0, resident_upcast: float | None = None,
+                         workspace_bytes: int = 0) -> int:
+    """The smallest device budget that runs: resident parts, KV cache, reserve, workspace and `ring_slots` streamed
+    layers."""
     slot = max(layer_bytes, default=0) * (2 * upcast - 1)  # staging + float32 copies of its float tensors
     r_up = upcast if resident_upcast is None else resident_upcast
-    return int(resident_bytes * r_up) + kv_bytes + reserved_bytes + int(ring_slots * slot)
+    return int(resident_bytes * r_up) + kv_bytes + reserved_bytes + workspace_bytes + int(ring_slots * slot)
 
 
 def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_bytes: int,
                    host_budget_bytes: int = 0, kv_bytes: int = 0, reserved_bytes: int = 0,
                    device_kind: str = "cpu", ring_slots: int = 3, upcast: float = 1.0,
-                   resident_upcast: float | None = None) -> ResidencyPlan:
+                   resident_upcast: float | None = None, workspace_bytes: int = 0,
+                   tree_tokens: int = 0) -> ResidencyPlan:
     """Fill the device budget with whole layers (the last layers first), then host RAM (CUDA), stream the rest.
 
     Resident layers sit at the end of the pass so that, while they compute, the reader already
-    prefetches the next pass's first streamed layers into the ring.
+    prefetches the next pass's first streamed layers into the ring. workspace_bytes: the compute buffers of a pass of
+    tree_tokens tokens (runtime/sizing.workspace_bytes), held beside the weights.
     """
     n = len(layer_bytes)
     slot = max(layer_bytes, default=0)
     slot_cost = int(slot * (2 * upcast - 1))
     r_up = upcast if resident_upcast is None else resident_upcast
-    fixed = int(resident_bytes * r_up) + kv_bytes + reserved_bytes
-    minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2, upcast, r_up)
+    fixed = int(resident_bytes * r_up) + kv_bytes + reserved_bytes + workspace_bytes
+    minimum = minimum_budget_bytes(layer_bytes, resident_bytes, kv_bytes, reserved_bytes, 2, upcast, r_up,
+                                   workspace_bytes)
+    sized = {"workspace_bytes": workspace_bytes, "tree_tokens": tree_tokens}
     # Everything fits: no ring needed.
     if fixed + sum(layer_bytes) * upcast <= device_budget_bytes:
         return ResidencyPlan(tuple([DEVICE] * n), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
-                             0, 0, device_kind, upcast=upcast, resident_upcast=r_up)
+                             0, 0, device_kind, upcast=upcast, resident_upcast=r_up, **sized)
     if device_budget_bytes < minimum:
         raise BudgetError(
             f"device memory budget {format_bytes(device_budget_bytes)} is too small: it must hold the resident "
             f"parts ({format_bytes(resident_bytes * r_up)}), the KV cache ({format_bytes(kv_bytes)})"
             + (f", the draft ({format_bytes(reserved_bytes)})" if reserved_bytes else "")
+            + (f", the workspace ({format_bytes(workspace_bytes)})" if workspace_bytes else "")
             + f" and two streamed layers ({format_bytes(2 * slot_cost)}); minimum {format_bytes(minimum)}"
         )
     tiers = [DISK] * n
@@ -127,4 +136,4 @@ def plan_residency(layer_bytes: list[int], resident_bytes: int, device_budget_by
     elif DISK not in tiers and device_kind == "cpu":
         slots = 0
     return ResidencyPlan(tuple(tiers), tuple(layer_bytes), resident_bytes, kv_bytes, reserved_bytes,
-                         slots, slot if slots else 0, device_kind, tuple(notes), upcast, r_up)
+                         slots, slot if slots else 0, device_kind, tuple(notes), upcast, r_up, **sized)
