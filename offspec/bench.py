@@ -424,17 +424,18 @@ class _Steps:
 
 
 def _open(model, draft, want_spec: bool, rc, progress: bool, ngram: bool | None = None,
-          reserve_for: tuple[str, ...] = ()):
-    """load_engine with budget_auto; if the calibrating planner cannot be built, without it (noted)."""
+          reserve_for: tuple[str, ...] = (), max_budget: int | None = None):
+    """load_engine with budget_auto; if the calibrating planner cannot be built, without it (noted). max_budget: the
+    largest fixed budget the run asks for (the plan holds its workspace)."""
     from offspec.loader import load_engine
 
     try:
         return load_engine(model, draft, spec=want_spec, rc=rc, progress=progress,
-                           budget_auto=True, ngram=ngram, reserve_for=reserve_for), None
+                           budget_auto=True, ngram=ngram, reserve_for=reserve_for, max_budget=max_budget), None
     except (ImportError, AttributeError) as exc:
         note = f"auto budget planner unavailable ({type(exc).__name__}: {exc}); auto = the engine's default"
         return load_engine(model, draft, spec=want_spec, rc=rc, progress=progress,
-                           budget_auto=False, ngram=ngram, reserve_for=reserve_for), note
+                           budget_auto=False, ngram=ngram, reserve_for=reserve_for, max_budget=max_budget), note
 
 
 def _switch_drafter(loaded, base: str, hybrid: bool, rc, auto: bool) -> None:
@@ -500,12 +501,15 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     if progress:
         console.print(f"opening {model or 'the demo models'} (store conversion, verification and the planner's "
                       "pass-time calibration run once per store)", markup=False, highlight=False, style="dim")
+    from offspec.runtime.sizing import DEFAULT_TREE_TOKENS
+
+    max_budget = max([b for b in budget_list if b is not None] + [DEFAULT_TREE_TOKENS - 1])
     if drafter_list:
         first = drafter_list[0]
         loaded, note = _open(model, first[1], True, rc, progress, ngram=first[2] or None,
-                             reserve_for=tuple(dict.fromkeys(d[1] for d in drafter_list)))
+                             reserve_for=tuple(dict.fromkeys(d[1] for d in drafter_list)), max_budget=max_budget)
     else:
-        loaded, note = _open(model, draft, not no_spec, rc, progress)
+        loaded, note = _open(model, draft, not no_spec, rc, progress, max_budget=max_budget)
     if note:
         notes.append(note)
     engine = loaded.engine

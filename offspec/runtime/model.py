@@ -18,7 +18,7 @@ from offspec.runtime.device import pick_compute_dtype, resolve_device
 from offspec.runtime.kv_cache import BatchKVCache, StaticKVCache
 from offspec.runtime.masks import causal_mask, pad_mask, window_mask
 from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan
-from offspec.runtime.sizing import HEAD_ROWS, plan_for_store, upcast_plan
+from offspec.runtime.sizing import DEFAULT_TREE_TOKENS, HEAD_ROWS, plan_for_store, upcast_plan
 from offspec.runtime.streamer import LayerStreamer, load_blob
 from offspec.store.manifest import Manifest, read_manifest, tensor_views
 from offspec.transformers_contract import run_decoder, text_config
@@ -428,8 +428,10 @@ class CacheView:
 def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: int | None = None,
                host_memory_bytes: int | None = None, reserved_bytes: int = 0, cache_tokens: int = 2048,
                warm: bool = False, verify: bool = True, ring_slots: int = 3,
-               device_memory_over_min: int | None = None, static_cache: bool = False) -> OffloadedModel:
-    """Open a store with a residency plan fitted to the budgets (defaults from the machine)."""
+               device_memory_over_min: int | None = None, static_cache: bool = False,
+               tree_tokens: int = DEFAULT_TREE_TOKENS) -> OffloadedModel:
+    """Open a store with a residency plan fitted to the budgets (defaults from the machine); the plan holds the
+    compute workspace of passes of up to tree_tokens tokens (runtime/sizing.workspace_bytes)."""
     from offspec.runtime.memory import default_budgets
 
     store_dir = Path(store_dir)
@@ -446,7 +448,7 @@ def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: 
         store_dir, manifest, dev.type,
         device_memory_bytes if device_memory_bytes is not None else dev_default,
         host_memory_bytes if host_memory_bytes is not None else host_default,
-        reserved_bytes, cache_tokens, ring_slots, device_memory_over_min, config=config,
+        reserved_bytes, cache_tokens, ring_slots, device_memory_over_min, config=config, tree_tokens=tree_tokens,
     )
     return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest,
                           config=config, static_cache=static_cache)

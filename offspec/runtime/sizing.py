@@ -17,6 +17,7 @@ from offspec.store.manifest import Manifest, read_manifest
 # tree budget (256, the largest tree the pass-time curve measures) plus its root.
 DEFAULT_TREE_TOKENS = 257
 HEAD_ROWS = 64  # rows of hidden states the head turns into logits at a time (runtime/model.py)
+PREFILL_TOKENS = 512  # prompt tokens per prefill pass (speculative/drafters.prefill; logits of the last one only)
 
 
 def upcast_plan(entries: dict, compute: torch.dtype) -> tuple[dict[str, int], int]:
@@ -50,7 +51,8 @@ def upcast_factor(manifest: Manifest, compute: torch.dtype) -> float:
 def workspace_bytes(manifest: Manifest, config, compute: torch.dtype, tree_tokens: int, cache_tokens: int) -> int:
     """Memory one forward of `tree_tokens` tokens computes in, beside the weights and the KV cache: the float32 logits
     of every row (the head runs HEAD_ROWS at a time in the compute dtype), the activations of the widest layer
-    (hidden states, MLP, attention scores against the whole cache, in float32 at worst) and one dequantization
+    for tree_tokens or a prefill chunk of PREFILL_TOKENS, whichever is more (hidden states, MLP, attention scores
+    against the whole cache, in float32 at worst) and one dequantization
     buffer per NF4 weight shape (models/nf4.py). An upper bound: a pass keeps at most one layer's activations."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     head = manifest.resident.tensors.get("lm_head.weight") or manifest.resident.tensors.get("model.embed_tokens.weight")
@@ -60,7 +62,8 @@ def workspace_bytes(manifest: Manifest, config, compute: torch.dtype, tree_token
     heads = int(getattr(text, "num_attention_heads", 0) or 1)
     t, size = tree_tokens, compute.itemsize
     logits = t * vocab * 4 + min(t, HEAD_ROWS) * vocab * size
-    activations = t * (8 * hidden + 4 * inner) * 4 + heads * t * (cache_tokens + t) * 4 * 2
+    a = max(t, PREFILL_TOKENS)
+    activations = a * (8 * hidden + 4 * inner) * 4 + heads * a * (cache_tokens + a) * 4 * 2
     shapes = {tuple(e.quant.shape) for blob in manifest.layers for e in blob.tensors.values() if e.quant is not None}
     scratch = sum(math.prod(shape) * size for shape in shapes)
     return int(logits + activations + scratch)

@@ -298,7 +298,10 @@ class BudgetPlanner:
 
 
 def make_planner(target, cost: DraftCost | Mapping[str, DraftCost] | None = None) -> BudgetPlanner:
-    """A planner fed with the target's measured (or cached) pass-time curve and the drafters' cost curves."""
+    """A planner fed with the target's measured (or cached) pass-time curve and the drafters' cost curves; it picks
+    no tree larger than the target's memory plan sized its workspace for (plan.tree_tokens, root included)."""
     from offspec.runtime.pass_curve import load_or_measure_curve
 
-    return BudgetPlanner(load_or_measure_curve(target), cost=cost)
+    tokens = getattr(getattr(target, "plan", None), "tree_tokens", 0)
+    candidates = tuple(b for b in CANDIDATE_BUDGETS if not tokens or b < tokens)
+    return BudgetPlanner(load_or_measure_curve(target), cost=cost, candidates=candidates)
