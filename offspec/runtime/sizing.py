@@ -63,7 +63,7 @@ def workspace_bytes(manifest: Manifest, config, compute: torch.dtype, tree_token
     t, size = tree_tokens, compute.itemsize
     logits = t * vocab * 4 + min(t, HEAD_ROWS) * vocab * size
     a = max(t, PREFILL_TOKENS)
-    activations = a * (8 * hidden + 4 * inner) * 4 + heads * a * (cache_tokens + a) * 4 * 2
+    activations = a * (8 * hidden + 4 * inner) * 4 + heads * a * (cache_tokens + a) * (4 + size)
     shapes = {tuple(e.quant.shape) for blob in manifest.layers for e in blob.tensors.values() if e.quant is not None}
     scratch = sum(math.prod(shape) * size for shape in shapes)
     return int(logits + activations + scratch)
