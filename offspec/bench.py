@@ -381,6 +381,7 @@ def _plan_info(plan, target_store: Path, draft_store: Path | None) -> dict:
         "resident_bytes": plan.resident_bytes,
         "kv_bytes": plan.kv_bytes,
         "reserved_bytes": plan.reserved_bytes,
+        "workspace_bytes": plan.workspace_bytes,
         "ring_slots": plan.ring_slots,
         "slot_bytes": plan.slot_bytes,
         "streamed_bytes_per_pass": plan.streamed_bytes_per_pass,
@@ -390,8 +391,9 @@ def _plan_info(plan, target_store: Path, draft_store: Path | None) -> dict:
 
 
 def peer_budget_bytes(plan) -> int:
-    """The memory offspec's plan gives the target's weights: its device budget use less KV cache and draft."""
-    return int(plan.device_bytes - plan.kv_bytes - plan.reserved_bytes)
+    """The memory offspec's plan gives the target's weights: its device budget use less KV cache, draft and
+    compute workspace."""
+    return int(plan.device_bytes - plan.kv_bytes - plan.reserved_bytes - plan.workspace_bytes)
 
 
 # ---------------------------------------------------------------------- the run
@@ -427,17 +429,18 @@ class _Steps:
 
 
 def _open(model, draft, want_spec: bool, rc, progress: bool, ngram: bool | None = None,
-          reserve_for: tuple[str, ...] = ()):
-    """load_engine with budget_auto; if the calibrating planner cannot be built, without it (noted)."""
+          reserve_for: tuple[str, ...] = (), max_budget: int | None = None):
+    """load_engine with budget_auto; if the calibrating planner cannot be built, without it (noted). max_budget: the
+    largest fixed budget the run asks for (the plan holds its workspace)."""
     from offspec.loader import load_engine
 
     try:
         return load_engine(model, draft, spec=want_spec, rc=rc, progress=progress,
-                           budget_auto=True, ngram=ngram, reserve_for=reserve_for), None
+                           budget_auto=True, ngram=ngram, reserve_for=reserve_for, max_budget=max_budget), None
     except (ImportError, AttributeError) as exc:
         note = f"auto budget planner unavailable ({type(exc).__name__}: {exc}); auto = the engine's default"
         return load_engine(model, draft, spec=want_spec, rc=rc, progress=progress,
-                           budget_auto=False, ngram=ngram, reserve_for=reserve_for), note
+                           budget_auto=False, ngram=ngram, reserve_for=reserve_for, max_budget=max_budget), note
 
 
 def _switch_drafter(loaded, base: str, hybrid: bool, rc, auto: bool) -> None:
@@ -503,12 +506,15 @@ def run_bench(model: str | None = None, draft: str | None = None, bits: int = 16
     if progress:
         console.print(f"opening {model or 'the demo models'} (store conversion, verification and the planner's "
                       "pass-time calibration run once per store)", markup=False, highlight=False, style="dim")
+    from offspec.runtime.sizing import DEFAULT_TREE_TOKENS
+
+    max_budget = max([b for b in budget_list if b is not None] + [DEFAULT_TREE_TOKENS - 1])
     if drafter_list:
         first = drafter_list[0]
         loaded, note = _open(model, first[1], True, rc, progress, ngram=first[2] or None,
-                             reserve_for=tuple(dict.fromkeys(d[1] for d in drafter_list)))
+                             reserve_for=tuple(dict.fromkeys(d[1] for d in drafter_list)), max_budget=max_budget)
     else:
-        loaded, note = _open(model, draft, not no_spec, rc, progress)
+        loaded, note = _open(model, draft, not no_spec, rc, progress, max_budget=max_budget)
     if note:
         notes.append(note)
     engine = loaded.engine

@@ -158,8 +158,11 @@ def summary_lines(result: dict) -> list[str]:
     peaks = [(r["peak_rss_bytes"], r["planned_bytes"]) for c in result.get("configs", []) for r in c.get("records", [])
              if r.get("peak_rss_bytes")]
     if peaks:
-        lines.append(f"peak RSS {format_bytes(max(p for p, _ in peaks))} against the memory plan's "
-                     f"{format_bytes(max(q for _, q in peaks))}")
+        from offspec.runtime.plan import FIXED_OVERHEAD_BYTES
+
+        peak, planned = max(p for p, _ in peaks), max(q for _, q in peaks)
+        lines.append(f"peak RSS {format_bytes(peak)} against the bound of {format_bytes(planned + FIXED_OVERHEAD_BYTES)} "
+                     f"(memory plan {format_bytes(planned)} + fixed overhead {format_bytes(FIXED_OVERHEAD_BYTES)})")
     if result.get("peer"):
         p = result["peer"]
         lines.append(f"peer {p['name']}: {p['tok_per_s']:.3f} tok/s ({p['s_per_token']:.2f} s/token) "

@@ -263,17 +263,32 @@ def random_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def peak_memory() -> tuple[int, int]:
-    """(peak RSS of this process, peak CUDA memory allocated) in bytes."""
+def _vm_hwm_bytes() -> int:
+    """VmHWM from /proc/self/status (Linux), 0 where there is none."""
     try:
-        import resource
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
-    except ImportError:  # Windows
-        import psutil
 
-        rss = psutil.Process().memory_info().rss
+def peak_memory() -> tuple[int, int]:
+    """(peak RSS of this process, peak CUDA memory allocated) in bytes. Linux: VmHWM, this program's own peak (the
+    ru_maxrss of a process started by fork and exec also holds the peak of the process that forked it)."""
+    rss = _vm_hwm_bytes()
+    if not rss:
+        try:
+            import resource
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss = rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+        except ImportError:  # Windows
+            import psutil
+
+            rss = psutil.Process().memory_info().rss
     device = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
     return int(rss), int(device)
 

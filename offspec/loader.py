@@ -297,7 +297,7 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
                 rc: RuntimeConfig = RuntimeConfig(), cache_tokens: int = 4096, progress: bool = True,
                 budget_auto: bool = True, ngram: bool | None = None,
                 ngram_corpus: str | Path | None = None, reserve_for: tuple[str, ...] = (),
-                sequences: int | None = 1) -> Loaded:
+                sequences: int | None = 1, max_budget: int | None = None) -> Loaded:
     """Resolve the target (and the draft), open them under the budgets, build the drafter, wire an Engine.
 
     draft: a model, "self" (the target's NF4 copy) or "ngram"; ngram: add (True) or refuse (False) n-gram candidates
@@ -306,8 +306,10 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
     their plans are in Loaded.plans. cache_tokens (--ctx-size) sizes the KV caches, capped at the target's
     context; the engine stops there. sequences: the plan also holds KV caches for that many sequences decoded
     together (a server's batch; see batch.BatchEngine), None for as many as the budget allows, up to
-    DEFAULT_SEQUENCES."""
+    DEFAULT_SEQUENCES. max_budget: the largest fixed tree budget that will be asked for (the memory plan holds the
+    workspace of a tree that size; by default that of the largest auto budget, runtime/sizing.DEFAULT_TREE_TOKENS)."""
     from offspec.runtime.model import open_model
+    from offspec.runtime.sizing import DEFAULT_TREE_TOKENS
     from offspec.store.resolve import resolve_model
 
     check_budget_fits_machine(rc)
@@ -345,7 +347,8 @@ def load_engine(model: str | None, draft: str | None = None, spec: bool = True,
         reserved += sequences * per_sequence - draft_kv
     target = open_model(target_store, rc.device, rc.device_memory_bytes, rc.host_memory_bytes,
                         reserved_bytes=reserved, cache_tokens=own_cache, warm=rc.warm,
-                        device_memory_over_min=rc.device_memory_over_min, expert_prefetch=rc.expert_prefetch)
+                        device_memory_over_min=rc.device_memory_over_min, expert_prefetch=rc.expert_prefetch,
+                        tree_tokens=max_budget + 1 if max_budget else DEFAULT_TREE_TOKENS)
     drafter = open_drafter(dp, target, target_store, tokenizer, rc, cache_tokens, ngram_corpus)
     planner = None
     if drafter is not None and budget_auto:

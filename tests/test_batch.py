@@ -23,18 +23,11 @@ def stores(make_tiny_model, tmp_path_factory):
 def make_engine(target_store, drafter: str = "none", cache_tokens: int = 128) -> Engine:
     """Every target layer streamed; drafter: none, draft (the 2-layer model) or ngram."""
     from offspec.loader import load_tokenizer
-    from offspec.models.registry import load_config
     from offspec.runtime.model import open_model
-    from offspec.runtime.plan import minimum_budget_bytes
-    from offspec.runtime.sizing import kv_bytes_per_token
     from offspec.speculative.drafters import ModelDrafter, NgramDrafter
-    from offspec.store.manifest import read_manifest
 
     target_store, draft_store = target_store
-    man = read_manifest(target_store)
-    kv = kv_bytes_per_token(load_config(target_store), torch.float32) * cache_tokens
-    target = open_model(target_store, device_memory_bytes=minimum_budget_bytes(man.layer_bytes, man.resident.size,
-                                                                               kv, 0), cache_tokens=cache_tokens)
+    target = open_model(target_store, device_memory_over_min=0, cache_tokens=cache_tokens)  # every layer streams
     assert target.streamer is not None
     d = None
     if drafter == "draft":

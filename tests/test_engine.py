@@ -21,16 +21,8 @@ def stores(make_tiny_model, tmp_path_factory):
 
 def _engine(target_store, draft_store=None, streamed=True, eos_ids=(), auto=False):
     from offspec.loader import load_tokenizer
-    from offspec.runtime.plan import minimum_budget_bytes
-    from offspec.store.manifest import read_manifest
 
-    from offspec.models.registry import load_config
-    from offspec.runtime.sizing import kv_bytes_per_token
-
-    man = read_manifest(target_store)
-    kv = kv_bytes_per_token(load_config(target_store), torch.float32) * 64
-    budget = minimum_budget_bytes(man.layer_bytes, man.resident.size, kv, 0) if streamed else None
-    target = open_model(target_store, device_memory_bytes=budget, cache_tokens=64)
+    target = open_model(target_store, device_memory_over_min=0 if streamed else None, cache_tokens=64)
     assert not streamed or target.streamer is not None  # every layer streams
     draft = open_model(draft_store, cache_tokens=64) if draft_store else None
     planner = None

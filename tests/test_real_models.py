@@ -31,7 +31,6 @@ def test_smollm2_streamed_greedy_equals_transformers_generate(smollm2):
 
     from offspec.loader import load_tokenizer
     from offspec.runtime.model import open_model
-    from offspec.runtime.plan import minimum_budget_bytes
     from offspec.store.manifest import read_manifest
 
     gguf, store = smollm2
@@ -41,8 +40,7 @@ def test_smollm2_streamed_greedy_equals_transformers_generate(smollm2):
     with torch.no_grad():
         want = ref_model.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False)[0, len(ids):].tolist()
     man = read_manifest(store)
-    budget = minimum_budget_bytes(man.layer_bytes, man.resident.size, 8 << 20, 0) + 4 * max(man.layer_bytes)
-    target = open_model(store, device_memory_bytes=budget, cache_tokens=256)
+    target = open_model(store, device_memory_over_min=4 * max(man.layer_bytes), cache_tokens=256)
     assert "disk" in target.plan.tiers
     got = generate(Engine(target, None, tok), ids, GenerationConfig(max_new_tokens=24, spec=False)).token_ids
     assert len(want) > 0 and got[: len(want)] == want  # transformers stops at EOS (included); we were not told to
@@ -120,7 +118,6 @@ def test_smollm2_every_drafter_greedy_equals_plain_greedy(smollm2, tmp_path_fact
     enough to beat one token per pass."""
     from offspec.loader import load_tokenizer
     from offspec.runtime.model import open_model
-    from offspec.runtime.plan import minimum_budget_bytes
     from offspec.runtime.self_draft import open_self_draft
     from offspec.speculative.drafters import HybridDrafter, ModelDrafter, NgramDrafter
     from offspec.store.convert import convert_model
@@ -132,8 +129,7 @@ def test_smollm2_every_drafter_greedy_equals_plain_greedy(smollm2, tmp_path_fact
     ids = _prompt(tok, "Rename the variable x to count and return the code:\n\ndef f(items):\n    x = 0\n"
                        "    for i in items:\n        x += i\n    return x\n")
     man = read_manifest(store)
-    budget = minimum_budget_bytes(man.layer_bytes, man.resident.size, 8 << 20, 0) + 4 * max(man.layer_bytes)
-    target = open_model(store, device_memory_bytes=budget, cache_tokens=512)
+    target = open_model(store, device_memory_over_min=4 * max(man.layer_bytes), cache_tokens=512)
     plain = Engine(target, None, tok)
     want = generate(plain, ids, GenerationConfig(max_new_tokens=32, spec=False)).token_ids
     drafters = {"ngram": NgramDrafter(),

@@ -159,9 +159,10 @@ def generation_config(budget: str, spec: bool, tree: str, stop: list[str] | None
 
 def load_models(model: str | None, draft: str | None, spec: bool, rc, budget_auto: bool, ctx_size: int = CTX_TOKENS,
                 quiet: bool = False, ngram: bool | None = None, ngram_corpus: Path | None = None,
-                sequences: int | None = 1):
+                sequences: int | None = 1, max_budget: int | None = None):
     """Resolve (converting if needed), open and wire the models and the drafter; a spinner on a terminal
-    (not with --quiet). sequences: KV caches for that many sequences at once (None: as many as fit)."""
+    (not with --quiet). sequences: KV caches for that many sequences at once (None: as many as fit); max_budget:
+    a fixed --budget (the memory plan holds the workspace of a tree that size)."""
     from offspec.loader import check_draft_options, load_engine
 
     if ctx_size < 1:
@@ -173,7 +174,8 @@ def load_models(model: str | None, draft: str | None, spec: bool, rc, budget_aut
     with say_interrupted(ConversionInterrupted), console.quiet_transformers(), \
             console.phase("loading model", enabled=progress):
         return load_engine(model, draft, spec=spec, rc=rc, cache_tokens=ctx_size, progress=progress,
-                           budget_auto=budget_auto, ngram=ngram, ngram_corpus=ngram_corpus, sequences=sequences)
+                           budget_auto=budget_auto, ngram=ngram, ngram_corpus=ngram_corpus, sequences=sequences,
+                           max_budget=max_budget)
 
 
 def set_threads(threads: str | None) -> None:

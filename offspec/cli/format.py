@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from offspec.console import plural, status_line
-from offspec.runtime.plan import DEVICE, DISK, HOST, format_bytes
+from offspec.runtime.plan import DEVICE, DISK, FIXED_OVERHEAD_BYTES, HOST, format_bytes
 
 if TYPE_CHECKING:
     from offspec.generate import GenerationStats
@@ -53,8 +53,13 @@ def format_stats(stats: GenerationStats, interrupted: bool = False) -> str:
         peak = f"peak RSS {format_bytes(stats.peak_rss_bytes)}"
         if stats.peak_device_bytes:
             peak += f", peak device {format_bytes(stats.peak_device_bytes)}"
-        if stats.planned_bytes:
-            peak += f" (the memory plan holds {format_bytes(stats.planned_bytes)}: weights, KV cache and buffers only)"
+        if stats.planned_bytes and not stats.peak_device_bytes:  # CPU: the plan bounds the process's memory
+            bound = stats.planned_bytes + FIXED_OVERHEAD_BYTES
+            peak += (f" {'within' if stats.peak_rss_bytes <= bound else 'over'} the bound of {format_bytes(bound)} "
+                     f"(memory plan {format_bytes(stats.planned_bytes)} + fixed overhead "
+                     f"{format_bytes(FIXED_OVERHEAD_BYTES)})")
+        elif stats.planned_bytes:
+            peak += f" (the memory plan holds {format_bytes(stats.planned_bytes)} of device memory)"
         parts.append(peak)
     line = ", ".join(parts)
     return ("interrupted: " + line) if interrupted else line
@@ -125,6 +130,9 @@ def plan_table(plan: ResidencyPlan, title: str, minimum_bytes: int, device_budge
         moe = plan.moe_layers
         table.add_row("expert cache", f"{plan.expert_slots} experts resident per layer", str(len(moe)),
                       format_bytes(plan.expert_cache_bytes))
+    if plan.workspace_bytes:
+        table.add_row("compute workspace", f"trees up to {plan.tree_tokens} tokens", "",
+                      format_bytes(plan.workspace_bytes))
     table.add_section()
     table.add_row("streamed per pass" + (" (shared parts; experts as routed)" if plan.expert_slots else ""), "", "",
                   format_bytes(plan.streamed_bytes_per_pass))
@@ -135,6 +143,9 @@ def plan_table(plan: ResidencyPlan, title: str, minimum_bytes: int, device_budge
     table.add_row("RAM used / budget" if plan.device_kind == "cpu" else "device memory used / budget", "", "",
                   f"{format_bytes(plan.device_bytes)} / {format_bytes(device_budget_bytes)}")
     table.add_row("minimum budget", "", "", format_bytes(minimum_bytes))
+    if plan.device_kind == "cpu":
+        table.add_row("peak RSS at most", f"plan + {format_bytes(FIXED_OVERHEAD_BYTES)} fixed overhead", "",
+                      format_bytes(plan.rss_bound_bytes))
     return table
 
 

@@ -183,7 +183,8 @@ def generate(
     from offspec.conversations import Conversation
     from offspec.generate import GenerationStats, stream_text
 
-    loaded = load_models(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet, ngram, ngram_corpus)
+    loaded = load_models(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet, ngram, ngram_corpus,
+                         max_budget=cfg.budget)
     try:
         tok, engine = loaded.tokenizer, loaded.engine
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
@@ -298,7 +299,8 @@ def chat(
 
     log = _conversation_log(no_log)
     previous = load_conversation(load, ConversationLog()) if (load is not None or resume) else None
-    loaded = load_models(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet, ngram, ngram_corpus)
+    loaded = load_models(model, draft, not no_spec, rc, cfg.budget is None, ctx_size, quiet, ngram, ngram_corpus,
+                         max_budget=cfg.budget)
     interactive = console.stdin_is_tty()
     session = ChatSession(loaded.engine, loaded.tokenizer, cfg, system, raw=raw, on_change=_recorder(no_log))
     name, draft_name = _model_name(model, loaded.target_store), _draft_name(draft, loaded)

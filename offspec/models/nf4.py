@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from offspec.store.manifest import QuantInfo
 
-# One dequantization buffer per (shape, dtype, device), shared by every NF4Linear: layers run one at a
-# time, so a buffer is free again once its matmul has been issued (CUDA; bitsandbytes' `out=` fails on CPU).
-_SCRATCH: dict[tuple, torch.Tensor] = {}
+# One dequantization buffer per (shape, dtype, device) and thread, shared by every NF4Linear a thread runs: layers
+# run one at a time, so a buffer is free again once its matmul has been issued. Reused, the weight-sized buffers
+# never churn the allocator (on the CPU, a fresh one per call fragments the heap by hundreds of MiB a generation).
+_SCRATCH = threading.local()
 
 
-def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    if device.type != "cuda":
-        return None
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
     key = (shape, dtype, device)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(shape, dtype=dtype, device=device)
-    return _SCRATCH[key]
+    if key not in bufs:
+        bufs[key] = torch.empty(shape, dtype=dtype, device=device)
+    return bufs[key]
+
+
+def scratch_bytes() -> int:
+    """Bytes of the dequantization buffers the calling thread holds."""
+    return sum(t.nbytes for t in getattr(_SCRATCH, "bufs", {}).values())
+
+
+def _dequantize_cpu_into(packed: torch.Tensor, state, out: torch.Tensor) -> bool:
+    """bitsandbytes' CPU NF4 kernel, writing into `out` (its `out=` op has no CPU kernel); False where that kernel
+    does not apply (the caller then takes bitsandbytes' allocating path)."""
+    import ctypes
+
+    from offspec.store.nf4 import _bnb_functional
+
+    bnbf = _bnb_functional()
+    fn = {torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16", torch.float32: "cdequantize_blockwise_cpu_nf4_fp32",
+          torch.float16: "cdequantize_blockwise_cpu_nf4_fp16"}.get(out.dtype)
+    lib = getattr(bnbf, "lib", None)
+    absmax = state.absmax
+    shape = tuple(state.shape)
+    if (fn is None or lib is None or not hasattr(lib, fn) or state.nested or state.quant_type != "nf4"
+            or state.blocksize >= 2048 or len(shape) != 2 or shape[-1] % 2 or packed.dtype != torch.uint8
+            or absmax.dtype != torch.float32 or not (packed.is_contiguous() and absmax.is_contiguous())):
+        return False
+    getattr(lib, fn)(bnbf.get_ptr(packed), bnbf.get_ptr(absmax), bnbf.get_ptr(out), ctypes.c_longlong(state.blocksize),
+                     ctypes.c_longlong(shape[0]), ctypes.c_longlong(shape[1]))
+    return True
 
 
 class NF4Linear(nn.Module):
@@ -58,10 +89,14 @@ class NF4Linear(nn.Module):
         return True
 
     def dequantized(self) -> torch.Tensor:
-        """The weight [out, in] in the compute dtype (into a reused buffer on CUDA)."""
+        """The weight [out, in] in the compute dtype, in this thread's reused buffer for its shape."""
         from offspec.store.nf4 import _bnb_functional
 
         out = _scratch(tuple(self.info.shape), self.state.dtype, self.weight.device)
+        if self.weight.device.type == "cpu":
+            if _dequantize_cpu_into(self.weight, self.state, out):
+                return out
+            return _bnb_functional().dequantize_4bit(self.weight, self.state)
         return _bnb_functional().dequantize_4bit(self.weight, self.state, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from offspec.runtime.experts import ExpertCache, ExpertStats
 from offspec.runtime.kv_cache import BatchKVCache, StaticKVCache
 from offspec.runtime.masks import causal_mask, pad_mask, window_mask
 from offspec.runtime.plan import DEVICE, DISK, HOST, ResidencyPlan
-from offspec.runtime.sizing import plan_for_store, upcast_plan
+from offspec.runtime.sizing import DEFAULT_TREE_TOKENS, HEAD_ROWS, plan_for_store, upcast_plan
 from offspec.runtime.streamer import LayerStreamer, load_blob
 from offspec.store.manifest import Manifest, read_manifest, tensor_views
 from offspec.transformers_contract import experts_module, run_decoder, text_config
@@ -433,7 +433,18 @@ class OffloadedModel:
         return CacheView(self, cache)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h).float()
+        """Float32 logits [..., V] of h [..., hidden]: the head runs HEAD_ROWS rows at a time, so a wide tree never
+        holds its logits twice (compute dtype and float32) as the plan's workspace assumes (runtime/sizing)."""
+        flat = h.reshape(-1, h.shape[-1])
+        if flat.shape[0] <= HEAD_ROWS:
+            return self.head(h).float()
+        first = self.head(flat[:HEAD_ROWS])  # [HEAD_ROWS, V]
+        out = torch.empty(flat.shape[0], first.shape[-1], dtype=torch.float32, device=first.device)
+        out[:HEAD_ROWS] = first
+        del first
+        for s in range(HEAD_ROWS, flat.shape[0], HEAD_ROWS):
+            out[s : s + HEAD_ROWS] = self.head(flat[s : s + HEAD_ROWS])
+        return out.view(*h.shape[:-1], out.shape[-1])
 
     @torch.inference_mode()
     def logits_at(self, rows: torch.Tensor) -> torch.Tensor:
@@ -480,8 +491,10 @@ def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: 
                host_memory_bytes: int | None = None, reserved_bytes: int = 0, cache_tokens: int = 2048,
                warm: bool = False, verify: bool = True, ring_slots: int = 3,
                device_memory_over_min: int | None = None, static_cache: bool = False,
-               expert_prefetch: str | None = None, expert_policy: str = "lru") -> OffloadedModel:
-    """Open a store with a residency plan fitted to the budgets (defaults from the machine); a mixture of experts
+               expert_prefetch: str | None = None, expert_policy: str = "lru",
+               tree_tokens: int = DEFAULT_TREE_TOKENS) -> OffloadedModel:
+    """Open a store with a residency plan fitted to the budgets (defaults from the machine); the plan holds the
+    compute workspace of passes of up to tree_tokens tokens (runtime/sizing.workspace_bytes). A mixture of experts
     caches the plan's experts per layer (`expert_policy`), read ahead by `expert_prefetch` (None, previous, gate)."""
     from offspec.runtime.memory import default_budgets
 
@@ -499,7 +512,7 @@ def open_model(store_dir: str | Path, device: str = "cpu", device_memory_bytes: 
         store_dir, manifest, dev.type,
         device_memory_bytes if device_memory_bytes is not None else dev_default,
         host_memory_bytes if host_memory_bytes is not None else host_default,
-        reserved_bytes, cache_tokens, ring_slots, device_memory_over_min, config=config,
+        reserved_bytes, cache_tokens, ring_slots, device_memory_over_min, config=config, tree_tokens=tree_tokens,
     )
     return OffloadedModel(store_dir, plan, dev, warm=warm, cache_tokens=cache_tokens, manifest=manifest,
                           config=config, static_cache=static_cache, expert_prefetch=expert_prefetch,

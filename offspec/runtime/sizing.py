@@ -13,6 +13,12 @@ from offspec.runtime.kv_cache import layout_bytes_per_token
 from offspec.runtime.plan import ResidencyPlan, plan_residency
 from offspec.store.manifest import Manifest, read_manifest
 
+# The largest pass the workspace is sized for unless a larger fixed tree budget is asked for: the largest `auto`
+# tree budget (256, the largest tree the pass-time curve measures) plus its root.
+DEFAULT_TREE_TOKENS = 257
+HEAD_ROWS = 64  # rows of hidden states the head turns into logits at a time (runtime/model.py)
+PREFILL_TOKENS = 512  # prompt tokens per prefill pass (speculative/drafters.prefill; logits of the last one only)
+
 
 def upcast_plan(entries: dict, compute: torch.dtype) -> tuple[dict[str, int], int]:
     """Element offsets of each float tensor to convert into a flat `compute` buffer, and its length."""
@@ -42,31 +48,57 @@ def upcast_factor(manifest: Manifest, compute: torch.dtype) -> float:
     return 1.0 + (ratio - 1.0) * (float_bytes / total if total else 1.0)
 
 
+def workspace_bytes(manifest: Manifest, config, compute: torch.dtype, tree_tokens: int, cache_tokens: int) -> int:
+    """Memory one forward of `tree_tokens` tokens computes in, beside the weights and the KV cache: the float32 logits
+    of every row (the head runs HEAD_ROWS at a time in the compute dtype), the activations of the widest layer
+    for tree_tokens or a prefill chunk of PREFILL_TOKENS, whichever is more (hidden states, MLP, attention scores
+    against the whole cache, in float32 at worst) and one dequantization
+    buffer per NF4 weight shape (models/nf4.py). An upper bound: a pass keeps at most one layer's activations."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    head = manifest.resident.tensors.get("lm_head.weight") or manifest.resident.tensors.get("model.embed_tokens.weight")
+    vocab = int(getattr(text, "vocab_size", 0) or (head.shape[0] if head is not None else 0))
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    inner = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
+    heads = int(getattr(text, "num_attention_heads", 0) or 1)
+    t, size = tree_tokens, compute.itemsize
+    logits = t * vocab * 4 + min(t, HEAD_ROWS) * vocab * size
+    a = max(t, PREFILL_TOKENS)
+    activations = a * (8 * hidden + 4 * inner) * 4 + heads * a * (cache_tokens + a) * (4 + size)
+    shapes = {tuple(e.quant.shape) for blob in manifest.layers for e in blob.tensors.values() if e.quant is not None}
+    scratch = sum(math.prod(shape) * size for shape in shapes)
+    return int(logits + activations + scratch)
+
+
 def plan_for_store(store_dir: str | Path, manifest: Manifest, device_kind: str, device_memory_bytes: int,
                    host_memory_bytes: int = 0, reserved_bytes: int = 0, cache_tokens: int = 2048,
-                   ring_slots: int = 3, over_min: int | None = None, config=None) -> tuple[ResidencyPlan, int]:
+                   ring_slots: int = 3, over_min: int | None = None, config=None,
+                   tree_tokens: int = DEFAULT_TREE_TOKENS) -> tuple[ResidencyPlan, int]:
     """The residency plan of a store under these budgets, and the minimum device budget that would run.
 
     over_min: plan with the minimum budget plus this many bytes (device_memory_bytes is then ignored);
     config: the model's transformers config (or any object with its attributes), e.g. sized
-    from the metadata of a model not yet converted; read from the store otherwise."""
+    from the metadata of a model not yet converted; read from the store otherwise. tree_tokens: the largest pass
+    (tree nodes plus root) whose compute workspace the plan holds."""
     from offspec.runtime.plan import minimum_budget_bytes
 
     compute = pick_compute_dtype(manifest.torch_dtype, torch.device(device_kind))
-    kv_bytes = kv_bytes_per_token(config if config is not None else load_config(store_dir), compute) * cache_tokens
+    config = config if config is not None else load_config(store_dir)
+    kv_bytes = kv_bytes_per_token(config, compute) * cache_tokens
+    work = workspace_bytes(manifest, config, compute, tree_tokens, cache_tokens)
     upcast = upcast_factor(manifest, compute) if device_kind == "cpu" else 1.0
     # resident parts (embeddings, norm, head) are all float: they grow by the full dtype ratio
     resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if device_kind == "cpu" else 1.0
     slot_bytes, num_experts, top_k = expert_sizes(manifest, compute, config if config is not None else
                                                   (load_config(store_dir) if manifest.is_moe else None))
     minimum = minimum_budget_bytes(manifest.layer_bytes, manifest.resident.size, kv_bytes, reserved_bytes, 2, upcast,
-                                   resident_upcast, top_k * sum(slot_bytes))
+                                   resident_upcast, expert_bytes=top_k * sum(slot_bytes), workspace_bytes=work)
     if over_min is not None:
         device_memory_bytes = minimum + over_min
     plan = plan_residency(manifest.layer_bytes, manifest.resident.size, device_memory_bytes, host_memory_bytes,
                           kv_bytes=kv_bytes, reserved_bytes=reserved_bytes, device_kind=device_kind,
                           ring_slots=ring_slots, upcast=upcast, resident_upcast=resident_upcast,
-                          expert_slot_bytes=slot_bytes, num_experts=num_experts, min_expert_slots=top_k)
+                          expert_slot_bytes=slot_bytes, num_experts=num_experts, min_expert_slots=top_k,
+                          workspace_bytes=work, tree_tokens=tree_tokens)
     return plan, minimum
 
 
@@ -116,7 +148,8 @@ def store_kv_bytes_per_token(store_dir: str | Path, device: str = "cpu") -> int:
 
 def model_bytes(store_dir: str | Path | None, cache_tokens: int, device: str = "cpu", manifest: Manifest | None = None,
                 config=None) -> int:
-    """Memory a fully resident model takes (weights in their compute dtype plus its KV cache): a draft's reserve.
+    """Memory a fully resident model takes (weights in their compute dtype, its KV cache and the workspace of a pass of
+    DEFAULT_TREE_TOKENS tokens): a draft's reserve.
 
     A device kind ('cpu', 'cuda') is sized without checking that the device is here (for plans)."""
     manifest = manifest or read_manifest(Path(store_dir))
@@ -126,8 +159,9 @@ def model_bytes(store_dir: str | Path | None, cache_tokens: int, device: str = "
     resident_upcast = max(1.0, compute.itemsize / manifest.torch_dtype.itemsize) if dev.type == "cpu" else 1.0
     experts = sum(b.size for ex in manifest.experts for b in ex)  # a mixture of experts: every expert resident
     weights = manifest.resident.size * resident_upcast + (sum(manifest.layer_bytes) + experts) * upcast
-    return int(weights) + kv_bytes_per_token(config if config is not None else load_config(store_dir),
-                                             compute) * cache_tokens
+    config = config if config is not None else load_config(store_dir)
+    return (int(weights) + kv_bytes_per_token(config, compute) * cache_tokens
+            + workspace_bytes(manifest, config, compute, DEFAULT_TREE_TOKENS, cache_tokens))
 
 
 def self_draft_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tokens: int, device: str = "cpu",
@@ -135,7 +169,8 @@ def self_draft_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tok
     """Memory of a store's resident low-bit copy (its self-draft, runtime/self_draft.py), sized from the manifest
     without building it: every 2-D float layer weight in `fmt` (models/qlinear.quantized_nbytes; nf4 as the NF4
     store packs it: half a byte per element plus a float32 scale per 64), the other layer tensors in the compute
-    dtype, the copy's own low-bit lm_head (not for nf4, which uses the target's), and its own KV cache. Its
+    dtype, the copy's own low-bit lm_head (not for nf4, which uses the target's), its own KV cache and the workspace
+    of its passes (it drafts in a thread of its own, beside the target's pass). Its
     embeddings and norm are the target's (not counted). config: a config object to read instead of
     store_dir/config.json (a source planned before conversion)."""
     from offspec.models.qlinear import quantized_nbytes
@@ -150,6 +185,7 @@ def self_draft_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tok
         return quantized_nbytes(shape[0], shape[1], fmt)
 
     total = 0
+    low_bit: set[tuple[int, ...]] = set()  # shapes of the low-bit weights (an nf4 copy dequantizes each per call)
     for blob in manifest.layers:
         for name, e in blob.tensors.items():
             if name.endswith(".absmax"):
@@ -157,6 +193,7 @@ def self_draft_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tok
             shape = tuple(e.quant.shape) if e.quant is not None else tuple(e.shape)
             if e.quant is not None or (len(shape) == 2 and name.endswith(".weight") and DTYPES[e.dtype].is_floating_point):
                 total += weight_bytes(shape)
+                low_bit.add(shape)
             else:
                 n = math.prod(shape) if shape else 1
                 total += n * (compute.itemsize if DTYPES[e.dtype].is_floating_point else DTYPES[e.dtype].itemsize)
@@ -168,7 +205,9 @@ def self_draft_bytes(store_dir: str | Path | None, manifest: Manifest, cache_tok
     if manifest.is_moe:  # its experts, unpacked into a cache of its own (self_draft_expert_slots per MoE layer)
         slot_bytes, _, _ = expert_sizes(manifest, compute, config)
         total += self_draft_expert_slots(manifest, compute, config) * sum(slot_bytes)
-    return total + kv_bytes_per_token(config, compute) * cache_tokens
+    scratch = sum(math.prod(shape) for shape in low_bit) * compute.itemsize if fmt == "nf4" and manifest.bits != 4 else 0
+    return (total + kv_bytes_per_token(config, compute) * cache_tokens + scratch
+            + workspace_bytes(manifest, config, compute, DEFAULT_TREE_TOKENS, cache_tokens))
 
 
 def self_draft_expert_slots(manifest: Manifest, compute: torch.dtype, config=None) -> int:

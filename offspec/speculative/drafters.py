@@ -25,6 +25,7 @@ from typing import Protocol
 
 import torch
 
+from offspec.runtime.sizing import PREFILL_TOKENS
 from offspec.speculative.ngram import MIN_N, MIN_PROB, NgramIndex, propose
 from offspec.speculative.specexec import CausalLM, GrowResult, RankLogits, advance_draft, grow_tree
 
@@ -99,7 +100,7 @@ def sync_cache(model: CausalLM, held: list[int], ids: list[int], keep_last: int 
     return ids[c:]
 
 
-def prefill(model: CausalLM, held: list[int], tokens: list[int], chunk: int = 512) -> None:
+def prefill(model: CausalLM, held: list[int], tokens: list[int], chunk: int = PREFILL_TOKENS) -> None:
     """Run tokens through the model causally (into its cache), in chunks; logits of the last row only where the
     model offers that (an OffloadedModel), so the lm_head does not run over the whole prompt."""
     kwargs = {"last_only": True} if getattr(model, "supports_logit_rows", False) else {}

@@ -262,10 +262,13 @@ class BudgetPlanner:
         self.steps += 1
         shared = {tokens / sequences: s / sequences for tokens, s in self.pass_s.items()}
         e = self.estimates[self.choice]
-        budget = best_budget(shared, e.draft_seconds, e.expected_tokens, self.candidates)[0]
-        if budget == 0 and self.plain_steps >= PROBE_EVERY:  # keeps the acceptance and draft estimates fresh
+        # the pass carries every tree: no more tokens than the largest single tree (the memory plan's workspace)
+        largest = max(self.candidates) + 1
+        candidates = [b for b in self.candidates if sequences * (b + 1) <= largest] or [0]
+        budget = best_budget(shared, e.draft_seconds, e.expected_tokens, candidates)[0]
+        if budget == 0 and self.plain_steps >= PROBE_EVERY and any(candidates):  # keeps the estimates fresh
             self.plain_steps = 0
-            budget = best_budget(shared, e.draft_seconds, e.expected_tokens, [b for b in self.candidates if b])[0]
+            budget = best_budget(shared, e.draft_seconds, e.expected_tokens, [b for b in candidates if b])[0]
         return self.choice, budget
 
     def observe_plain(self, pass_s: float, tokens: int = 1) -> None:
@@ -298,7 +301,10 @@ class BudgetPlanner:
 
 
 def make_planner(target, cost: DraftCost | Mapping[str, DraftCost] | None = None) -> BudgetPlanner:
-    """A planner fed with the target's measured (or cached) pass-time curve and the drafters' cost curves."""
+    """A planner fed with the target's measured (or cached) pass-time curve and the drafters' cost curves; it picks
+    no tree larger than the target's memory plan sized its workspace for (plan.tree_tokens, root included)."""
     from offspec.runtime.pass_curve import load_or_measure_curve
 
-    return BudgetPlanner(load_or_measure_curve(target), cost=cost)
+    tokens = getattr(getattr(target, "plan", None), "tree_tokens", 0)
+    candidates = tuple(b for b in CANDIDATE_BUDGETS if not tokens or b < tokens)
+    return BudgetPlanner(load_or_measure_curve(target), cost=cost, candidates=candidates)

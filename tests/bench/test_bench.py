@@ -188,7 +188,8 @@ def test_peer_runs_on_the_tiny_model(result: dict):
     assert _positive(peer["tok_per_s"]) and peer["s_per_token"] == pytest.approx(1 / peer["tok_per_s"])
     assert set(peer["by_kind"]) == {"code", "prose"}
     plan = result["plan"]  # same memory for the target's weights as offspec's plan
-    assert peer["budget_bytes"] == plan["device_bytes"] - plan["kv_bytes"] - plan["reserved_bytes"]
+    assert peer["budget_bytes"] == (plan["device_bytes"] - plan["kv_bytes"] - plan["reserved_bytes"]
+                                    - plan["workspace_bytes"])
     assert peer["dtype"] in ("float32", "bfloat16")  # the target's compute dtype
 
 

@@ -23,7 +23,7 @@ def test_stdout_is_only_the_text_and_stats_go_to_stderr(runner, cli_app, tiny):
     assert res.stdout == text + "\n"  # the answer and one closing newline, nothing else
     lines = res.stderr.splitlines()
     assert len(lines) == 1, res.stderr  # no loading chatter off a terminal: just the stats line
-    for word in ("tokens", "tok/s", "1.00 tokens/pass", "passes", "s/pass", "peak RSS", "weights, KV cache"):
+    for word in ("tokens", "tok/s", "1.00 tokens/pass", "passes", "s/pass", "peak RSS", "memory plan", "fixed overhead"):
         assert word in lines[0]
     assert "draft" not in lines[0] and "GB/s" not in lines[0]  # no draft, nothing streamed: not shown
     assert "seed" not in lines[0]  # greedy

@@ -96,12 +96,10 @@ def test_gemma3_speculative_greedy_equals_plain_greedy_with_trees_deeper_than_th
     from offspec.runtime.model import open_model
 
     target_store, draft_store = gemma3_pair
-    man = read_manifest(target_store)
-    streamed = minimum_budget_bytes(man.layer_bytes, man.resident.size, 1 << 20, 0)
     prompt = list(range(40, 52))
-    plain = Engine(open_model(target_store, device_memory_bytes=streamed, cache_tokens=64))
+    plain = Engine(open_model(target_store, device_memory_over_min=0, cache_tokens=64))
     want = generate(plain, prompt, GenerationConfig(max_new_tokens=20, spec=False)).token_ids
-    spec = Engine(open_model(target_store, device_memory_bytes=streamed, cache_tokens=64),
+    spec = Engine(open_model(target_store, device_memory_over_min=0, cache_tokens=64),
                   open_model(draft_store, cache_tokens=64))
     cfg = GenerationConfig(max_new_tokens=20, budget=budget, branch=branch, max_depth=8, tree=tree)
     got = generate(spec, prompt, cfg)

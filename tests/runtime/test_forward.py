@@ -178,3 +178,22 @@ def test_streamed_weights_are_bound_once_per_ring_slot(arch_store):
         assert len(seen) == passes and len({id(p) for p in seen}) <= plan.ring_slots
     finally:
         om.close()
+
+
+def test_head_in_chunks_equals_transformers_over_a_wide_pass(arch_store):
+    """More rows than the head runs at once (HEAD_ROWS): the chunked float32 logits equal transformers' own."""
+    from offspec.runtime.sizing import HEAD_ROWS
+
+    model, store = arch_store
+    ids = torch.randint(0, 256, (1, 2 * HEAD_ROWS + 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+    om = OffloadedModel(store, plans(store)["all-streamed"], cache_tokens=2 * HEAD_ROWS + 8)
+    try:
+        got = om.forward(ids)
+        assert got.dtype == torch.float32 and got.shape == ref.shape
+        assert (got - ref).abs().max().item() < 1e-4
+        rows = torch.arange(3, 3 + HEAD_ROWS + 2)
+        assert (om.logits_at(rows) - ref[0, rows]).abs().max().item() < 1e-4
+    finally:
+        om.close()

@@ -62,3 +62,44 @@ def test_parse_device_memory_forms():
     assert parse_device_memory("min") == (None, 0)
     assert parse_device_memory("min+512MiB") == (None, 512 << 20)
     assert parse_device_memory(None) == (None, None)
+
+
+def test_workspace_counts_in_the_plan_and_its_minimum():
+    minimum = minimum_budget_bytes(LAYERS, 50 * MB, 10 * MB, 0, workspace_bytes=40 * MB)
+    assert minimum == minimum_budget_bytes(LAYERS, 50 * MB, 10 * MB, 0) + 40 * MB
+    plan = plan_residency(LAYERS, 50 * MB, minimum, kv_bytes=10 * MB, workspace_bytes=40 * MB, tree_tokens=65)
+    assert plan.tiers == (DISK,) * 10 and plan.device_bytes <= minimum
+    assert plan.workspace_bytes == 40 * MB and plan.tree_tokens == 65
+    with pytest.raises(BudgetError, match="workspace"):
+        plan_residency(LAYERS, 50 * MB, minimum - 1, kv_bytes=10 * MB, workspace_bytes=40 * MB)
+    # the workspace takes the place of layers
+    roomy = plan_residency(LAYERS, 0, 900 * MB)
+    with_work = plan_residency(LAYERS, 0, 900 * MB, workspace_bytes=200 * MB)
+    assert len(with_work.layers(DEVICE)) == len(roomy.layers(DEVICE)) - 2
+    from offspec.runtime.plan import FIXED_OVERHEAD_BYTES
+
+    assert with_work.rss_bound_bytes == with_work.device_bytes + FIXED_OVERHEAD_BYTES
+
+
+def test_workspace_grows_with_the_tree_and_holds_the_nf4_buffers(make_tiny_model, tmp_path):
+    """Sized from a store: float32 logits per tree row, one dequantization buffer per NF4 weight shape."""
+    import torch
+
+    from offspec.models.registry import load_config
+    from offspec.runtime.sizing import PREFILL_TOKENS, plan_for_store, workspace_bytes
+    from offspec.store.convert import convert_model
+    from offspec.store.manifest import read_manifest
+
+    src = make_tiny_model("llama", num_layers=2)
+    s16 = convert_model(src, tmp_path / "s16", dtype="float32", progress=False)
+    s4 = convert_model(src, tmp_path / "s4", bits=4, dtype="float32", progress=False)
+    m16, m4, cfg = read_manifest(s16), read_manifest(s4), load_config(s16)
+    big, small = (workspace_bytes(m16, cfg, torch.float32, t, 64) for t in (PREFILL_TOKENS + 1, PREFILL_TOKENS))
+    assert big - small >= cfg.vocab_size * 4  # one more row of float32 logits (and more)
+    shapes = {tuple(e.quant.shape) for blob in m4.layers for e in blob.tensors.values() if e.quant is not None}
+    nf4_buffers = sum(a * b for a, b in shapes) * 4
+    assert nf4_buffers > 0
+    assert workspace_bytes(m4, cfg, torch.float32, 17, 64) == workspace_bytes(m16, cfg, torch.float32, 17, 64) + nf4_buffers
+    plan, minimum = plan_for_store(s4, m4, "cpu", 0, over_min=0, cache_tokens=64, tree_tokens=17)
+    assert plan.tree_tokens == 17 and plan.workspace_bytes == workspace_bytes(m4, cfg, torch.float32, 17, 64)
+    assert plan.device_bytes <= minimum

@@ -1,13 +1,15 @@
 """The target's low-bit self-draft: logits equal transformers with the same quantization; resident parts are shared;
 the copy is sized from the manifest."""
 
+import math
+
 import pytest
 import torch
 
 from offspec.runtime.model import OffloadedModel
 from offspec.runtime.plan import DEVICE, DISK, ResidencyPlan
 from offspec.runtime.self_draft import open_self_draft
-from offspec.runtime.sizing import self_draft_bytes
+from offspec.runtime.sizing import DEFAULT_TREE_TOKENS, self_draft_bytes, workspace_bytes
 from offspec.store.convert import convert_model
 from offspec.store.manifest import QuantInfo, read_manifest
 from offspec.store.nf4 import dequantize_nf4, quantize_nf4
@@ -73,7 +75,13 @@ def test_self_draft_shares_the_targets_resident_parts(pair):
 def test_nf4_copy_is_sized_from_the_manifest(pair):
     target, _, nf4_store = pair
     man16, man4 = read_manifest(target.store_dir), read_manifest(nf4_store)
-    weights = self_draft_bytes(target.store_dir, man16, 0)
+    compute = target.dtype
+    # less its compute workspace: the workspace of a pass, and a dequantization buffer per NF4 weight shape
+    shapes = {tuple(e.shape) for blob in man16.layers for n, e in blob.tensors.items()
+              if len(e.shape) == 2 and n.endswith(".weight")}
+    scratch = sum(math.prod(shape) for shape in shapes) * compute.itemsize
+    weights = (self_draft_bytes(target.store_dir, man16, 0) - scratch
+               - workspace_bytes(man16, target.config, compute, DEFAULT_TREE_TOKENS, 0))
     # the packed data, scales and small tensors of the real NF4 store (blobs are padded, so they are larger)
     used = sum(e.nbytes for blob in man4.layers for e in blob.tensors.values())
     assert used <= weights <= sum(man4.layer_bytes)
@@ -150,7 +158,7 @@ def test_quantized_self_draft_equals_transformers_with_the_same_quantization(tar
 @pytest.mark.parametrize("fmt", ["w8a8", "int8", "int4"])
 def test_quantized_self_draft_is_sized_from_the_manifest(target16, fmt):
     """What the plan reserves is what a copy of every layer holds: quantized weights (biases in float32), the
-    small tensors, its own quantized head."""
+    small tensors, its own quantized head; and the compute workspace of its passes."""
     from offspec.models.qlinear import QuantLinear
 
     man = target16.manifest
@@ -164,7 +172,8 @@ def test_quantized_self_draft_is_sized_from_the_manifest(target16, fmt):
             for mod in layer.modules():
                 held += mod.nbytes if isinstance(mod, QuantLinear) else sum(
                     t.nbytes for t in mod._parameters.values() if t is not None)
-        assert held == self_draft_bytes(target16.store_dir, man, 0, fmt=fmt)
+        work = workspace_bytes(man, streamed.config, streamed.dtype, DEFAULT_TREE_TOKENS, 0)  # its passes' buffers
+        assert held + work == self_draft_bytes(target16.store_dir, man, 0, fmt=fmt)
     finally:
         streamed.close()
 
