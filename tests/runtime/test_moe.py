@@ -28,10 +28,11 @@ def _store(make_tiny_model, tmp_path_factory, family: str, bits: int = 16):
     return src, convert_model(src, out, bits=bits, dtype="float32", progress=False)
 
 
-def _reference_greedy(src) -> list[int]:
+def _reference_greedy(src, **load) -> list[int]:
+    """transformers' greedy continuation of PROMPT from its own float32 load of src (load: e.g. gguf_file=...)."""
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **load).eval()
     with torch.no_grad():
         out = ref.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
@@ -72,6 +73,31 @@ def test_moe_greedy_equals_transformers_with_experts_streamed(family, make_tiny_
 @pytest.mark.parametrize("family", SLOW)
 def test_every_moe_family_greedy_equals_transformers(family, make_tiny_model, tmp_path_factory):
     check_family(family, make_tiny_model, tmp_path_factory)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("file_type", ["F32", "Q8_0"])
+def test_a_gguf_converted_by_expert_streams_transformers_greedy(model_type, file_type, tmp_path):
+    """End to end from a llama.cpp file: the GGUF's merged expert tensors become one blob per expert per MoE layer,
+    and the store, streamed layer by layer with an expert cache too small for a layer's experts, decodes what
+    transformers decodes from its own load of the same GGUF."""
+    from offspec.store.convert import convert
+    from tests.store._gguf import tiny_moe_model, write_gguf
+
+    path = write_gguf(tiny_moe_model(model_type), tmp_path / f"tiny-{model_type}.gguf", file_type)
+    store = convert(path, tmp_path / "store", bits=16, dtype="float32", progress=False).path
+    man = read_manifest(store)
+    assert [len(x) for x in man.experts] == [4, 4]
+    assert len({b.file for layer in man.experts for b in layer}) == 8
+    assert all("experts" not in name for layer in man.layers for name in layer.tensors)
+    want = _reference_greedy(path.parent, gguf_file=path.name)
+    model = OffloadedModel(store, _plans(store)["every layer on disk"], cache_tokens=32, expert_slots=2)
+    try:
+        got = generate(Engine(model), PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS, spec=False))
+        assert got.token_ids == want
+        assert model.experts.total.reads > 2 * 4, "two slots of four experts: some expert evicted and read again"
+    finally:
+        model.close()
 
 
 def _routed_by_transformers(src, ids) -> dict[int, set[int]]:
