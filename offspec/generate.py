@@ -385,6 +385,8 @@ class Engine:
                     event.draft_s = draft.draft_s if draft is not None else 0.0
                     if self.planner is not None and left > 1:
                         self.planner.observe_plain(event.target_pass_s)
+                        if draft is not None:  # the drafter had nothing to propose
+                            self.planner.observe_empty(draft.drafter)
             cut_event(event, left, stop_ids, stops)
             produced += len(event.tokens)
             yield event

@@ -200,6 +200,7 @@ class BudgetPlanner:
         base = interpolate_pass_s(self.pass_s, 1)
         cheap = [b for b in candidates if interpolate_pass_s(self.pass_s, b + 1) <= 1.3 * base]
         self.budget = max(16, min(512, max(cheap, default=16)))  # the opening budget, before any tree
+        self.opening = self.budget
         self.choice = next(iter(self.estimates))
         self.best_spec = (self.choice, self.budget)
         self.plain_steps = 0
@@ -224,7 +225,7 @@ class BudgetPlanner:
         unseen = [n for n, e in self.estimates.items() if e.curve is None and n != self.choice]
         if unseen and self.estimates[self.choice].curve is not None:
             self.choice = unseen[0]  # every drafter drafts once before the planner compares them
-            return self.choice, budget if budget is not None else self.budget
+            return self.choice, budget if budget is not None else (self.budget or self.opening)
         stale = [n for n, e in self.estimates.items() if self.steps - e.last_step > REVISIT_EVERY]
         if len(self.estimates) > 1 and stale and budget is None:
             name = min(stale, key=lambda n: self.estimates[n].last_step)
@@ -291,6 +292,22 @@ class BudgetPlanner:
         e.pred_sum += curve[-1] - 1.0
         e.real_sum += accepted
         e.curve = curve
+        self._rechoose()
+
+    def observe_empty(self, drafter: str) -> None:
+        """Feed back a tree with nothing in it (an n-gram index with no match): the step was plain. With several
+        drafters, that one now expects nothing (its latest tree) until it is revisited, so the planner goes back to
+        the best of the others at once instead of asking it again step after step. Alone, a drafter keeps being
+        asked (an empty n-gram lookup costs microseconds)."""
+        e = self.estimates.get(drafter)
+        if e is None or len(self.estimates) < 2:
+            return
+        e.last_step = self.steps
+        e.curve = [1.0]
+        self._rechoose()
+
+    def _rechoose(self) -> None:
+        """The drafter and budget with the most expected tokens per second, among the drafters seen so far."""
         spec = [b for b in self.candidates if b > 0]
         best = {n: self._best(n) for n, est in self.estimates.items() if est.curve is not None}
         self.choice = max(best, key=lambda n: best[n][1])

@@ -137,6 +137,32 @@ def test_planner_picks_the_drafter_with_more_tokens_per_second(level_s, want) ->
         assert name == "weak" or budget == 0
 
 
+def test_an_empty_tree_sends_the_planner_back_to_the_best_drafter() -> None:
+    """An n-gram index with no match proposes nothing (a plain step): with several drafters the planner goes back
+    to the best one at once instead of asking the empty one again step after step, and still explores a drafter
+    it has not seen with a real budget; alone, the n-gram drafter keeps being asked."""
+    from offspec.speculative.tree_size import BudgetPlanner, DraftCost
+
+    planner = BudgetPlanner({1: 1.0, 65: 1.05, 257: 1.2},
+                            cost={"strong": DraftCost(), "ngram": DraftCost(), "other": DraftCost()})
+    name, budget = planner.choose()
+    assert name == "strong" and budget > 0
+    planner.observe(_Draft("strong", _chain(budget, 0.95), [1] * 16, [0.01] * 16), budget + 1, 1.05, 16)
+    name, budget = planner.choose()
+    assert name == "ngram" and budget > 0  # explored once
+    planner.observe_plain(1.0)
+    planner.observe_empty("ngram")
+    name, budget = planner.choose()
+    assert name == "other" and budget > 0  # the next unseen drafter, with a budget that drafts
+    planner.observe(_Draft("other", _chain(budget, 0.3), [1] * 4, [0.01] * 4), budget + 1, 1.05, 1)
+    assert planner.choose() == ("strong", planner.budget) and planner.budget > 0
+    alone = BudgetPlanner({1: 1.0, 65: 1.05, 257: 1.2})
+    before = alone.choose()
+    alone.observe_plain(1.0)
+    alone.observe_empty("")
+    assert alone.choose() == before
+
+
 def test_a_shared_pass_splits_the_budget_and_still_probes():
     from offspec.speculative.tree_size import PROBE_EVERY, BudgetPlanner
 
