@@ -588,6 +588,18 @@ class GgufTensorMap:
         raise ContractError(f"{who}: no per-expert checkpoint names for {model_name} (part {part + 1} of {parts}) "
                             f"in its conversion mapping, so offspec cannot split {gguf_name} by expert")
 
+    def _run_processor(self, gguf_name: str, weights):
+        """(result, parsed tensors) of transformers' GGUF tensor processor on one array; ContractError if it fails."""
+        scratch: dict = {"tensors": {}}
+        try:
+            result = self.processor.process(weights=weights, name=gguf_name, tensor_key_mapping=self.names,
+                                            parsed_parameters=scratch)
+        except Exception as exc:
+            raise ContractError(
+                f"transformers {transformers_version()}: its GGUF tensor processor "
+                f"{type(self.processor).__name__} failed on {gguf_name} ({type(exc).__name__}: {exc})") from None
+        return result, scratch
+
     def _expert_placement(self, gguf_name: str, num_experts: int) -> tuple[int, int, int]:
         """(part, parts, dim): where transformers' processor puts a merged expert tensor in its fused parameter:
         part `part` of `parts` equal parts along `dim`; ContractError if it changes the values or splits them."""
@@ -596,14 +608,7 @@ class GgufTensorMap:
         probe = np.arange(num_experts * 15, dtype=np.float32).reshape(num_experts, 3, 5)
         if gguf_name.endswith(".bias"):
             probe = probe[:, :, 0].copy()
-        scratch: dict = {"tensors": {}}
-        try:
-            result = self.processor.process(weights=probe, name=gguf_name, tensor_key_mapping=self.names,
-                                            parsed_parameters=scratch)
-        except Exception as exc:
-            raise ContractError(
-                f"transformers {transformers_version()}: its GGUF tensor processor "
-                f"{type(self.processor).__name__} failed on {gguf_name} ({type(exc).__name__}: {exc})") from None
+        result, scratch = self._run_processor(gguf_name, probe)
         placed = list(scratch["tensors"].values())
         if result.name is not None and not placed:
             out = torch.as_tensor(np.asarray(result.weights))
@@ -630,14 +635,7 @@ class GgufTensorMap:
 
     def process(self, gguf_name: str, weights):
         """The family's fix applied to one dequantized float32 array; returns (hf_name or None, array)."""
-        scratch: dict = {"tensors": {}}
-        try:
-            result = self.processor.process(weights=weights, name=gguf_name, tensor_key_mapping=self.names,
-                                            parsed_parameters=scratch)
-        except Exception as exc:
-            raise ContractError(
-                f"transformers {transformers_version()}: its GGUF tensor processor "
-                f"{type(self.processor).__name__} failed on {gguf_name} ({type(exc).__name__}: {exc})") from None
+        result, scratch = self._run_processor(gguf_name, weights)
         if result.name is None or scratch["tensors"]:
             raise ContractError(
                 f"transformers {transformers_version()}: {type(self.processor).__name__} merges or renames "
