@@ -9,7 +9,7 @@ export MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
 mkdir -p bench-out
 target=$(.venv/bin/python -c "from offspec.store.demo import demo_target_gguf; print(demo_target_gguf())")
 draft=$(.venv/bin/python -c "from offspec.store.demo import demo_draft; print(demo_draft(progress=False))")
-.venv/bin/offspec bench -m "$target" --bits 16 --device-memory min+512MiB --budgets auto --max-new-tokens 48 \
+.venv/bin/offspec bench -m "$target" --bits 16 --device-memory min+512MiB --budgets auto --max-new-tokens 32 \
   --prompts scripts/bench_prompts_4.json --drafters "self,ngram,$draft,auto" \
   --json bench-out/selfdraft-auto.json "$@"
 .venv/bin/offspec bench -m "$target" --bits 16 --device-memory min+512MiB --budgets 64,256 --max-new-tokens 48 \
