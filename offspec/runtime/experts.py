@@ -96,6 +96,7 @@ class LayerExperts:
         self.where: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
         self.uses: Counter[int] = Counter()  # routed passes per expert (lfu)
         self.free = list(range(self.slots))
+        self.wrapped: nn.Module | None = None  # the experts module whose forward runs over this cache
         prefix = module.path + "."
         self._leaf = {name: name[len(prefix):] for b in blobs for name in b.tensors
                       if not name.endswith(".absmax")}
@@ -252,6 +253,7 @@ class ExpertCache:
         and the routing renumbered to slots, once per group of routed experts that fits the slots (the groups'
         outputs summed: each token's other experts get weight 0 in a group's call)."""
         lay = self.layers[layer]
+        lay.wrapped = module
         forward = module.forward  # transformers' forward (its experts implementation), bound to the module
         names = [n for n in inspect.signature(forward).parameters][:3]
 
@@ -315,7 +317,17 @@ class ExpertCache:
         return {i: len(lay.where) for i, lay in self.layers.items()}
 
     def close(self) -> None:
+        """Stop prefetching and give the slabs back: the wrapped forwards and the modules refer to each other, so
+        without this the slabs would wait for the garbage collector (opening model after model grew the process)."""
         if self._pool is not None:
             self.drop_prefetches()
             self._pool.shutdown(wait=True)
             self._pool = None
+        for lay in self.layers.values():
+            if lay.wrapped is not None:
+                lay.wrapped.__dict__.pop("forward", None)  # transformers' own forward again
+                for leaf in lay.params:
+                    lay.wrapped._parameters.pop(leaf, None)
+                lay.wrapped = None
+            lay.slab, lay.params = {}, {}
+            lay.where.clear()

@@ -138,6 +138,28 @@ def test_a_pass_reads_exactly_the_routed_experts(make_tiny_model, tmp_path_facto
         model.close()
 
 
+def test_closing_gives_the_expert_slabs_back_without_the_garbage_collector(make_tiny_model, tmp_path_factory):
+    """The wrapped experts forward and its module refer to each other: close() breaks that, so the slabs go as soon
+    as the model does (opening model after model in one process otherwise grew it until it was killed)."""
+    import gc
+    import weakref
+
+    _, store = _store(make_tiny_model, tmp_path_factory, "qwen3_moe")
+    model = OffloadedModel(store, _plans(store)["every layer on disk"], cache_tokens=32)
+    model.forward(torch.tensor([PROMPT[:3]]))
+    lay = next(iter(model.experts.layers.values()))
+    module = lay.wrapped
+    slabs = [weakref.ref(t) for t in lay.slab.values()]
+    gc.disable()
+    try:
+        model.close()
+        del model, lay
+        assert "forward" not in module.__dict__  # transformers' own forward again
+        assert all(ref() is None for ref in slabs)
+    finally:
+        gc.enable()
+
+
 def test_nf4_experts_equal_transformers_with_the_dequantized_weights(make_tiny_model, tmp_path_factory):
     """An NF4 store packs every expert's matrices; the oracle is transformers' model with them dequantized."""
     from transformers import AutoModelForCausalLM
