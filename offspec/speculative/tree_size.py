@@ -307,9 +307,14 @@ class BudgetPlanner:
         self._rechoose()
 
     def _rechoose(self) -> None:
-        """The drafter and budget with the most expected tokens per second, among the drafters seen so far."""
+        """The drafter and budget with the most expected tokens per second, among the drafters whose latest tree
+        is recent (drafted within the last round of all drafters): a tree tells how easy the text is where it was
+        drafted, so one drafter's fresh tree on a hard stretch is not compared with another's from an easy one;
+        the others are compared again when they are revisited (REVISIT_EVERY)."""
         spec = [b for b in self.candidates if b > 0]
-        best = {n: self._best(n) for n, est in self.estimates.items() if est.curve is not None}
+        seen = {n: e for n, e in self.estimates.items() if e.curve is not None}
+        fresh = {n: e for n, e in seen.items() if self.steps - e.last_step <= len(self.estimates)}
+        best = {n: self._best(n) for n in (fresh or seen)}
         self.choice = max(best, key=lambda n: best[n][1])
         self.budget = best[self.choice][0]
         spec_best = {n: self._best(n, spec) for n in best}

@@ -163,6 +163,29 @@ def test_an_empty_tree_sends_the_planner_back_to_the_best_drafter() -> None:
     assert alone.choose() == before
 
 
+def test_a_stale_tree_of_another_drafter_does_not_take_over_until_it_is_revisited() -> None:
+    """Drafter a's fresh tree on a hard stretch is not compared with drafter b's tree from an easy stretch long
+    ago: a keeps drafting until b is revisited, and b takes over only if its fresh tree is better."""
+    from offspec.speculative.tree_size import REVISIT_EVERY, BudgetPlanner, DraftCost, expected_tokens_by_budget
+
+    planner = BudgetPlanner({1: 1.0, 65: 1.05, 257: 1.2}, cost={"a": DraftCost(), "b": DraftCost()})
+    b = planner.estimates["b"]
+    b.curve, b.last_step = expected_tokens_by_budget(_chain(64, 0.97)), 0  # easy text, long ago
+    planner.steps = REVISIT_EVERY - 2
+    planner.observe(_Draft("a", _chain(64, 0.6), [4] * 16, [0.01] * 16), 65, 1.05, 1)
+    assert planner.choice == "a"
+    name, budget = planner.choose()
+    assert name == "a" and budget > 0
+    for _ in range(3):
+        name, budget = planner.choose()
+        if name == "b":
+            break
+        planner.observe(_Draft("a", _chain(64, 0.6), [4] * 16, [0.01] * 16), 65, 1.05, 1)
+    assert name == "b"  # revisited
+    planner.observe(_Draft("b", _chain(64, 0.97), [4] * 16, [0.01] * 16), 65, 1.05, 30)
+    assert planner.choose()[0] == "b"
+
+
 def test_a_shared_pass_splits_the_budget_and_still_probes():
     from offspec.speculative.tree_size import PROBE_EVERY, BudgetPlanner
 
