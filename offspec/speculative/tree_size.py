@@ -166,6 +166,10 @@ class _Estimate:
         self.pred_sum = self.real_sum = 0.0
         self.visible = 1.0
         self.last_step = -1
+        self.realized: float | None = None  # tokens per second its steps delivered (moving average)
+
+    def realize(self, rate: float) -> None:
+        self.realized = rate if self.realized is None else 0.7 * self.realized + 0.3 * rate
 
     def expected_tokens(self, budget: int) -> float:
         """Calibrated expected committed tokens at `budget` (extrapolated past the latest tree's size)."""
@@ -292,6 +296,7 @@ class BudgetPlanner:
         e.pred_sum += curve[-1] - 1.0
         e.real_sum += accepted
         e.curve = curve
+        e.realize((accepted + 1) / (pass_s + (0.0 if getattr(draft, "ahead", False) else draft.draft_s)))
         self._rechoose()
 
     def observe_empty(self, drafter: str) -> None:
@@ -304,18 +309,23 @@ class BudgetPlanner:
             return
         e.last_step = self.steps
         e.curve = [1.0]
+        e.realize(1.0 / max(self.pass_s.get(1, 1.0), 1e-9))  # a plain step's token
         self._rechoose()
 
     def _rechoose(self) -> None:
-        """The drafter and budget with the most expected tokens per second, among the drafters whose latest tree
-        is recent (drafted within the last round of all drafters): a tree tells how easy the text is where it was
-        drafted, so one drafter's fresh tree on a hard stretch is not compared with another's from an easy one;
-        the others are compared again when they are revisited (REVISIT_EVERY)."""
+        """The drafter and budget for the next steps. One drafter: the budget with the most expected tokens per
+        second. Several: the drafter that has delivered the most tokens per second of its steps (pass and visible
+        drafting, averaged over its recent trees), then its best budget. A latest tree only says how easy the text
+        was where it was drafted, so comparing drafters by their latest trees let one drafter's tree from an easy
+        stretch long ago take over from another's fresh one on a hard stretch."""
         spec = [b for b in self.candidates if b > 0]
-        seen = {n: e for n, e in self.estimates.items() if e.curve is not None}
-        fresh = {n: e for n, e in seen.items() if self.steps - e.last_step <= len(self.estimates)}
-        best = {n: self._best(n) for n in (fresh or seen)}
-        self.choice = max(best, key=lambda n: best[n][1])
+        seen = [n for n, e in self.estimates.items() if e.curve is not None]
+        rated = [n for n in seen if self.estimates[n].realized is not None]
+        best = {n: self._best(n) for n in seen}
+        if rated and len(self.estimates) > 1:
+            self.choice = max(rated, key=lambda n: self.estimates[n].realized)
+        else:
+            self.choice = max(best, key=lambda n: best[n][1])
         self.budget = best[self.choice][0]
         spec_best = {n: self._best(n, spec) for n in best}
         name = max(spec_best, key=lambda n: spec_best[n][1])
