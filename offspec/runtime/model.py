@@ -132,6 +132,7 @@ class OffloadedModel:
                       prefetch: str | None, shared: set[int]) -> None:
         """A mixture of experts: the expert cache, and each MoE layer's experts module run over it
         (not on `shared` layers: another model's, with their experts cached there)."""
+        self._expert_stats: ExpertStats | None = None  # the most recent pass's expert counts
         if not self.manifest.is_moe:
             return
         modules = {}
@@ -377,7 +378,7 @@ class OffloadedModel:
         if logit_rows is not None:
             h = h[:, logit_rows]
         logits = self._logits(h)
-        self.stats = PassStats(t, time.perf_counter() - t0, self._streamed, wait_s, self._pass_experts())
+        self.stats = PassStats(t, time.perf_counter() - t0, self._streamed, wait_s, self._expert_stats)
         return logits
 
     __call__ = forward
@@ -400,9 +401,6 @@ class OffloadedModel:
                 self._expert_stats = self.experts.end_pass()
         return h, (self.streamer.stats.wait_s - wait0) if self.streamer else 0.0
 
-    def _pass_experts(self) -> ExpertStats | None:
-        return getattr(self, "_expert_stats", None) if self.experts is not None else None
-
     @torch.inference_mode()
     def forward_batch(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn_mask: torch.Tensor,
                       cache: BatchKVCache, rows: list[int], counts: list[int]) -> torch.Tensor:
@@ -418,7 +416,7 @@ class OffloadedModel:
                             cache.key_positions())
         h, wait_s = self._run(input_ids, masks, position_ids, cache)
         cache.advance(rows, counts)
-        self.stats = PassStats(sum(counts), time.perf_counter() - t0, self._streamed, wait_s, self._pass_experts())
+        self.stats = PassStats(sum(counts), time.perf_counter() - t0, self._streamed, wait_s, self._expert_stats)
         return h
 
     @torch.inference_mode()
